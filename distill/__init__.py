@@ -1,0 +1,1 @@
+"""edgedistill distill stage."""

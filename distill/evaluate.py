@@ -1,0 +1,62 @@
+"""Scoring models on the held-out test set: teacher vs student vs the undistilled student."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable
+
+from distill.teacher import ChatRequest, Teacher
+from edgedistill.metrics import agreement, primary_metric, task_scores
+from edgedistill.prompts import Messages, format_answer, parse_answer
+
+
+def stratified(rows: list[Any], spec: Any, limit: int | None) -> list[Any]:
+    """First `limit` rows in round-robin label order, so a small gate still sees every label."""
+    if not limit or limit >= len(rows):
+        return rows
+    by_label: dict[str, list[Any]] = defaultdict(list)
+    for r in rows:
+        by_label[format_answer(spec, r.output)].append(r)
+    out, queues = [], list(by_label.values())
+    while len(out) < limit:
+        for q in queues:
+            if q and len(out) < limit:
+                out.append(q.pop(0))
+    return out
+
+
+def predict(model: Teacher, spec: Any, inputs: list[str], messages_fn: Callable[[Any, str], Messages], on_result=None) -> list[str]:
+    """Greedy answers (raw text) from a teacher/student for each input."""
+    reqs = [ChatRequest(messages=messages_fn(spec, x), max_tokens=spec.generation.label_max_tokens, temperature=0.0) for x in inputs]
+    return [r.text for r in model.run_chat_many(reqs, on_result=on_result)]
+
+
+def score(spec: Any, golds: list[Any], raw: list[str]) -> tuple[list[Any], dict[str, Any]]:
+    """Parse raw answers and compute the task's metrics; invalid answers count as wrong."""
+    preds, invalid = [], 0
+    for text in raw:
+        value, err = parse_answer(spec, text)
+        invalid += err is not None
+        preds.append(None if err else value)
+    scores = task_scores(spec.type, golds, preds, labels=spec.labels)
+    scores["invalid_answers"] = invalid
+    return preds, scores
+
+
+def add_agreement(scores: dict[str, Any], preds: list[Any], teacher_preds: list[Any]) -> None:
+    scores["agreement_with_teacher"] = agreement(preds, teacher_preds)
+
+
+def table_markdown(spec: Any, results: dict[str, dict[str, Any]]) -> str:
+    """A readable markdown table of the evaluation, one row per model."""
+    keys = [k for k in next(iter(results.values())) if isinstance(next(iter(results.values()))[k], float)]
+    main = primary_metric(spec.type)
+    keys = [main] + [k for k in keys if k != main]
+    head = "| model | params | " + " | ".join(keys) + " | invalid | n |"
+    sep = "|" + "---|" * (len(keys) + 4)
+    lines = [head, sep]
+    for name, s in results.items():
+        params = f"{s['params'] / 1e6:.1f}M" if s.get("params") else "-"
+        vals = " | ".join(f"{s[k]:.3f}" if isinstance(s.get(k), float) else "-" for k in keys)
+        lines.append(f"| {name} | {params} | {vals} | {s.get('invalid_answers', '-')} | {s.get('n', '-')} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,288 @@
+"""`edgedistill distill`: teacher gate -> synthetic data -> validation -> student -> evaluation.
+
+Read top to bottom; each step writes its output under the run folder before the next starts:
+
+    OUT/cache/teacher.sqlite   every teacher/generator response (a rerun pays for nothing twice)
+    OUT/gate.json              the teacher's score on the held-out test set
+    OUT/data/                  raw.jsonl, train.jsonl, rejects.jsonl, report.json, manifest.json
+    OUT/student/               merged HF checkpoint, manifest.json, README.md (model card)
+    OUT/eval/                  eval.json, eval.md
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from distill.cache import ResponseCache
+from distill.evaluate import add_agreement, predict, score, stratified, table_markdown
+from distill.generate import attach_labels, generation_requests, label_requests, synthetic_inputs
+from distill.teacher import ChatRequest, Teacher, make_teacher
+from edgedistill.errors import GateFailed
+from edgedistill.manifest import read_manifest, sha256_file, sha256_json, write_json_atomic, write_manifest
+from edgedistill.metrics import primary_metric
+from edgedistill.prompts import format_answer, student_messages, teacher_label_messages
+from edgedistill.spec import TaskSpec, load_spec
+
+console = Console(stderr=True)
+
+
+def run_distill(spec_path: Path, out: Path | None = None, *, skip_gate: bool = False, gate_only: bool = False) -> dict[str, Any]:
+    spec = load_spec(spec_path)
+    out = Path(out or Path("runs") / spec.name)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    seeds, test = spec.load_seeds(), spec.load_test_set()
+    cache = ResponseCache(out / "cache" / "teacher.sqlite")
+    teacher = make_teacher(spec.teacher, spec.base_dir, cache)
+    console.print(f"[bold]{spec.name}[/]: {len(seeds)} seeds, {len(test)} test rows, teacher {teacher.model_id}, run folder {out}")
+
+    t = time.time()
+    gate = teacher_gate(spec, teacher, test, out, skip_gate)
+    timings["gate_s"] = time.time() - t
+    if gate_only:
+        return {"gate": gate}
+
+    t = time.time()
+    data_dir = out / "data"
+    kept, report = build_dataset(spec, teacher, seeds, test, cache, data_dir)
+    timings["data_s"] = time.time() - t
+
+    t = time.time()
+    student_dir, base_dir, train_info = train_student(spec, kept, data_dir, teacher, out)
+    timings["train_s"] = time.time() - t
+
+    t = time.time()
+    results = evaluate_all(spec, teacher, test, student_dir, base_dir, out)
+    timings["eval_s"] = time.time() - t
+
+    write_model_card(spec, teacher, student_dir, report, train_info, results)
+    summary = {"gate": gate, "data": report, "train": train_info, "eval": results, "timings_s": timings, "teacher_usage": teacher.usage.as_dict()}
+    write_json_atomic(out / "distill.json", summary)
+    console.print(f"done: student in {student_dir}, evaluation in {out / 'eval' / 'eval.md'}")
+    return summary
+
+
+# --- progress ----------------------------------------------------------------------------------
+
+
+def run_with_progress(model: Teacher, reqs: list[ChatRequest], what: str) -> list:
+    """Run requests with a progress bar showing done/total, cache hits, tokens and dollars."""
+    if not reqs:
+        return []
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[stats]}"), console=console
+    ) as bar:
+        task = bar.add_task(what, total=len(reqs), stats="")
+        u = model.usage
+
+        def tick(_res) -> None:
+            bar.update(
+                task, advance=1, stats=f"cached {u.cache_hits}  tokens {u.prompt_tokens + u.completion_tokens:,}  ${u.cost_usd:.4f}"
+            )
+
+        return model.run_chat_many(reqs, on_result=tick)
+
+
+# --- 1. teacher gate ---------------------------------------------------------------------------
+
+
+def teacher_gate(spec: TaskSpec, teacher: Teacher, test: list, out: Path, skip_gate: bool) -> dict[str, Any]:
+    rows = stratified(test, spec, spec.teacher.gate.max_examples)
+    raw = [r.text for r in run_with_progress(teacher, _answer_reqs(spec, [r.input for r in rows], teacher_label_messages), "teacher gate")]
+    _, scores = score(spec, [r.output for r in rows], raw)
+    metric = primary_metric(spec.type)
+    gate = {"metric": metric, "score": scores[metric], "min_score": spec.teacher.gate.min_score, "scores": scores, "teacher": teacher.describe()}
+    gate["passed"] = scores[metric] >= spec.teacher.gate.min_score
+    write_json_atomic(out / "gate.json", gate)
+    line = f"teacher gate: {metric} {scores[metric]:.3f} on {len(rows)} test rows (min {spec.teacher.gate.min_score})"
+    if not gate["passed"]:
+        if not skip_gate:
+            raise GateFailed(
+                f"{line}: too low to teach; improve the teacher, lower teacher.gate.min_score in the spec, or pass --skip-gate"
+            )
+        console.print(f"[yellow]{line}: below the threshold, continuing because of --skip-gate[/]")
+    else:
+        console.print(f"[green]{line}: passed[/]")
+    return gate
+
+
+def _answer_reqs(spec: TaskSpec, inputs: list[str], messages_fn) -> list[ChatRequest]:
+    return [ChatRequest(messages=messages_fn(spec, x), max_tokens=spec.generation.label_max_tokens, temperature=0.0) for x in inputs]
+
+
+# --- 2. data -----------------------------------------------------------------------------------
+
+
+def build_dataset(spec: TaskSpec, teacher: Teacher, seeds: list, test: list, cache: ResponseCache, data_dir: Path) -> tuple[list[dict], dict]:
+    from distill.validate import format_report_table, validate_rows
+
+    generator = make_teacher(spec.generation.generator, spec.base_dir, cache) if spec.generation.generator else teacher
+    gen_reqs = generation_requests(spec, seeds)
+    gen_results = run_with_progress(generator, [r for r, _ in gen_reqs], f"writing inputs ({generator.model_id})")
+    synthetic = synthetic_inputs(spec, gen_reqs, gen_results, generator.model_id)
+    pool = [{"id": f"pool-{i}", "input": x, "source": "pool", "provenance": {}} for i, x in enumerate(spec.load_pool())]
+
+    to_label = pool + synthetic
+    reqs = label_requests(spec, to_label)
+    attach_labels(spec, to_label, reqs, run_with_progress(teacher, reqs, f"labelling ({teacher.model_id})"), teacher)
+    if spec.validation.self_consistency:
+        reqs2 = label_requests(spec, to_label, sample=1, temperature=spec.validation.self_consistency_temperature)
+        attach_labels(spec, to_label, reqs2, run_with_progress(teacher, reqs2, "self-consistency"), teacher, key="consistency_output")
+
+    seed_rows = [
+        {"id": f"seed-{i}", "input": s.input, "output": s.output, "raw_output": format_answer(spec, s.output), "source": "seed", "provenance": {}}
+        for i, s in enumerate(seeds)
+    ]
+    rows = seed_rows + to_label
+    kept, rejected, report = validate_rows(spec, rows, [r.input for r in test])
+    report["teacher_usage"] = teacher.usage.as_dict()
+    if generator is not teacher:
+        report["generator_usage"] = generator.usage.as_dict()
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for name, part in (("raw.jsonl", rows), ("train.jsonl", kept), ("rejects.jsonl", rejected)):
+        _write_jsonl(data_dir / name, part)
+    write_json_atomic(data_dir / "report.json", report)
+    write_manifest(
+        data_dir,
+        kind="dataset",
+        format="jsonl",
+        stage="distill/data",
+        inputs={"spec": sha256_json(_data_settings(spec)), "test_set": sha256_json([r.input for r in test])},
+        settings={"generation": spec.generation.model_dump(mode="json"), "validation": spec.validation.model_dump(mode="json")},
+        task=spec.spec_dict(),
+        data_hash=sha256_file(data_dir / "train.jsonl"),
+        teacher=teacher.describe(),
+        generator=generator.describe(),
+    )
+    console.print(format_report_table(report))
+    return kept, report
+
+
+def _data_settings(spec: TaskSpec) -> dict:
+    return spec.model_dump(mode="json", include={"name", "type", "instructions", "labels", "output_schema", "seeds", "pool", "teacher", "generation", "validation"})
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+# --- 3. student --------------------------------------------------------------------------------
+
+
+def train_student(spec: TaskSpec, kept: list[dict], data_dir: Path, teacher: Teacher, out: Path) -> tuple[Path, Path, dict]:
+    from distill.models import count_params, ensure_hf_checkpoint, init_from_layers
+    from distill.train import train
+
+    work = out / "work"
+    teacher_dir = None
+    if spec.teacher.kind == "local":
+        teacher_dir = ensure_hf_checkpoint(spec.resolve(spec.teacher.path), work / "teacher_hf")
+    if spec.student.init_from_teacher_layers is not None:
+        base_dir = work / "student_init"
+        if not (base_dir / "config.json").exists():
+            init_from_layers(teacher_dir, spec.student.init_from_teacher_layers, base_dir)
+    else:
+        base_dir = ensure_hf_checkpoint(spec.resolve(spec.student.path), work / "student_base")
+
+    data_hash = sha256_file(data_dir / "train.jsonl")
+    inputs = {"data": data_hash, "base": sha256_json(str(base_dir)), "training": sha256_json(spec.training.model_dump(mode="json"))}
+    student_dir = out / "student"
+    if (student_dir / "manifest.json").exists():
+        old = read_manifest(student_dir)
+        if old.get("inputs") == inputs:
+            console.print("student: inputs unchanged, reusing the trained checkpoint")
+            return student_dir, base_dir, old.get("training_result", {})
+
+    examples = [{"messages": student_messages(spec, r["input"]), "answer": format_answer(spec, r["output"])} for r in kept]
+    use_kd = spec.training.logit_kd.enabled
+    console.print(
+        f"training student ({spec.training.method}, {len(examples)} rows, {spec.training.epochs:g} epochs"
+        + (f", logit KD T={spec.training.logit_kd.temperature} alpha={spec.training.logit_kd.alpha}" if use_kd else "")
+        + ")"
+    )
+
+    def log(entry: dict) -> None:
+        if "loss" in entry:
+            console.print(f"  step {entry.get('step', '?')}: " + "  ".join(f"{k} {v:.4f}" for k, v in entry.items() if isinstance(v, float)))
+
+    result = train(base_dir, student_dir, examples, spec.training, teacher_dir=teacher_dir if use_kd else None, log=log)
+    result["params"] = count_params(student_dir)
+    write_manifest(
+        student_dir,
+        kind="checkpoint",
+        format="hf",
+        stage="distill/train",
+        inputs=inputs,
+        settings={"training": spec.training.model_dump(mode="json"), "student": spec.student.model_dump(mode="json")},
+        task=spec.spec_dict(),
+        data_hash=data_hash,
+        teacher=teacher.describe(),
+        training_result={k: v for k, v in result.items() if k != "losses"},
+    )
+    return student_dir, base_dir, result
+
+
+# --- 4. evaluation -----------------------------------------------------------------------------
+
+
+def evaluate_all(spec: TaskSpec, teacher: Teacher, test: list, student_dir: Path, base_dir: Path, out: Path) -> dict[str, dict]:
+    from distill.models import count_params
+    from distill.teacher import LocalHFTeacher
+
+    inputs, golds = [r.input for r in test], [r.output for r in test]
+    results: dict[str, dict] = {}
+    t_raw = [r.text for r in run_with_progress(teacher, _answer_reqs(spec, inputs, teacher_label_messages), "eval: teacher")]
+    t_preds, results["teacher"] = score(spec, golds, t_raw)
+    if spec.teacher.kind == "local":
+        results["teacher"]["params"] = count_params(out / "work" / "teacher_hf") if (out / "work" / "teacher_hf").exists() else None
+    for name, path in (("student", student_dir), ("undistilled student", base_dir)):
+        model = LocalHFTeacher(path, cache=None, batch_size=spec.teacher.batch_size)
+        raw = [r.text for r in run_with_progress(model, _answer_reqs(spec, inputs, student_messages), f"eval: {name}")]
+        preds, results[name] = score(spec, golds, raw)
+        add_agreement(results[name], preds, t_preds)
+        results[name]["params"] = count_params(path)
+    eval_dir = out / "eval"
+    write_json_atomic(eval_dir / "eval.json", {"task": spec.name, "test_rows": len(test), "results": results})
+    table = table_markdown(spec, results)
+    (eval_dir / "eval.md").write_text(f"# {spec.name}: held-out test set ({len(test)} rows)\n\n{table}", encoding="utf-8")
+    console.print(table)
+    return results
+
+
+def write_model_card(spec: TaskSpec, teacher: Teacher, student_dir: Path, report: dict, train_info: dict, results: dict) -> None:
+    s = results["student"]
+    metric = primary_metric(spec.type)
+    card = f"""---
+library_name: transformers
+tags: [edgedistill, distillation, {spec.type}]
+---
+# {spec.name} student
+
+Distilled by edgedistill from **{teacher.model_id}** ({json.dumps(teacher.describe())}).
+
+- Task: {spec.type}; instructions: {spec.instructions.strip()!r}
+- Labels: {", ".join(spec.labels) if spec.labels else "-"}
+- Teacher decoding for labels: temperature 0, max_tokens {spec.generation.label_max_tokens}
+- Input generation: {spec.generation.num_inputs} inputs, strategies {", ".join(spec.generation.strategies)}, temperature {spec.generation.temperature}, top_p {spec.generation.top_p}, seed {spec.generation.seed}
+- Training data: {report["kept"]} rows kept of {report["total"]} (rejected: {json.dumps(report["rejected"])}); data hash in manifest.json
+- Filters: {json.dumps(spec.validation.model_dump(mode="json"))}
+- Hyperparameters: {json.dumps(spec.training.model_dump(mode="json"))}
+- Student init: {json.dumps(spec.student.model_dump(mode="json"))}; {train_info.get("params", s.get("params", 0)) / 1e6:.1f}M parameters
+
+## Held-out evaluation ({s["n"]} rows)
+
+{table_markdown(spec, results)}
+Student {metric}: {s[metric]:.3f}; agreement with the teacher: {s.get("agreement_with_teacher", 0):.3f}.
+"""
+    (student_dir / "README.md").write_text(card, encoding="utf-8")

@@ -1,0 +1,78 @@
+"""The `edgedistill` command: one subcommand per stage, each a thin typed wrapper around the stage's
+entry function (heavy imports happen inside, so `edgedistill --help` and `serve` stay light).
+
+A UserError becomes one line on stderr and a non-zero exit; a traceback is a bug."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from edgedistill.errors import UserError
+
+app = typer.Typer(
+    name="edgedistill",
+    help="Distill a task from a big model into a small one, compress it, serve it, benchmark it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command()
+def distill(
+    spec: Annotated[Path, typer.Argument(help="Task spec YAML (see examples/).")],
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default runs/<task name>).")] = None,
+    skip_gate: Annotated[bool, typer.Option(help="Continue even if the teacher scores below teacher.gate.min_score.")] = False,
+    gate_only: Annotated[bool, typer.Option(help="Only evaluate the teacher on the test set, then stop.")] = False,
+) -> None:
+    """Teacher gate -> synthetic data -> validation -> student training -> evaluation."""
+    from distill.pipeline import run_distill
+
+    run_distill(spec, out, skip_gate=skip_gate, gate_only=gate_only)
+
+
+@app.command()
+def compress() -> None:
+    """Quantize a student into GGUF / ONNX / GPTQ artifacts (not yet: issue #4)."""
+    _not_yet("compress", 4)
+
+
+@app.command()
+def serve() -> None:
+    """Serve an artifact behind an OpenAI-compatible API with teacher fallback (not yet: issue #3)."""
+    _not_yet("serve", 3)
+
+
+@app.command()
+def bench() -> None:
+    """Benchmark endpoints: latency, throughput, cost, accuracy, Pareto frontier (not yet: issue #5)."""
+    _not_yet("bench", 5)
+
+
+@app.command()
+def run() -> None:
+    """Run every stage from a task spec to the Pareto plot, resuming where it stopped (not yet: issue #6)."""
+    _not_yet("run", 6)
+
+
+def _not_yet(stage: str, issue: int) -> None:
+    raise UserError(f"`edgedistill {stage}` is not implemented yet (issue #{issue}); use `edgedistill distill` for now")
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept (teacher cache, checkpoints); run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

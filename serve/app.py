@@ -1,0 +1,701 @@
+"""The OpenAI-compatible app: ``create_app(settings, engine=None)``.
+
+Request path: auth -> body (size, content type, JSON) -> pydantic model -> limits -> prompt ->
+engine (bounded: 429 past the queue) -> confidence -> teacher if unsure -> response with an
+``edgedistill`` object and an ``X-Answered-By`` header. Every failure on the way is a 4xx in
+OpenAI's error shape; a teacher failure is never an error (the student's answer is served, flagged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from edgedistill.errors import UserError
+from edgedistill.prompts import parse_answer, student_messages, teacher_label_messages
+from serve import errors
+from serve.artifact import Artifact, load_artifact
+from serve.confidence import build_label_trie, calibrated, generation_scores, label_variants, temperature_for
+from serve.engine import Engine, GenParams, QueueFull, RequestHandle, SeqResult
+from serve.errors import APIError
+from serve.fallback import CircuitBreaker, Teacher, TeacherError
+from serve.metrics import Metrics
+from serve.settings import Settings
+from serve.types import ChatCompletionRequest, CompletionRequest, PredictRequest
+
+log = logging.getLogger("edgedistill.serve")
+
+ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/predict", "/v1/models", "/health", "/ready", "/metrics"}
+OPEN_ROUTES = {"/health", "/ready", "/metrics", "/docs", "/openapi.json"}
+
+
+@dataclass
+class State:
+    settings: Settings
+    engine: Engine
+    model_id: str
+    artifact: Artifact | None
+    teacher: Teacher | None
+    metrics: Metrics
+    api_key: str | None
+    created: int = field(default_factory=lambda: int(time.time()))
+    label_trie: dict | None = None
+    avg_latency_s: float = 1.0
+
+
+@dataclass
+class Decision:
+    answered_by: str = "student"
+    confidence: float | None = None
+    fallback_reason: str | None = None
+    teacher_error: str | None = None
+    teacher_data: dict[str, Any] | None = None
+
+    def info(self, threshold: float) -> dict[str, Any]:
+        return {
+            "answered_by": self.answered_by,
+            "confidence": None if self.confidence is None else round(self.confidence, 6),
+            "threshold": threshold,
+            "fallback_reason": self.fallback_reason,
+            "teacher_error": self.teacher_error,
+        }
+
+    def headers(self) -> dict[str, str]:
+        h = {"X-Answered-By": self.answered_by}
+        if self.confidence is not None:
+            h["X-Edgedistill-Confidence"] = f"{self.confidence:.4f}"
+        return h
+
+
+def create_app(
+    settings: Settings, engine: Engine | None = None, artifact: Artifact | None = None, teacher: Teacher | None = None
+) -> FastAPI:
+    """Build the app. Without ``engine``, load ``settings.artifact`` with the backend its format names."""
+    if engine is None:
+        artifact = artifact or load_artifact(settings.artifact)
+        engine = _make_engine(artifact, settings)
+    if teacher is None and settings.teacher_url:
+        teacher = Teacher(
+            settings.teacher_url,
+            settings.teacher_model or "",
+            api_key=settings.read_teacher_key(),
+            timeout_s=settings.teacher_timeout_s,
+            breaker=CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s),
+        )
+    model_id = settings.model_alias or (artifact.name if artifact else "student")
+    st = State(settings, engine, model_id, artifact, teacher, Metrics(), settings.read_api_key())
+    task = artifact.task if artifact else None
+    if task is not None and task.type == "classification" and task.labels:
+        st.label_trie = build_label_trie(
+            (i, engine.runner.tokenize(v, special=False, add_bos=False))
+            for i, lab in enumerate(task.labels)
+            for v in label_variants(lab)
+        )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        if st.teacher is not None:
+            await st.teacher.close()
+        await asyncio.to_thread(st.engine.close)
+
+    app = FastAPI(title="edgedistill serve", version="0.1.0", lifespan=lifespan)
+    app.state.st = st
+    errors.install(app)
+    app.add_middleware(_Observe, st=st)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if not st.engine.ready:
+            return errors.error_response(503, f"engine not ready: {st.engine.failed or 'starting'}", "not_ready")
+        return {"status": "ready", "model": st.model_id, "waiting": st.engine.waiting, "active": st.engine.active}
+
+    @app.get("/metrics")
+    async def metrics():
+        _gauges(st)
+        return Response(st.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        _auth(st, request)
+        meta: dict[str, Any] = {"id": st.model_id, "object": "model", "created": st.created, "owned_by": "edgedistill"}
+        if st.artifact is not None:
+            meta["edgedistill"] = {
+                "format": st.artifact.format,
+                "backend": st.artifact.backend,
+                "task": st.artifact.task.type if st.artifact.task else None,
+            }
+        return {"object": "list", "data": [meta]}
+
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
+    async def chat_completions(request: Request):
+        _auth(st, request)
+        body = await _read_json(request, st.settings.max_body_bytes)
+        req = _validate(ChatCompletionRequest, body)
+        _check_common(st, req)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        try:
+            text = st.engine.runner.render_chat(messages)
+        except Exception as e:  # noqa: BLE001 -- any template error (jinja, raise_exception) is the request's fault
+            raise APIError(
+                400, f"messages: the model's chat template refused them ({e})", code="invalid_value", param="messages"
+            ) from None
+        prompt = st.engine.runner.tokenize(text, special=True, add_bos=True)
+        max_tokens = _max_tokens(st, req.wanted_max_tokens, len(prompt))
+        params = _params(st, req, max_tokens, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+        return await _serve(st, request, "chat", req, body, [prompt] * req.n, [params] * req.n)
+
+    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
+    async def completions(request: Request):
+        _auth(st, request)
+        body = await _read_json(request, st.settings.max_body_bytes)
+        req = _validate(CompletionRequest, body)
+        _check_common(st, req)
+        prompts: list[list[int]] = []
+        for p in req.prompts():
+            toks = st.engine.runner.tokenize(p, special=False, add_bos=True) if isinstance(p, str) else list(p)
+            if not toks:
+                raise APIError(400, "prompt is empty", code="invalid_value", param="prompt")
+            if any(not 0 <= t < st.engine.runner.n_vocab for t in toks):
+                raise APIError(
+                    400, f"prompt: token ids must be in [0, {st.engine.runner.n_vocab})", code="invalid_value", param="prompt"
+                )
+            prompts.append(toks)
+        if len(prompts) * req.n > st.settings.max_n * 4:
+            raise APIError(400, f"too many prompts x n ({len(prompts) * req.n})", code="invalid_value", param="prompt")
+        max_tokens = _max_tokens(st, req.wanted_max_tokens, max(len(p) for p in prompts))
+        params = _params(st, req, max_tokens, logprobs=req.logprobs)
+        all_prompts = [p for p in prompts for _ in range(req.n)]
+        return await _serve(st, request, "completion", req, body, all_prompts, [params] * len(all_prompts))
+
+    @app.post("/v1/predict", openapi_extra=_body_schema(PredictRequest))
+    async def predict(request: Request):
+        _auth(st, request)
+        task = st.artifact.task if st.artifact else None
+        if task is None:
+            raise APIError(
+                404, "this artifact carries no task spec, so it has no /v1/predict; use /v1/chat/completions", code="not_found"
+            )
+        body = await _read_json(request, st.settings.max_body_bytes)
+        req = _validate(PredictRequest, body)
+        t0 = time.perf_counter()
+        ans = await student_predict(st, req.input, request)
+        value, err, conf, res = ans.value, ans.error, ans.confidence, ans.result
+        limit = ans.max_tokens
+        threshold = st.settings.threshold if req.threshold is None else req.threshold
+        d = Decision(confidence=conf)
+        st.metrics.confidence.labels("/v1/predict").observe(conf)
+        reason = err or ("low_confidence" if conf < threshold or threshold >= 1.0 else None)
+        if reason and st.teacher is not None:
+            d.fallback_reason = reason
+            try:
+                ttext = await st.teacher.chat_text(teacher_label_messages(task, req.input), max_tokens=max(limit, 64))
+                tvalue, terr = parse_answer(task, ttext)
+                if terr and not err:
+                    raise TeacherError(f"invalid_answer ({terr})")
+                value, err, d.answered_by = tvalue, terr, "teacher"
+                st.metrics.fallbacks.labels(reason, "teacher").inc()
+            except TeacherError as e:
+                d.teacher_error = str(e)
+                st.metrics.fallbacks.labels(reason, "teacher_failed").inc()
+        _count(st, d, res.prompt_tokens, res.completion_tokens)
+        _latency(st, t0)
+        out = {
+            "output": value,
+            "confidence": d.info(threshold)["confidence"],
+            "answered_by": d.answered_by,
+            "error": err,
+            "edgedistill": d.info(threshold),
+        }
+        return JSONResponse(out, headers=d.headers())
+
+    return app
+
+
+# ---- building blocks ----------------------------------------------------------------------------
+
+
+@dataclass
+class StudentAnswer:
+    value: Any
+    error: str | None
+    confidence: float
+    scores: list[float]  # uncalibrated log-masses, [answer, competitors...] (what fit_temperature takes)
+    result: SeqResult
+    max_tokens: int
+
+
+async def student_predict(st: State, text: str, request: Request | None = None) -> StudentAnswer:
+    """The student's answer to one task input: task template, greedy, parse, calibrated confidence."""
+    task = st.artifact.task  # type: ignore[union-attr]
+    runner = st.engine.runner
+    prompt = runner.tokenize(runner.render_chat(student_messages(task, text)), special=True, add_bos=True)
+    limit = task.label_max_tokens if task.type == "classification" else st.settings.default_max_tokens
+    max_tokens = _max_tokens(st, limit, len(prompt), param="input")
+    params = GenParams(max_tokens=max_tokens, temperature=0.0, confidence=True, label_trie=st.label_trie)
+    res = (await _run(st, request, [prompt], [params]))[0]
+    _record_ttft(st, "/v1/predict", res)
+    value, err = parse_answer(task, res.text)
+    kind = "classification" if task.type == "classification" else "generation"
+    if res.label_scorer is not None:
+        scores = res.label_scorer.scores(task.labels.index(value) if not err else None)
+    else:
+        scores = generation_scores(res.token_probs, st.settings.confidence_quantile)
+    conf = 0.0 if err else calibrated(scores, temperature_for(_cal(st), kind))
+    return StudentAnswer(value, err, conf, scores, res, max_tokens)
+
+
+def _make_engine(artifact: Artifact, s: Settings) -> Engine:
+    if artifact.format != "gguf":  # load_artifact already refuses these
+        raise UserError(f"no backend for format {artifact.format} in this version; see README (vLLM)")
+    from serve.engine_llama import LlamaRunner
+
+    runner = LlamaRunner(
+        artifact.model_path,
+        n_slots=s.n_slots,
+        ctx_per_slot=s.ctx_per_slot,
+        n_batch=s.n_batch,
+        n_threads=s.n_threads,
+        n_gpu_layers=s.n_gpu_layers,
+    )
+    return Engine(runner, max_queue=s.max_queue)
+
+
+def _cal(st: State) -> dict[str, Any]:
+    return st.artifact.calibration if st.artifact else {}
+
+
+def _body_schema(model) -> dict[str, Any]:
+    return {"requestBody": {"content": {"application/json": {"schema": model.model_json_schema()}}, "required": True}}
+
+
+def _auth(st: State, request: Request) -> None:
+    if st.api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), st.api_key.encode()):
+        raise APIError(401, "missing or wrong API key: send Authorization: Bearer <key>", code="invalid_api_key")
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    ctype = request.headers.get("content-type", "")
+    if ctype.split(";")[0].strip().lower() != "application/json":
+        raise APIError(415, f"content type must be application/json (got {ctype or 'none'})", code="unsupported_media_type")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body over {limit} bytes", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body over {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"body is not valid JSON ({getattr(e, 'msg', e)})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _validate(model, body: dict):
+    try:
+        return model.model_validate(body)
+    except ValidationError as err:
+        raise errors.validation_error(err) from None
+
+
+def _check_common(st: State, req) -> None:
+    if req.model != st.model_id:
+        raise APIError(
+            404,
+            f"model {req.model!r} does not exist; this server serves {st.model_id!r} (see /v1/models)",
+            code="model_not_found",
+            param="model",
+        )
+    if req.n > st.settings.max_n:
+        raise APIError(400, f"n: at most {st.settings.max_n}", code="invalid_value", param="n")
+    wanted = req.wanted_max_tokens
+    if wanted is not None and wanted > st.settings.max_tokens_limit:
+        raise APIError(
+            400,
+            f"max_tokens: at most {st.settings.max_tokens_limit} on this server (got {wanted})",
+            code="invalid_value",
+            param="max_tokens",
+        )
+
+
+def _max_tokens(st: State, wanted: int | None, prompt_len: int, param: str = "messages") -> int:
+    ctx = st.engine.runner.ctx_per_slot
+    if wanted is None:
+        wanted = min(st.settings.default_max_tokens, ctx - prompt_len)
+    if prompt_len + wanted > ctx or wanted < 1:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {ctx} tokens. However, you requested {prompt_len + max(wanted, 1)} tokens "
+            f"({prompt_len} in the prompt, {max(wanted, 1)} for the completion). Please reduce the prompt or max_tokens.",
+            code="context_length_exceeded",
+            param=param,
+        )
+    return wanted
+
+
+def _params(st: State, req, max_tokens: int, logprobs: int | None) -> GenParams:
+    temperature = 1.0 if req.temperature is None else req.temperature
+    return GenParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        stop=list(req.stop or []),
+        seed=req.seed,
+        logprobs=logprobs,
+        confidence=st.settings.confidence,
+        stream=req.stream and not _hold(st),
+    )
+
+
+def _hold(st: State) -> bool:
+    """Stream only after the confidence decision: the teacher may still be the one to answer."""
+    return (
+        st.teacher is not None and st.settings.threshold > 0 and st.settings.stream_hold_for_fallback and st.settings.confidence
+    )
+
+
+def _submit(st: State, prompts, params) -> RequestHandle:
+    try:
+        return st.engine.submit(prompts, params, asyncio.get_running_loop())
+    except QueueFull:
+        st.metrics.rejected.labels("queue_full").inc()
+        backlog = st.engine.waiting + st.engine.active
+        retry = max(1, math.ceil(st.avg_latency_s * backlog / max(st.engine.runner.n_slots, 1)))
+        raise APIError(
+            429,
+            f"server busy: {st.engine.waiting} requests queued; retry after {retry}s",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(retry)},
+        ) from None
+
+
+async def _run(st: State, request: Request, prompts, params) -> list[SeqResult]:
+    if not st.engine.ready:
+        raise APIError(503, f"engine not ready: {st.engine.failed or 'starting'}", code="not_ready")
+    handle = _submit(st, prompts, params)
+    try:
+        return await handle.results()
+    except RuntimeError as e:
+        st.engine.cancel(handle)
+        raise APIError(503, f"engine failed: {e}", code="engine_error") from None
+    except asyncio.CancelledError:  # the client went away: free the slots now
+        st.engine.cancel(handle)
+        raise
+
+
+def _record_ttft(st: State, route: str, res: SeqResult) -> None:
+    if res.first_token_s is not None:
+        st.metrics.ttft.labels(route).observe(res.first_token_s)
+
+
+def _latency(st: State, t0: float) -> None:
+    dt = time.perf_counter() - t0
+    st.avg_latency_s = 0.9 * st.avg_latency_s + 0.1 * dt
+
+
+def _count(st: State, d: Decision, prompt_tokens: int, completion_tokens: int) -> None:
+    st.metrics.tokens.labels("prompt", "student").inc(prompt_tokens)
+    st.metrics.tokens.labels("completion", "student").inc(completion_tokens)
+    st.metrics.answered.labels(d.answered_by).inc()
+
+
+def _gauges(st: State) -> None:
+    st.metrics.queue_depth.set(st.engine.waiting)
+    st.metrics.active.set(st.engine.active)
+    st.metrics.breaker_open.set(1 if st.teacher is not None and st.teacher.breaker.is_open else 0)
+
+
+def _confidence(st: State, results: list[SeqResult]) -> float | None:
+    if not st.settings.confidence:
+        return None
+    t = temperature_for(_cal(st), "generation")
+    return min(calibrated(generation_scores(r.token_probs, st.settings.confidence_quantile), t) for r in results)
+
+
+async def _decide(st: State, kind: str, body: dict, conf: float | None) -> Decision:
+    d = Decision(confidence=conf)
+    threshold = st.settings.threshold
+    if st.teacher is None or conf is None or not (threshold >= 1.0 or conf < threshold):
+        return d
+    d.fallback_reason = "low_confidence"
+    route = "/chat/completions" if kind == "chat" else "/completions"
+    try:
+        d.teacher_data = await st.teacher.post(route, body)
+        d.answered_by = "teacher"
+        st.metrics.fallbacks.labels(d.fallback_reason, "teacher").inc()
+    except TeacherError as e:
+        d.teacher_error = str(e)
+        st.metrics.fallbacks.labels(d.fallback_reason, "teacher_failed").inc()
+    return d
+
+
+async def _serve(st: State, request: Request, kind: str, req, body: dict, prompts, params) -> Response:
+    route = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+    t0 = time.perf_counter()
+    rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+    if req.stream and params[0].stream:  # live streaming: the student answers, confidence comes last
+        if not st.engine.ready:
+            raise APIError(503, f"engine not ready: {st.engine.failed or 'starting'}", code="not_ready")
+        handle = _submit(st, prompts, params)
+        gen = _live_stream(st, request, kind, req, rid, handle, route, t0)
+        return StreamingResponse(
+            gen, media_type="text/event-stream", headers={"X-Answered-By": "student", "Cache-Control": "no-cache"}
+        )
+    results = await _run(st, request, prompts, params)
+    for r in results:
+        _record_ttft(st, route, r)
+    conf = _confidence(st, results)
+    if conf is not None:
+        st.metrics.confidence.labels(route).observe(conf)
+    d = await _decide(st, kind, body, conf)
+    usage = _usage(results, req.n)
+    _count(st, d, usage["prompt_tokens"], usage["completion_tokens"])
+    _latency(st, t0)
+    payload = _teacher_payload(st, kind, rid, d) if d.answered_by == "teacher" else _student_payload(st, kind, req, rid, results)
+    payload["edgedistill"] = d.info(st.settings.threshold)
+    if not req.stream:
+        return JSONResponse(payload, headers=d.headers())
+    return StreamingResponse(
+        _replay_stream(kind, req, payload), media_type="text/event-stream", headers={**d.headers(), "Cache-Control": "no-cache"}
+    )
+
+
+def _usage(results: list[SeqResult], n: int) -> dict[str, int]:
+    prompt = sum(r.prompt_tokens for r in results[:: max(n, 1)])
+    completion = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _student_payload(st: State, kind: str, req, rid: str, results: list[SeqResult]) -> dict[str, Any]:
+    choices = []
+    for i, r in enumerate(results):
+        if kind == "chat":
+            lp = {"content": r.logprobs, "refusal": None} if req.logprobs else None
+            choices.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": r.text},
+                    "logprobs": lp,
+                    "finish_reason": r.finish_reason,
+                }
+            )
+        else:
+            text = r.text
+            if req.echo:
+                p = req.prompts()[i // req.n]
+                text = (p if isinstance(p, str) else _detok(st, p)) + text
+            choices.append(
+                {
+                    "index": i,
+                    "text": text,
+                    "logprobs": _completion_logprobs(r) if req.logprobs is not None else None,
+                    "finish_reason": r.finish_reason,
+                }
+            )
+    obj = "chat.completion" if kind == "chat" else "text_completion"
+    return {
+        "id": rid,
+        "object": obj,
+        "created": int(time.time()),
+        "model": st.model_id,
+        "choices": choices,
+        "usage": _usage(results, req.n),
+        "system_fingerprint": None,
+    }
+
+
+def _detok(st: State, tokens: list[int]) -> str:
+    return b"".join(st.engine.runner.pieces[t] for t in tokens).decode("utf-8", "replace")
+
+
+def _completion_logprobs(r: SeqResult) -> dict[str, Any]:
+    tokens, offsets, off = [], [], 0
+    for e in r.logprobs:
+        tokens.append(e["token"])
+        offsets.append(off)
+        off += len(e["token"])
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e["logprob"] for e in r.logprobs],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in r.logprobs],
+        "text_offset": offsets,
+    }
+
+
+def _teacher_payload(st: State, kind: str, rid: str, d: Decision) -> dict[str, Any]:
+    t = d.teacher_data or {}
+    obj = "chat.completion" if kind == "chat" else "text_completion"
+    return {
+        "id": rid,
+        "object": obj,
+        "created": int(time.time()),
+        "model": str(t.get("model") or (st.teacher.model if st.teacher else "teacher")),
+        "choices": t.get("choices", []),
+        "usage": t.get("usage"),
+        "system_fingerprint": t.get("system_fingerprint"),
+    }
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+def _chunk(
+    kind: str, rid: str, model: str, created: int, index: int, text: str | None, finish: str | None, logprobs=None, first=False
+) -> dict:
+    if kind == "chat":
+        delta: dict[str, Any] = {}
+        if first:
+            delta["role"] = "assistant"
+        if text is not None:
+            delta["content"] = text
+        lp = {"content": logprobs, "refusal": None} if logprobs is not None else None
+        choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
+        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
+    lp = None
+    if logprobs is not None:
+        lp = {
+            "tokens": [e["token"] for e in logprobs],
+            "token_logprobs": [e["logprob"] for e in logprobs],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in logprobs],
+            "text_offset": [],
+        }
+    choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish}
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+
+
+async def _replay_stream(kind: str, req, payload: dict[str, Any]) -> AsyncIterator[bytes]:
+    """A decided answer (student or teacher) as SSE chunks: role, content, finish, usage, [DONE]."""
+    created, model, rid = payload["created"], payload["model"], payload["id"]
+    for ch in payload["choices"]:
+        i = ch.get("index", 0)
+        text = (ch.get("message") or {}).get("content") if kind == "chat" else ch.get("text")
+        if kind == "chat":
+            yield _sse(_chunk(kind, rid, model, created, i, "", None, first=True))
+        lp = None
+        if ch.get("logprobs"):
+            lp = ch["logprobs"].get("content") if kind == "chat" else None
+        yield _sse(_chunk(kind, rid, model, created, i, text or "", None, logprobs=lp))
+        yield _sse(_chunk(kind, rid, model, created, i, None if kind == "chat" else "", ch.get("finish_reason") or "stop"))
+    final = {
+        "id": rid,
+        "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [],
+    }
+    if req.include_usage:
+        final["usage"] = payload.get("usage")
+    final["edgedistill"] = payload["edgedistill"]
+    yield _sse(final)
+    yield b"data: [DONE]\n\n"
+
+
+async def _live_stream(
+    st: State, request: Request, kind: str, req, rid: str, handle: RequestHandle, route: str, t0: float
+) -> AsyncIterator[bytes]:
+    created, model = int(time.time()), st.model_id
+    results: list[SeqResult] = []
+    started: set[int] = set()
+    first_token_at: float | None = None
+    try:
+        remaining = handle.n
+        while remaining:
+            kind_ev, index, payload = await handle.queue.get()
+            if kind_ev == "error":
+                yield _sse(errors.error_body(503, f"engine failed: {payload}", "engine_error"))
+                return
+            if kind == "chat" and index not in started:
+                started.add(index)
+                yield _sse(_chunk(kind, rid, model, created, index, "", None, first=True))
+            if kind_ev == "delta":
+                if first_token_at is None:
+                    first_token_at = time.perf_counter() - t0
+                    st.metrics.ttft.labels(route).observe(first_token_at)
+                text, lps = payload
+                yield _sse(_chunk(kind, rid, model, created, index, text, None, logprobs=lps if _wants_lp(req) else None))
+            elif kind_ev == "done":
+                remaining -= 1
+                results.append(payload)
+                yield _sse(_chunk(kind, rid, model, created, index, None if kind == "chat" else "", payload.finish_reason))
+        conf = _confidence(st, results)
+        if conf is not None:
+            st.metrics.confidence.labels(route).observe(conf)
+        d = Decision(confidence=conf)
+        final = {
+            "id": rid,
+            "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [],
+        }
+        results.sort(key=lambda r: r.index)
+        if req.include_usage:
+            final["usage"] = _usage(results, req.n)
+        final["edgedistill"] = d.info(st.settings.threshold)
+        _count(st, d, sum(r.prompt_tokens for r in results[:: max(req.n, 1)]), sum(r.completion_tokens for r in results))
+        _latency(st, t0)
+        yield _sse(final)
+        yield b"data: [DONE]\n\n"
+    finally:
+        if len(results) < handle.n:  # the client went away mid-stream: free its slot now
+            st.engine.cancel(handle)
+
+
+def _wants_lp(req) -> bool:
+    return bool(req.logprobs) if isinstance(req, ChatCompletionRequest) else req.logprobs is not None
+
+
+class _Observe:
+    """ASGI middleware: requests by route and status, latency. Pure ASGI so streams are untouched."""
+
+    def __init__(self, app, st: State):
+        self.app = app
+        self.st = st
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        route = path if path in ROUTES else "other"
+        status = {"code": 500}
+        t0 = time.perf_counter()
+
+        async def _send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, _send)
+        finally:
+            m = self.st.metrics
+            m.requests.labels(route, str(status["code"])).inc()
+            if route.startswith("/v1/"):
+                m.latency.labels(route).observe(time.perf_counter() - t0)

@@ -1,0 +1,111 @@
+"""What to serve: a bare ``.gguf`` file, or an artifact folder whose ``manifest.json`` names the
+format (which picks the backend), the task (prompt template for /v1/predict) and the calibration.
+
+Files listed in the manifest are checked against their sha256 before anything is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgedistill.errors import UserError
+from edgedistill.manifest import MANIFEST, read_manifest
+
+BACKENDS = {"gguf": "llama.cpp", "onnx": "onnxruntime", "hf": "transformers", "gptq": "transformers"}
+
+
+@dataclass
+class TeacherView:
+    list_labels: bool = True
+
+
+@dataclass
+class TaskView:
+    """The fields of a task spec the server needs to build prompts and parse answers.
+
+    Not ``edgedistill.spec.TaskSpec``: a manifest's task holds paths relative to the machine that
+    built it (seeds, test set), which need not exist where the artifact is served.
+    """
+
+    name: str
+    type: str
+    instructions: str
+    labels: list[str] | None = None
+    output_schema: dict[str, Any] | None = None
+    teacher: TeacherView = field(default_factory=TeacherView)
+    label_max_tokens: int = 32
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TaskView:
+        try:
+            teacher = d.get("teacher") or {}
+            gen = d.get("generation") or {}
+            view = cls(
+                name=str(d.get("name") or "task"),
+                type=str(d["type"]),
+                instructions=str(d["instructions"]),
+                labels=list(d["labels"]) if d.get("labels") else None,
+                output_schema=d.get("output_schema"),
+                teacher=TeacherView(list_labels=bool(teacher.get("list_labels", True))),
+                label_max_tokens=int(gen.get("label_max_tokens", 32)),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"the manifest's task is incomplete ({e}); rebuild the artifact") from None
+        if view.type == "classification" and not view.labels:
+            raise UserError("the manifest's classification task has no labels; rebuild the artifact")
+        return view
+
+
+@dataclass
+class Artifact:
+    name: str
+    format: str
+    model_path: Path
+    task: TaskView | None = None
+    calibration: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, Any] | None = None
+
+    @property
+    def backend(self) -> str:
+        return BACKENDS.get(self.format, self.format)
+
+
+def load_artifact(path: str | Path) -> Artifact:
+    """Resolve a .gguf file or a manifest folder (hash-verified) into what the engine needs."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"artifact {p} does not exist; pass an artifact folder or a .gguf file")
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise UserError(f"{p} is a file but not a .gguf; pass a .gguf file or an artifact folder with {MANIFEST}")
+        _check_gguf_magic(p)
+        return Artifact(name=p.stem, format="gguf", model_path=p)
+    manifest = read_manifest(p, verify=True)
+    fmt = str(manifest.get("format", ""))
+    if fmt != "gguf":
+        raise UserError(
+            f"{p}: format {fmt!r} ({BACKENDS.get(fmt, 'unknown backend')}) is not served by this version; "
+            "serve the artifact's .gguf, or put vLLM behind the same API (see README: Serving beyond one machine)"
+        )
+    ggufs = sorted(n for n in manifest.get("files", {}) if n.lower().endswith(".gguf")) or sorted(
+        str(f.relative_to(p)) for f in p.glob("*.gguf")
+    )
+    if not ggufs:
+        raise UserError(f"{p}: a gguf artifact without a .gguf file; rebuild the artifact")
+    model = p / (manifest.get("model_file") or ggufs[0])
+    _check_gguf_magic(model)
+    task = TaskView.from_dict(manifest["task"]) if manifest.get("task") else None
+    calibration = manifest.get("calibration") or {}
+    if not isinstance(calibration, dict):
+        raise UserError(f"{p}: manifest calibration must be a mapping like {{'temperature': 1.3}}")
+    name = str(manifest.get("name") or (task.name if task else None) or p.name)
+    return Artifact(name=name, format=fmt, model_path=model, task=task, calibration=calibration, manifest=manifest)
+
+
+def _check_gguf_magic(p: Path) -> None:
+    # llama.cpp aborts the process on some malformed files; refuse anything that is not GGUF up front
+    with p.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UserError(f"{p} is not a GGUF file (bad magic); re-export or re-download it")

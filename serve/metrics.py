@@ -1,0 +1,36 @@
+"""Prometheus metrics on a per-app registry (two apps in one process do not collide)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+
+disable_created_metrics()  # the *_created series only double the output
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+CONF_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        p = "edgedistill_"
+        self.requests = Counter(p + "requests_total", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.latency = Histogram(p + "request_latency_seconds", "Request latency", ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            p + "time_to_first_token_seconds", "Time to the first generated token", ["route"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.tokens = Counter(p + "tokens_total", "Tokens processed", ["kind", "answered_by"], registry=r)
+        self.fallbacks = Counter(
+            p + "fallbacks_total", "Requests sent to the teacher, by outcome", ["reason", "outcome"], registry=r
+        )
+        self.confidence = Histogram(
+            p + "confidence", "Calibrated student confidence", ["route"], buckets=CONF_BUCKETS, registry=r
+        )
+        self.answered = Counter(p + "answered_total", "Responses by who answered", ["answered_by"], registry=r)
+        self.queue_depth = Gauge(p + "queue_depth", "Sequences waiting for a slot", registry=r)
+        self.active = Gauge(p + "active_sequences", "Sequences being decoded", registry=r)
+        self.breaker_open = Gauge(p + "teacher_circuit_open", "1 while the teacher's circuit breaker is open", registry=r)
+        self.rejected = Counter(p + "rejected_total", "Requests refused before the engine", ["reason"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,135 @@
+"""Request models of the OpenAI-compatible API (the subset a local model can honour).
+
+Unknown fields are ignored, as OpenAI-compatible servers do (clients send ``user``,
+``stream_options`` ...), but a field we know is checked strictly: a wrong type is a 400 naming the
+field. Features we cannot honour (tools, image parts, JSON mode) are a clear 400, never a silent no-op.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator, model_validator
+
+
+class _Req(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class _Sampling(_Req):
+    model: StrictStr = Field(description="Model id from /v1/models.")
+    max_tokens: int | None = Field(None, ge=1, description="Most new tokens per choice.")
+    max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy; default 1.0 as in OpenAI's API.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, description="Choices to generate.")
+    stop: StrictStr | list[StrictStr] | None = Field(None, description="Up to 4 strings that end the completion.")
+    seed: int | None = Field(None, description="Seed of the sampler (same seed, same request: same answer).")
+    stream: StrictBool = False
+    stream_options: dict[str, Any] | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        if v is None:
+            return []
+        stops = [v] if isinstance(v, str) else v
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(s == "" for s in stops):
+            raise ValueError("a stop sequence must not be empty")
+        return stops
+
+    @property
+    def wanted_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class ContentPart(_Req):
+    type: StrictStr
+    text: StrictStr | None = None
+
+
+class ChatMessage(_Req):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[ContentPart] | None = None
+    name: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> ChatMessage:
+        if isinstance(self.content, list):
+            for part in self.content:
+                if part.type != "text" or part.text is None:
+                    raise ValueError(
+                        f"content part of type {part.type!r} is not supported by this text model; send text parts only"
+                    )
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        return self
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text or "" for p in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: StrictBool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> ChatCompletionRequest:
+        if self.tools:
+            raise ValueError("tools are not supported by this server (the student model has no tool-calling template)")
+        rf = (self.response_format or {}).get("type", "text")
+        if rf != "text":
+            raise ValueError(
+                f"response_format {rf!r} is not supported; use the task's /v1/predict endpoint for structured output"
+            )
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+
+class CompletionRequest(_Sampling):
+    prompt: StrictStr | list[StrictStr] | list[int] | list[list[int]] = Field(
+        description="Text, texts, token ids or lists of ids."
+    )
+    logprobs: int | None = Field(None, ge=0, le=20, description="Return this many top log-probabilities per token.")
+    echo: StrictBool = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _supported(self) -> CompletionRequest:
+        if self.suffix:
+            raise ValueError("suffix (fill-in-the-middle) is not supported by this server")
+        if self.best_of not in (None, 1, self.n):
+            raise ValueError("best_of other than n is not supported")
+        if isinstance(self.prompt, list) and len(self.prompt) == 0:
+            raise ValueError("prompt must not be empty")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
+class PredictRequest(_Req):
+    input: StrictStr = Field(min_length=1, description="The task input; the task's prompt template is applied server-side.")
+    threshold: float | None = Field(None, ge=0.0, le=1.0, description="Override the server's threshold for this request.")

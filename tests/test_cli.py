@@ -1,0 +1,69 @@
+"""The CLI: every user mistake is one line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.test_spec import base_spec, write
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "edgedistill.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+
+
+def assert_one_line_error(p: subprocess.CompletedProcess, *words: str) -> None:
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, p.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_help_lists_every_stage():
+    p = run_cli("--help")
+    assert p.returncode == 0
+    for stage in ("distill", "compress", "serve", "bench", "run"):
+        assert stage in p.stdout
+
+
+def test_bad_spec(tmp_path):
+    raw = base_spec(tmp_path)
+    raw["type"] = "sorting"
+    assert_one_line_error(run_cli("distill", str(write(tmp_path, raw))), "task.yaml", "type")
+
+
+def test_missing_spec_file(tmp_path):
+    assert_one_line_error(run_cli("distill", str(tmp_path / "nope.yaml")), "does not exist")
+
+
+def test_missing_data_file(tmp_path):
+    raw = base_spec(tmp_path)
+    raw["seeds"] = {"path": "gone.jsonl"}
+    assert_one_line_error(run_cli("distill", str(write(tmp_path, raw)), "--out", str(tmp_path / "run")), "seeds", "gone.jsonl")
+
+
+def test_unreachable_teacher(tmp_path):
+    raw = base_spec(tmp_path)
+    raw["teacher"].update(base_url="http://127.0.0.1:9/v1", max_retries=1, timeout_s=2)
+    p = run_cli("distill", str(write(tmp_path, raw)), "--out", str(tmp_path / "run"))
+    assert_one_line_error(p, "unreachable", "127.0.0.1:9")
+
+
+def test_stages_not_built_yet_say_so():
+    p = run_cli("run")
+    assert_one_line_error(p, "not implemented yet")
+
+
+def test_spec_yaml_roundtrip_is_plain(tmp_path):
+    # the helper used by these tests writes what load_spec reads
+    raw = base_spec(tmp_path)
+    assert yaml.safe_load(write(tmp_path, raw).read_text())["name"] == "t1"

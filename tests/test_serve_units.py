@@ -1,0 +1,169 @@
+"""serve's pure parts: confidence and calibration, the circuit breaker, settings sources, artifacts."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from edgedistill.errors import UserError
+from edgedistill.manifest import write_manifest
+from serve.artifact import load_artifact
+from serve.confidence import LabelScorer, build_label_trie, calibrated, fit_temperature, generation_scores, temperature_for
+from serve.fallback import CircuitBreaker
+from serve.settings import Settings
+
+
+def _logits(probs: dict[int, float], n: int = 10) -> tuple[np.ndarray, float]:
+    x = np.full(n, -30.0, dtype=np.float32)
+    for t, p in probs.items():
+        x[t] = math.log(p)
+    m = float(x.max())
+    return x, m + math.log(float(np.exp(x - m).sum()))
+
+
+def test_label_scorer_is_the_label_set_normalised_probability():
+    # labels: [1, 2] and [1, 3] and [4]; EOG token 0
+    trie = build_label_trie([(0, [1, 2]), (1, [1, 3]), (2, [4])])
+    sc = LabelScorer(trie, frozenset({0}))
+    for probs, tok in (({1: 0.6, 4: 0.2, 7: 0.2}, 1), ({2: 0.3, 3: 0.1, 8: 0.6}, 2), ({0: 0.9, 9: 0.1}, 0)):
+        logits, lse = _logits(probs)
+        sc.step(logits, lse, tok)
+    # constrained: P([1]) = .6/.8, P(2 | 1) = .3/.4, end: 1  ->  0.5625; competitors sum to the rest
+    assert calibrated(sc.scores(0)) == pytest.approx(0.75 * 0.75, rel=1e-4)
+    assert sum(math.exp(v) for v in sc.scores(0)) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_label_scorer_other_casings_count_for_the_answer_and_off_trie_tokens_are_a_branch():
+    # label 0 spelled [5] or [6] (two casings), label 1 spelled [7]
+    trie = build_label_trie([(0, [5]), (0, [6]), (1, [7])])
+    sc = LabelScorer(trie, frozenset({0}))
+    for probs, tok in (({5: 0.5, 6: 0.3, 7: 0.2}, 5), ({0: 1.0}, 0)):
+        sc.step(*_logits(probs), tok)
+    assert calibrated(sc.scores(0)) == pytest.approx(0.8, rel=1e-4)
+    off = LabelScorer(trie, frozenset({0}))
+    off.step(*_logits({5: 0.2, 7: 0.2, 9: 0.6}), 9)  # a spelling not in the trie, parsed as label 0
+    assert calibrated(off.scores(0)) == pytest.approx(0.6 + 0.2, rel=1e-4)
+
+
+def test_generation_scores_use_a_low_quantile():
+    probs = [0.99] * 20 + [0.2]
+    assert calibrated(generation_scores(probs, 0.0)) == pytest.approx(0.2, rel=1e-6)
+    assert calibrated(generation_scores(probs, 0.5)) == pytest.approx(0.99, rel=1e-6)
+    assert calibrated(generation_scores([], 0.1)) == 0.0
+
+
+def test_fit_temperature_recovers_overconfidence():
+    rng = np.random.default_rng(0)
+    true_p = rng.uniform(0.3, 0.99, 3000)
+    correct = rng.uniform(size=true_p.size) < true_p
+    # an over-confident model: reports sigmoid(2 * logit(p)), i.e. T = 2 undoes it
+    logit = np.log(true_p / (1 - true_p)) * 2
+    reported = 1 / (1 + np.exp(-logit))
+    vectors = [[math.log(q), math.log1p(-q)] for q in reported]
+    t = fit_temperature(vectors, list(correct))
+    assert 1.7 < t < 2.3
+    assert temperature_for({"temperature": t}, "generation") == t
+    assert temperature_for({"classification": {"temperature": 3.0}, "temperature": 1.5}, "classification") == 3.0
+    assert temperature_for(None, "generation") == 1.0
+
+
+def test_circuit_breaker_opens_cools_down_and_half_opens():
+    now = [0.0]
+    b = CircuitBreaker(failures=2, cooldown_s=10, clock=lambda: now[0])
+    assert b.allow()
+    b.record(False)
+    assert b.allow()
+    b.record(False)
+    assert not b.allow() and b.is_open
+    now[0] = 11
+    assert b.allow() and not b.allow()  # one trial call only
+    b.record(True)
+    assert b.allow() and not b.is_open
+
+
+def test_settings_precedence(tmp_path, monkeypatch):
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("threshold: 0.3\nport: 9001\nn_slots: 2\n")
+    monkeypatch.setenv("EDGEDISTILL_PORT", "9002")
+    s = Settings.load(cfg, artifact="m.gguf", n_slots=None, threshold=0.7)
+    assert (s.threshold, s.port, s.n_slots) == (0.7, 9002, 2)  # flag > env > file
+    with pytest.raises(UserError, match="teacher_url"):
+        Settings.load(artifact="m.gguf", teacher_url="http://x/v1")
+    with pytest.raises(UserError, match="threshold"):
+        Settings.load(artifact="m.gguf", threshold=2)
+    cfg.write_text("thresold: 0.3\n")
+    with pytest.raises(UserError):
+        Settings.load(cfg, artifact="m.gguf")
+    monkeypatch.delenv("EDGE_KEY_X", raising=False)
+    with pytest.raises(UserError, match="EDGE_KEY_X"):
+        Settings.load(artifact="m.gguf", api_key_env="EDGE_KEY_X").read_api_key()
+
+
+def _fake_gguf(path):
+    path.write_bytes(b"GGUF" + b"\0" * 60)
+    return path
+
+
+def test_load_artifact_gguf_file_and_folder(tmp_path):
+    g = _fake_gguf(tmp_path / "tiny.gguf")
+    a = load_artifact(g)
+    assert (a.name, a.format, a.task) == ("tiny", "gguf", None)
+    folder = tmp_path / "art"
+    folder.mkdir()
+    _fake_gguf(folder / "model.gguf")
+    task = {"name": "intents", "type": "classification", "instructions": "Classify.", "labels": ["a", "b"], "seeds": "x.csv"}
+    write_manifest(folder, kind="artifact", format="gguf", stage="compress", task=task, calibration={"temperature": 1.4})
+    a = load_artifact(folder)
+    assert a.model_path == folder / "model.gguf" and a.task.labels == ["a", "b"] and a.calibration == {"temperature": 1.4}
+    (folder / "model.gguf").write_bytes(b"GGUF-tampered")
+    with pytest.raises(UserError, match="does not match"):
+        load_artifact(folder)
+
+
+def test_load_artifact_refusals(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_artifact(tmp_path / "nope.gguf")
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf")
+    with pytest.raises(UserError, match="not a GGUF"):
+        load_artifact(tmp_path / "bad.gguf")
+    onnx = tmp_path / "onnx"
+    onnx.mkdir()
+    (onnx / "model.onnx").write_bytes(b"x")
+    write_manifest(onnx, kind="artifact", format="onnx", stage="compress")
+    with pytest.raises(UserError, match="vLLM"):
+        load_artifact(onnx)
+
+
+def test_fit_calibration_on_a_fake_student():
+    from fastapi.testclient import TestClient
+
+    from serve.calibrate import fit_calibration
+    from tests.test_serve_api import classification_task, make_app
+
+    # an over-confident student: peak 3 everywhere, right on "rate" inputs only
+    def script(p):
+        return ("exchange_rate", 3.0) if "rate" in p else ("card_arrival", 3.0)
+
+    rows = [{"input": f"rate question {i}", "output": "exchange_rate"} for i in range(10)]
+    rows += [{"input": f"card question {i}", "output": "card_linking" if i % 2 else "card_arrival"} for i in range(20)]
+    app = make_app(script=script, task=classification_task())
+    with TestClient(app):
+        cal = fit_calibration(app.state.st, rows)
+    assert cal["n"] == 30 and cal["accuracy"] == pytest.approx(20 / 30, abs=1e-3)
+    assert cal["classification"]["temperature"] == cal["temperature"] > 0
+    assert cal["ece_after"] <= cal["ece_before"] + 1e-9
+
+
+def test_bench_summary_takes_medians_and_ratios():
+    from bench.serve_speed import summarize
+
+    rows = [
+        {"server": s, "concurrency": 4, "tokens_per_s": v}
+        for s, v in [("ours", 90), ("ours", 110), ("ours", 100), ("llama-server", 100)]
+    ]
+    out = {r["server"]: r for r in summarize(rows)}
+    assert (
+        out["ours"]["tokens_per_s"] == 100 and out["ours"]["vs_llama_server"] == 1.0 and out["ours"]["rounds"] == [90, 110, 100]
+    )
