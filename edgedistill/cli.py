@@ -42,9 +42,28 @@ def compress() -> None:
 
 
 @app.command()
-def serve() -> None:
-    """Serve an artifact behind an OpenAI-compatible API with teacher fallback (not yet: issue #3)."""
-    _not_yet("serve", 3)
+def serve(
+    artifact: Annotated[str, typer.Argument(help="Artifact folder (with manifest.json) or a .gguf file.")],
+    teacher_url: Annotated[Optional[str], typer.Option(help="Teacher's OpenAI-compatible base URL, e.g. http://127.0.0.1:8080/v1.")] = None,
+    teacher_model: Annotated[Optional[str], typer.Option(help="Teacher model name.")] = None,
+    teacher_api_key_env: Annotated[Optional[str], typer.Option(help="Name of the env var holding the teacher's API key.")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Calibrated confidence below which the teacher answers (default 0.9).")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default 8000).")] = None,
+    api_key_env: Annotated[Optional[str], typer.Option(help="Name of the env var holding the bearer key clients must send.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML/JSON settings file (flags > EDGEDISTILL_* env > file).")] = None,
+    n_threads: Annotated[Optional[int], typer.Option(help="CPU threads for llama.cpp.")] = None,
+    n_slots: Annotated[Optional[int], typer.Option(help="Sequences decoded together (continuous batching).")] = None,
+    n_gpu_layers: Annotated[Optional[int], typer.Option(help="Layers offloaded to the GPU; -1 for all.")] = None,
+    confidence: Annotated[Optional[bool], typer.Option("--confidence/--no-confidence", help="Score confidence per response.")] = None,
+) -> None:
+    """Serve an artifact behind an OpenAI-compatible API with per-request confidence and teacher fallback."""
+    from serve.cli import serve_command
+
+    serve_command(
+        artifact, teacher_url, teacher_model, teacher_api_key_env, threshold, host, port, api_key_env, config,
+        n_threads=n_threads, n_slots=n_slots, n_gpu_layers=n_gpu_layers, confidence=confidence,
+    )
 
 
 @app.command()
