@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from distill.teacher import ChatRequest, Teacher
 from edgedistill.metrics import agreement, primary_metric, task_scores

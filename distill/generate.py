@@ -23,7 +23,7 @@ STRATEGY_HINTS = {
     "noise": "Write them the way people really type: typos, missing punctuation, lowercase, abbreviations.",
     "edge_case": None,  # filled per request: borderline between two labels / unusual input
 }
-_BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)]|[a-z][.)])\s*", re.I)
+_BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)]|[a-z][.)])\s*", re.IGNORECASE)
 
 
 def _hint(spec: Any, strategy: str, i: int, rng: random.Random) -> tuple[str, str | None]:

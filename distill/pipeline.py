@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from distill.cache import ResponseCache
-from distill.evaluate import add_agreement, predict, score, stratified, table_markdown
+from distill.evaluate import add_agreement, score, stratified, table_markdown
 from distill.generate import attach_labels, generation_requests, label_requests, synthetic_inputs
 from distill.teacher import ChatRequest, Teacher, make_teacher
 from edgedistill.errors import GateFailed

@@ -144,13 +144,13 @@ class Teacher:
         results: list[ChatResult | None] = [None] * len(requests)
         by_key: dict[str, list[int]] = {}
         todo: list[tuple[str, ChatRequest]] = []
+        first: dict[str, ChatRequest] = {}
         for i, req in enumerate(requests):
             key = self.key_for(req)
-            if key in by_key:  # the same request twice in one call: ask once
-                by_key[key].append(i)
-                continue
-            by_key[key] = [i]
-            hit = self.cache.get(key)
+            by_key.setdefault(key, []).append(i)  # the same request twice in one call: ask once
+            first.setdefault(key, req)
+        for key, req in first.items():
+            hit = self.cache.get(key) if self.cache is not None else None
             if hit is None:
                 todo.append((key, req))
                 continue
@@ -161,7 +161,8 @@ class Teacher:
         payloads = {key: self.request_payload(req) for key, req in todo}
 
         def emit(key: str, response: dict[str, Any]) -> None:
-            self.cache.put(key, payloads[key], response)
+            if self.cache is not None:  # evaluation runs uncached: a retrained checkpoint must be re-asked
+                self.cache.put(key, payloads[key], response)
             self.usage.requests_sent += 1
             self.usage.prompt_tokens += int(response.get("prompt_tokens", 0))
             self.usage.completion_tokens += int(response.get("completion_tokens", 0))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -25,7 +25,7 @@ app = typer.Typer(
 @app.command()
 def distill(
     spec: Annotated[Path, typer.Argument(help="Task spec YAML (see examples/).")],
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (default runs/<task name>).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default runs/<task name>).")] = None,
     skip_gate: Annotated[bool, typer.Option(help="Continue even if the teacher scores below teacher.gate.min_score.")] = False,
     gate_only: Annotated[bool, typer.Option(help="Only evaluate the teacher on the test set, then stop.")] = False,
 ) -> None:
@@ -44,18 +44,18 @@ def compress() -> None:
 @app.command()
 def serve(
     artifact: Annotated[str, typer.Argument(help="Artifact folder (with manifest.json) or a .gguf file.")],
-    teacher_url: Annotated[Optional[str], typer.Option(help="Teacher's OpenAI-compatible base URL, e.g. http://127.0.0.1:8080/v1.")] = None,
-    teacher_model: Annotated[Optional[str], typer.Option(help="Teacher model name.")] = None,
-    teacher_api_key_env: Annotated[Optional[str], typer.Option(help="Name of the env var holding the teacher's API key.")] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="Calibrated confidence below which the teacher answers (default 0.9).")] = None,
-    host: Annotated[Optional[str], typer.Option(help="Bind address (default 127.0.0.1).")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port (default 8000).")] = None,
-    api_key_env: Annotated[Optional[str], typer.Option(help="Name of the env var holding the bearer key clients must send.")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="YAML/JSON settings file (flags > EDGEDISTILL_* env > file).")] = None,
-    n_threads: Annotated[Optional[int], typer.Option(help="CPU threads for llama.cpp.")] = None,
-    n_slots: Annotated[Optional[int], typer.Option(help="Sequences decoded together (continuous batching).")] = None,
-    n_gpu_layers: Annotated[Optional[int], typer.Option(help="Layers offloaded to the GPU; -1 for all.")] = None,
-    confidence: Annotated[Optional[bool], typer.Option("--confidence/--no-confidence", help="Score confidence per response.")] = None,
+    teacher_url: Annotated[str | None, typer.Option(help="Teacher's OpenAI-compatible base URL, e.g. http://127.0.0.1:8080/v1.")] = None,
+    teacher_model: Annotated[str | None, typer.Option(help="Teacher model name.")] = None,
+    teacher_api_key_env: Annotated[str | None, typer.Option(help="Name of the env var holding the teacher's API key.")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Calibrated confidence below which the teacher answers (default 0.9).")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
+    api_key_env: Annotated[str | None, typer.Option(help="Name of the env var holding the bearer key clients must send.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML/JSON settings file (flags > EDGEDISTILL_* env > file).")] = None,
+    n_threads: Annotated[int | None, typer.Option(help="CPU threads for llama.cpp.")] = None,
+    n_slots: Annotated[int | None, typer.Option(help="Sequences decoded together (continuous batching).")] = None,
+    n_gpu_layers: Annotated[int | None, typer.Option(help="Layers offloaded to the GPU; -1 for all.")] = None,
+    confidence: Annotated[bool | None, typer.Option("--confidence/--no-confidence", help="Score confidence per response.")] = None,
 ) -> None:
     """Serve an artifact behind an OpenAI-compatible API with per-request confidence and teacher fallback."""
     from serve.cli import serve_command

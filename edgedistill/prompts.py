@@ -36,7 +36,7 @@ def format_answer(spec: Any, output: Any) -> str:
     return str(output).strip()
 
 
-_JSON_OBJ = re.compile(r"\{.*\}", re.S)
+_JSON_OBJ = re.compile(r"\{.*\}", re.DOTALL)
 
 
 def parse_answer(spec: Any, text: str) -> tuple[Any, str | None]:

