@@ -50,7 +50,7 @@ def add_agreement(scores: dict[str, Any], preds: list[Any], teacher_preds: list[
 
 def table_markdown(spec: Any, results: dict[str, dict[str, Any]]) -> str:
     """A readable markdown table of the evaluation, one row per model."""
-    keys = [k for k in next(iter(results.values())) if isinstance(next(iter(results.values()))[k], float)]
+    keys = list(dict.fromkeys(k for s in results.values() for k, v in s.items() if isinstance(v, float)))
     main = primary_metric(spec.type)
     keys = [main] + [k for k in keys if k != main]
     head = "| model | params | " + " | ".join(keys) + " | invalid | n |"

@@ -196,7 +196,8 @@ def train_student(spec: TaskSpec, kept: list[dict], data_dir: Path, teacher: Tea
         base_dir = ensure_hf_checkpoint(spec.resolve(spec.student.path), work / "student_base")
 
     data_hash = sha256_file(data_dir / "train.jsonl")
-    inputs = {"data": data_hash, "base": sha256_json(str(base_dir)), "training": sha256_json(spec.training.model_dump(mode="json"))}
+    base_id = {"student": spec.student.model_dump(mode="json"), "teacher": spec.teacher.path if spec.teacher.kind == "local" else None}
+    inputs = {"data": data_hash, "base": sha256_json(base_id), "training": sha256_json(spec.training.model_dump(mode="json"))}
     student_dir = out / "student"
     if (student_dir / "manifest.json").exists():
         old = read_manifest(student_dir)
@@ -244,8 +245,9 @@ def evaluate_all(spec: TaskSpec, teacher: Teacher, test: list, student_dir: Path
     results: dict[str, dict] = {}
     t_raw = [r.text for r in run_with_progress(teacher, _answer_reqs(spec, inputs, teacher_label_messages), "eval: teacher")]
     t_preds, results["teacher"] = score(spec, golds, t_raw)
-    if spec.teacher.kind == "local":
-        results["teacher"]["params"] = count_params(out / "work" / "teacher_hf") if (out / "work" / "teacher_hf").exists() else None
+    teacher_path = spec.resolve(spec.teacher.path) if spec.teacher.kind == "local" else None
+    if teacher_path is not None and (teacher_path / "config.json").exists():
+        results["teacher"]["params"] = count_params(teacher_path)
     for name, path in (("student", student_dir), ("undistilled student", base_dir)):
         model = LocalHFTeacher(path, cache=None, batch_size=spec.teacher.batch_size)
         raw = [r.text for r in run_with_progress(model, _answer_reqs(spec, inputs, student_messages), f"eval: {name}")]
