@@ -262,6 +262,15 @@ def evaluate_all(spec: TaskSpec, teacher: Teacher, test: list, student_dir: Path
     return results
 
 
+def teacher_version(spec: TaskSpec) -> str:
+    """What pins the teacher: the weights' hash for a local model, the API's model name otherwise."""
+    if spec.teacher.kind != "local":
+        return f"{spec.teacher.model} at {spec.teacher.base_url}"
+    path = spec.resolve(spec.teacher.path)
+    weights = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    return "sha256 " + ", ".join(sha256_file(w)[:16] for w in weights) if weights else "unknown"
+
+
 def write_model_card(spec: TaskSpec, teacher: Teacher, student_dir: Path, report: dict, train_info: dict, results: dict) -> None:
     s = results["student"]
     metric = primary_metric(spec.type)
@@ -271,7 +280,7 @@ tags: [edgedistill, distillation, {spec.type}]
 ---
 # {spec.name} student
 
-Distilled by edgedistill from **{teacher.model_id}** ({json.dumps(teacher.describe())}).
+Distilled by edgedistill from **{teacher.model_id}** ({json.dumps(teacher.describe())}), version {teacher_version(spec)}.
 
 - Task: {spec.type}; instructions: {spec.instructions.strip()!r}
 - Labels: {", ".join(spec.labels) if spec.labels else "-"}
