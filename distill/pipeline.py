@@ -189,7 +189,8 @@ def train_student(spec: TaskSpec, kept: list[dict], data_dir: Path, teacher: Tea
     if spec.teacher.kind == "local":
         teacher_dir = ensure_hf_checkpoint(spec.resolve(spec.teacher.path), work / "teacher_hf")
     if spec.student.init_from_teacher_layers is not None:
-        base_dir = work / "student_init"
+        # keyed by the layer choice, so changing it builds a new init instead of reusing a stale one
+        base_dir = work / ("student_init-" + "-".join(map(str, spec.student.init_from_teacher_layers)))
         if not (base_dir / "config.json").exists():
             init_from_layers(teacher_dir, spec.student.init_from_teacher_layers, base_dir)
     else:

@@ -127,3 +127,21 @@ def test_gate_stops_a_weak_teacher(tmp_path, tiny_model_dir):
         assert gate["passed"] is False
     finally:
         weak.close()
+
+
+def test_local_teacher_layer_init_and_logit_kd(tmp_path, tiny_model_dir):
+    """A local teacher, a student built from 2 of its 4 layers, trained with logit distillation."""
+    spec_path = make_spec(tmp_path, "http://unused", tiny_model_dir, min_score=0.0)
+    raw = yaml.safe_load(spec_path.read_text())
+    raw["teacher"] = {"kind": "local", "path": str(tiny_model_dir), "gate": {"min_score": 0.0}, "batch_size": 8}
+    raw["student"] = {"path": str(tiny_model_dir), "init_from_teacher_layers": [0, 3]}
+    raw["training"]["logit_kd"] = {"enabled": True, "temperature": 2.0, "alpha": 0.5}
+    spec_path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    summary = run_distill(spec_path, out)
+    assert summary["train"]["kd"] and summary["train"]["steps"] > 0  # the KD term was computed
+    results = summary["eval"]
+    assert results["student"]["params"] < results["undistilled student"]["params"] + 1
+    assert results["teacher"]["params"] > results["student"]["params"]  # 4 layers vs 2
+    manifest = json.loads((out / "student" / "manifest.json").read_text())
+    assert manifest["settings"]["student"]["init_from_teacher_layers"] == [0, 3]
