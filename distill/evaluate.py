@@ -6,7 +6,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from distill.teacher import ChatRequest, Teacher
+from distill.teacher import ChatRequest
 from edgedistill.metrics import agreement, primary_metric, task_scores
 from edgedistill.prompts import Messages, format_answer, parse_answer
 
@@ -26,10 +26,9 @@ def stratified(rows: list[Any], spec: Any, limit: int | None) -> list[Any]:
     return out
 
 
-def predict(model: Teacher, spec: Any, inputs: list[str], messages_fn: Callable[[Any, str], Messages], on_result=None) -> list[str]:
-    """Greedy answers (raw text) from a teacher/student for each input."""
-    reqs = [ChatRequest(messages=messages_fn(spec, x), max_tokens=spec.generation.label_max_tokens, temperature=0.0) for x in inputs]
-    return [r.text for r in model.run_chat_many(reqs, on_result=on_result)]
+def answer_requests(spec: Any, inputs: list[str], messages_fn: Callable[[Any, str], Messages]) -> list[ChatRequest]:
+    """Greedy answer requests for each input, in the given prompt format (teacher's or student's)."""
+    return [ChatRequest(messages=messages_fn(spec, x), max_tokens=spec.generation.label_max_tokens, temperature=0.0) for x in inputs]
 
 
 def score(spec: Any, golds: list[Any], raw: list[str]) -> tuple[list[Any], dict[str, Any]]:

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from distill.cache import ResponseCache
-from distill.evaluate import add_agreement, score, stratified, table_markdown
+from distill.evaluate import add_agreement, answer_requests, score, stratified, table_markdown
 from distill.generate import attach_labels, generation_requests, label_requests, synthetic_inputs
 from distill.teacher import ChatRequest, Teacher, make_teacher
 from edgedistill.errors import GateFailed
@@ -94,7 +94,7 @@ def run_with_progress(model: Teacher, reqs: list[ChatRequest], what: str) -> lis
 
 def teacher_gate(spec: TaskSpec, teacher: Teacher, test: list, out: Path, skip_gate: bool) -> dict[str, Any]:
     rows = stratified(test, spec, spec.teacher.gate.max_examples)
-    raw = [r.text for r in run_with_progress(teacher, _answer_reqs(spec, [r.input for r in rows], teacher_label_messages), "teacher gate")]
+    raw = [r.text for r in run_with_progress(teacher, answer_requests(spec, [r.input for r in rows], teacher_label_messages), "teacher gate")]
     _, scores = score(spec, [r.output for r in rows], raw)
     metric = primary_metric(spec.type)
     gate = {"metric": metric, "score": scores[metric], "min_score": spec.teacher.gate.min_score, "scores": scores, "teacher": teacher.describe()}
@@ -110,10 +110,6 @@ def teacher_gate(spec: TaskSpec, teacher: Teacher, test: list, out: Path, skip_g
     else:
         console.print(f"[green]{line}: passed[/]")
     return gate
-
-
-def _answer_reqs(spec: TaskSpec, inputs: list[str], messages_fn) -> list[ChatRequest]:
-    return [ChatRequest(messages=messages_fn(spec, x), max_tokens=spec.generation.label_max_tokens, temperature=0.0) for x in inputs]
 
 
 # --- 2. data -----------------------------------------------------------------------------------
@@ -244,14 +240,14 @@ def evaluate_all(spec: TaskSpec, teacher: Teacher, test: list, student_dir: Path
 
     inputs, golds = [r.input for r in test], [r.output for r in test]
     results: dict[str, dict] = {}
-    t_raw = [r.text for r in run_with_progress(teacher, _answer_reqs(spec, inputs, teacher_label_messages), "eval: teacher")]
+    t_raw = [r.text for r in run_with_progress(teacher, answer_requests(spec, inputs, teacher_label_messages), "eval: teacher")]
     t_preds, results["teacher"] = score(spec, golds, t_raw)
     teacher_path = spec.resolve(spec.teacher.path) if spec.teacher.kind == "local" else None
     if teacher_path is not None and (teacher_path / "config.json").exists():
         results["teacher"]["params"] = count_params(teacher_path)
     for name, path in (("student", student_dir), ("undistilled student", base_dir)):
         model = LocalHFTeacher(path, cache=None, batch_size=spec.teacher.batch_size)
-        raw = [r.text for r in run_with_progress(model, _answer_reqs(spec, inputs, student_messages), f"eval: {name}")]
+        raw = [r.text for r in run_with_progress(model, answer_requests(spec, inputs, student_messages), f"eval: {name}")]
         preds, results[name] = score(spec, golds, raw)
         add_agreement(results[name], preds, t_preds)
         results[name]["params"] = count_params(path)
