@@ -36,9 +36,25 @@ def distill(
 
 
 @app.command()
-def compress() -> None:
-    """Quantize a student into GGUF / ONNX / GPTQ artifacts (not yet: issue #4)."""
-    _not_yet("compress", 4)
+def compress(
+    checkpoint: Annotated[Path, typer.Argument(help="Student checkpoint folder (HF format), e.g. runs/demo/student.")],
+    formats: Annotated[
+        str | None, typer.Option(help="Comma-separated family:variant, e.g. gguf:q8_0,gguf:q4_k_m,onnx:int8,onnx:int4,gptq:int4 (default: the spec's compress.formats).")
+    ] = None,
+    calibration: Annotated[
+        Path | None, typer.Option(help="Calibration data: the distill run's data/ folder (default: <checkpoint>/../data) or a CSV/JSONL with input,output.")
+    ] = None,
+    task: Annotated[Path | None, typer.Option(help="Task spec YAML (default: the one stored in the checkpoint's manifest).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: <checkpoint>/../artifacts).")] = None,
+    max_drop: Annotated[float | None, typer.Option(help="Allowed accuracy drop vs the FP student (default: the spec's compress.max_accuracy_drop).")] = None,
+    keep_failed: Annotated[bool, typer.Option(help="Keep artifacts that fail the quality gate and exit 0 (with a warning).")] = False,
+    eval_limit: Annotated[int | None, typer.Option(help="Evaluate on at most this many test rows (stratified).")] = None,
+) -> None:
+    """Quantize a student into GGUF / ONNX / GPTQ artifacts, each measured against the FP student and gated."""
+    from compress.pipeline import run_compress
+
+    run_compress(checkpoint, formats=formats, calibration=calibration, task=task, out=out, max_drop=max_drop,
+                 keep_failed=keep_failed, eval_limit=eval_limit)
 
 
 @app.command()
@@ -67,9 +83,36 @@ def serve(
 
 
 @app.command()
-def bench() -> None:
-    """Benchmark endpoints: latency, throughput, cost, accuracy, Pareto frontier (not yet: issue #5)."""
-    _not_yet("bench", 5)
+def bench(
+    endpoint: Annotated[list[str], typer.Option(help="NAME=URL or NAME=URL#model, repeatable; e.g. ours=http://127.0.0.1:8000/v1 (the model from GET /v1/models unless #model).")],
+    task: Annotated[Path | None, typer.Option(help="Task spec YAML: prompts from its test set, accuracy, calibration, cascade sweep.")] = None,
+    concurrency: Annotated[str, typer.Option(help="Closed-loop levels: clients each sending their next request when answered, e.g. 1,4,8 ('' for none).")] = "1,4",
+    rate: Annotated[str | None, typer.Option(help="Open-loop levels: Poisson arrivals, requests/s, e.g. 2,5.")] = None,
+    requests: Annotated[int, typer.Option(help="Measured requests per endpoint and load level.")] = 32,
+    warmup: Annotated[int, typer.Option(help="Warm-up requests per endpoint, excluded from every number.")] = 2,
+    max_tokens: Annotated[int | None, typer.Option(help="max_tokens per request (default: the task's label_max_tokens / max_tokens, else 64).")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder: report.json, report.md, pareto.png, reliability.png.")] = Path("runs/bench"),
+    price: Annotated[list[str] | None, typer.Option(help="NAME=0.10/h ($ per hour, local) or NAME=0.15,0.60 ($ per 1M input,output tokens, API); repeatable.")] = None,
+    teacher: Annotated[str | None, typer.Option(help="The endpoint that is the teacher (agreement, cascade cost and sweep).")] = None,
+    api_key_env: Annotated[list[str] | None, typer.Option(help="NAME=VAR: send the key in env var VAR to endpoint NAME; repeatable.")] = None,
+    ceiling: Annotated[list[str] | None, typer.Option(help="NAME=model.gguf or NAME1,NAME2=model.gguf: in-process decode tokens/s of that model (llama.cpp), compared with those endpoints.")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for the ceiling's in-process decode (default: all cores).")] = None,
+    calibration: Annotated[Path | None, typer.Option(help="Labelled file (test-set columns) to choose the cascade threshold on (default: a fixed-seed half of the test set).")] = None,
+    target: Annotated[float, typer.Option(help="Cascade target: this fraction of the teacher's accuracy.")] = 0.99,
+    target_accuracy: Annotated[float | None, typer.Option(help="Cascade target as an absolute accuracy (instead of --target).")] = None,
+    eval_limit: Annotated[int | None, typer.Option(help="Use only the first N test rows.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds before a request counts as an error (timeout).")] = 120.0,
+    seed: Annotated[int, typer.Option(help="Seed of the Poisson arrivals and of the calibration/test halves.")] = 0,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Live progress display.")] = True,
+) -> None:
+    """Benchmark OpenAI-compatible endpoints: latency, throughput, cost, accuracy, cascade sweep, Pareto frontier."""
+    from bench.run import bench_command
+
+    bench_command(
+        endpoint=endpoint, task=task, concurrency=concurrency, rate=rate, requests=requests, warmup=warmup, max_tokens=max_tokens,
+        out=out, price=price, teacher=teacher, api_key_env=api_key_env, ceiling=ceiling, threads=threads, calibration=calibration,
+        target=target, target_accuracy=target_accuracy, eval_limit=eval_limit, timeout=timeout, seed=seed, progress=progress,
+    )
 
 
 @app.command()

@@ -150,6 +150,18 @@ class TrainingConfig(_Model):
     logit_kd: LogitKDConfig = Field(default_factory=LogitKDConfig)
 
 
+DEFAULT_FORMATS = "gguf:q8_0,gguf:q4_k_m,onnx:int8,onnx:int4,gptq:int4"
+
+
+class CompressConfig(_Model):
+    formats: str = Field(DEFAULT_FORMATS, description="Artifacts to build: family:variant, comma-separated (see `edgedistill compress --help`).")
+    max_accuracy_drop: float = Field(
+        0.02, ge=0.0, le=1.0, description="Largest allowed drop of the task metric vs the FP student (0.02 = 2 points); over it the gate fails."
+    )
+    calibration_samples: int = Field(128, ge=1, description="Calibration rows (from the distillation data) for the importance matrix and GPTQ.")
+    agreement_prompts: int = Field(32, ge=1, description="Calibration prompts on which greedy tokens are compared with the FP student.")
+
+
 class TaskSpec(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Task name, used in folder and model names.")
     type: TaskType
@@ -164,6 +176,7 @@ class TaskSpec(_Model):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     validation: ValidationSettings = Field(default_factory=ValidationSettings)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    compress: CompressConfig = Field(default_factory=CompressConfig)
 
     # Filled in by load_spec: the folder relative paths are resolved against.
     base_dir: Path = Field(Path("."), exclude=True)
@@ -286,6 +299,18 @@ def _format_validation_error(path: Path, err: ValidationError) -> str:
         msg = "unknown field (typo?)"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{path}: {loc}: {msg}{more}"
+
+
+def spec_from_manifest(manifest: dict[str, Any], where: Path) -> TaskSpec:
+    """The task spec a stage stored in a manifest (``task`` + ``task_dir`` for its relative paths)."""
+    if not manifest.get("task"):
+        raise UserError(f"{where}: its manifest carries no task spec; pass --task <spec.yaml>")
+    try:
+        spec = TaskSpec.model_validate(manifest["task"])
+    except ValidationError as err:
+        raise UserError(_format_validation_error(where / "manifest.json", err) + "; pass --task <spec.yaml>") from None
+    spec.base_dir = Path(manifest.get("task_dir") or where)
+    return spec
 
 
 def load_spec(path: str | Path) -> TaskSpec:

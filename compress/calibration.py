@@ -1,0 +1,63 @@
+"""The task's own calibration data: rows of the distillation set (teacher-labelled, never the test
+set), rendered exactly as the student sees them in training and serving (chat template + answer).
+
+``--calibration`` takes a dataset folder made by ``edgedistill distill`` (``data/`` with
+``train.jsonl`` and a manifest) or any CSV/JSONL file with ``input`` and ``output`` columns.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgedistill.errors import UserError
+from edgedistill.manifest import MANIFEST, read_manifest, sha256_json
+from edgedistill.prompts import format_answer, student_messages
+from edgedistill.spec import TaskSpec, read_rows
+
+
+@dataclass
+class Calibration:
+    rows: list[dict[str, Any]]  # {"input", "output"}
+    path: Path
+    data_hash: str  # of the rows actually used
+
+    def texts(self, spec: TaskSpec, tokenizer: Any) -> list[str]:
+        """Prompt + answer, as the student was trained on it (what quantizers should see)."""
+        return [render_chat(tokenizer, student_messages(spec, r["input"]), format_answer(spec, r["output"])) for r in self.rows]
+
+    def prompts(self, spec: TaskSpec, tokenizer: Any, n: int) -> list[list[int]]:
+        """Token ids of the first n prompts (no answer): the inputs of the token-agreement check."""
+        return [prompt_ids(tokenizer, student_messages(spec, r["input"])) for r in self.rows[:n]]
+
+
+def load_calibration(path: Path, samples: int, seed: int = 0) -> Calibration:
+    path = Path(path)
+    if path.is_dir():
+        if not (path / MANIFEST).exists() or not (path / "train.jsonl").exists():
+            raise UserError(f"--calibration {path}: a folder must be a dataset made by `edgedistill distill` (data/ with train.jsonl)")
+        read_manifest(path, verify=True)
+        file = path / "train.jsonl"
+    elif path.is_file():
+        file = path
+    else:
+        raise UserError(f"--calibration {path} does not exist; pass the distill run's data/ folder or a CSV/JSONL with input,output")
+    rows = [{"input": str(r["input"]), "output": r["output"]} for r in read_rows(file, "--calibration", ["input", "output"], None)]
+    if not rows:
+        raise UserError(f"--calibration {file} has no rows")
+    random.Random(seed).shuffle(rows)
+    rows = rows[:samples]
+    return Calibration(rows=rows, path=file, data_hash=sha256_json(rows))
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], answer: str | None = None) -> str:
+    if answer is None:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False)
+
+
+def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The prompt's token ids; the rendered template already holds any special tokens it needs."""
+    return list(tokenizer(render_chat(tokenizer, messages), add_special_tokens=False)["input_ids"])

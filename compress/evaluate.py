@@ -1,0 +1,94 @@
+"""Measure an opened artifact: task accuracy on the held-out test set, greedy-token agreement with
+the FP student on calibration prompts, and a quick decode speed on this machine.
+
+Every runtime gets the same token ids (rendered by the source tokenizer) and decodes greedily, so
+the only difference between two rows of the summary table is the artifact.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from compress.formats import Runtime
+from edgedistill.metrics import task_scores
+from edgedistill.prompts import parse_answer
+
+SPEED_TOKENS = 64
+
+
+def strip_special(ids: list[int], special: set[int]) -> list[int]:
+    """Cut at the first end-of-generation/special token (some runtimes return it, some don't)."""
+    for i, t in enumerate(ids):
+        if t in special:
+            return ids[:i]
+    return ids
+
+
+def answer_test_set(rt: Runtime, tokenizer: Any, spec: Any, prompts: list[list[int]], max_tokens: int) -> list[str]:
+    special = set(tokenizer.all_special_ids)
+    return [tokenizer.decode(strip_special(rt.generate(p, max_tokens), special), skip_special_tokens=True) for p in prompts]
+
+
+def score_answers(spec: Any, golds: list[Any], raw: list[str]) -> tuple[list[Any], dict[str, Any]]:
+    preds, invalid = [], 0
+    for text in raw:
+        value, err = parse_answer(spec, text)
+        invalid += err is not None
+        preds.append(None if err else value)
+    scores = task_scores(spec.type, golds, preds, labels=spec.labels)
+    scores["invalid_answers"] = invalid
+    return preds, scores
+
+
+def greedy_tokens(rt: Runtime, prompts: list[list[int]], n: int, special: set[int]) -> list[list[int]]:
+    return [strip_special(rt.generate(p, n), special) for p in prompts]
+
+
+def token_agreement(ref: list[list[int]], got: list[list[int]]) -> float:
+    """Share of the reference's greedy tokens reproduced at the same position (ends count as tokens)."""
+    match = total = 0
+    for r, g in zip(ref, got, strict=True):
+        r, g = [*r, -1], [*g, -1]  # -1: "stopped here", so stopping early or late is a mismatch
+        total += len(r)
+        match += sum(a == b for a, b in zip(r, g, strict=False))
+    return match / total if total else 1.0
+
+
+def decode_tokens_per_s(rt: Runtime, prompt: list[int], n: int = SPEED_TOKENS) -> float:
+    """Decode speed without the prompt: time(n tokens) - time(1 token), over n - 1 tokens."""
+    rt.generate(prompt, 2, ignore_eos=True)  # warm-up (allocations, first-call costs)
+    t0 = time.perf_counter()
+    rt.generate(prompt, 1, ignore_eos=True)
+    t1 = time.perf_counter()
+    rt.generate(prompt, n, ignore_eos=True)
+    t2 = time.perf_counter()
+    decode = (t2 - t1) - (t1 - t0)
+    return (n - 1) / decode if decode > 0 else float("nan")
+
+
+def measure(
+    rt: Runtime,
+    tokenizer: Any,
+    spec: Any,
+    test_prompts: list[list[int]],
+    golds: list[Any],
+    agree_prompts: list[list[int]],
+    ref_tokens: list[list[int]] | None,
+    ref_preds: list[Any] | None,
+    agree_len: int,
+) -> dict[str, Any]:
+    """Everything the summary table and the gate need for one runtime."""
+    special = set(tokenizer.all_special_ids)
+    t = time.perf_counter()
+    raw = answer_test_set(rt, tokenizer, spec, test_prompts, spec.generation.label_max_tokens)
+    eval_s = time.perf_counter() - t
+    preds, scores = score_answers(spec, golds, raw)
+    tokens = greedy_tokens(rt, agree_prompts, agree_len, special)
+    out: dict[str, Any] = {"scores": scores, "eval_s": round(eval_s, 2), "tokens_per_s": round(decode_tokens_per_s(rt, agree_prompts[0]), 1)}
+    if ref_tokens is not None:
+        out["token_agreement"] = round(token_agreement(ref_tokens, tokens), 4)
+    if ref_preds is not None:
+        out["answer_agreement"] = round(sum(a == b for a, b in zip(preds, ref_preds, strict=True)) / max(len(preds), 1), 4)
+    out["_preds"], out["_tokens"] = preds, tokens
+    return out

@@ -1,0 +1,307 @@
+"""`edgedistill compress`: a student checkpoint -> one artifact folder per format, each measured.
+
+Read top to bottom:
+  1. the inputs: checkpoint (hash-verified), task spec (test set), calibration rows (task data)
+  2. the FP student's reference numbers (accuracy, greedy tokens, speed), cached in ``reference.json``
+  3. per format: build (skipped when the manifest says the same inputs and settings made it),
+     open it with its own runtime, measure, gate (allowed accuracy drop from the spec)
+  4. the summary table (``compress.json``, ``compress.md``), and a non-zero exit on a failed gate
+
+Layout of OUT (default: ``<checkpoint>/../artifacts``)::
+
+    OUT/<family>-<variant>/   the artifact + manifest.json (format, bits, method, size, hashes,
+                              tool versions, task spec, quality, gate)
+    OUT/rejected/<name>/      artifacts that failed the gate (kept, never silently served)
+    OUT/work/                 shared intermediates (F16 GGUF, FP32 ONNX) and tool logs
+    OUT/reference.json        the FP student's numbers
+    OUT/compress.json, compress.md
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from compress.calibration import load_calibration, prompt_ids
+from compress.evaluate import measure
+from compress.formats import Built, FormatSpec, parse_formats
+from edgedistill.errors import UserError
+from edgedistill.manifest import MANIFEST, hash_files, read_manifest, sha256_json, write_json_atomic, write_manifest
+from edgedistill.metrics import primary_metric
+from edgedistill.prompts import student_messages
+from edgedistill.spec import TaskSpec, load_spec, spec_from_manifest
+
+console = Console(stderr=True)
+AGREE_TOKENS = 16
+
+
+class CompressGateFailed(UserError):
+    """An artifact lost more accuracy than the spec allows."""
+
+    exit_code = 3
+
+
+def run_compress(
+    checkpoint: Path,
+    *,
+    formats: str | None = None,
+    calibration: Path | None = None,
+    task: Path | None = None,
+    out: Path | None = None,
+    max_drop: float | None = None,
+    keep_failed: bool = False,
+    eval_limit: int | None = None,
+) -> dict[str, Any]:
+    # --- 1. inputs ---------------------------------------------------------------------------
+    ckpt = Path(checkpoint)
+    if not (ckpt / "config.json").exists():
+        raise UserError(f"{ckpt} is not an HF checkpoint folder (no config.json); pass the student folder made by `edgedistill distill`")
+    ck_manifest = read_manifest(ckpt, verify=True) if (ckpt / MANIFEST).exists() else {}
+    spec = load_spec(task) if task else spec_from_manifest(ck_manifest, ckpt)
+    fmts = parse_formats(formats or spec.compress.formats)
+    max_drop = spec.compress.max_accuracy_drop if max_drop is None else max_drop
+    out = Path(out or ckpt.parent / "artifacts")
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    if calibration is None:
+        calibration = ckpt.parent / "data"
+        if not calibration.exists():
+            raise UserError(f"no --calibration given and {calibration} does not exist; pass the distill run's data/ folder or a JSONL")
+    calib = load_calibration(calibration, spec.compress.calibration_samples)
+    source_hash = sha256_json(ck_manifest.get("files") or hash_files(ckpt))
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    calib_texts = calib.texts(spec, tokenizer)
+    test = spec.load_test_set()
+    if eval_limit:
+        from distill.evaluate import stratified
+
+        test = stratified(test, spec, eval_limit)
+    test_prompts = [prompt_ids(tokenizer, student_messages(spec, r.input)) for r in test]
+    golds = [r.output for r in test]
+    agree_prompts = calib.prompts(spec, tokenizer, spec.compress.agreement_prompts)
+    console.print(
+        f"[bold]compress[/] {ckpt} -> {out}: {', '.join(map(str, fmts))}; {len(calib.rows)} calibration rows from {calib.path}, "
+        f"{len(test)} test rows, max drop {max_drop:g}"
+    )
+
+    # --- 2. the FP reference -------------------------------------------------------------------
+    ref_key = sha256_json({"checkpoint": source_hash, "test": [[p, g] for p, g in zip(test_prompts, golds, strict=True)],
+                           "agree": agree_prompts, "agree_len": AGREE_TOKENS})
+    ref = _reference(ckpt, tokenizer, spec, test_prompts, golds, agree_prompts, out / "reference.json", ref_key)
+    metric = primary_metric(spec.type)
+    fp_score = ref["scores"][metric]
+    fp_mb = _size_mb(ckpt, weights_only=True)
+    console.print(f"FP student: {metric} {fp_score:.3f}, {fp_mb:.1f} MB of weights, {ref['tokens_per_s']:.0f} tokens/s")
+
+    # --- 3. each format --------------------------------------------------------------------------
+    rows: list[dict[str, Any]] = []
+    for fmt in fmts:
+        t0 = time.time()
+        try:
+            folder, manifest, reused = _build(fmt, ckpt, out, work, spec, calib_texts, calib, source_hash, ck_manifest)
+            quality = manifest.get("quality")
+            if not (reused and quality and quality.get("reference") == ref_key):
+                quality = _measure(fmt, folder, manifest, tokenizer, spec, test_prompts, golds, agree_prompts, ref, ref_key)
+            drop = fp_score - quality["scores"][metric]
+            passed = drop <= max_drop + 1e-9
+            manifest["quality"] = quality
+            manifest["gate"] = {"metric": metric, "fp": fp_score, "value": quality["scores"][metric], "drop": round(drop, 4),
+                                "max_drop": max_drop, "passed": passed}
+            write_json_atomic(folder / MANIFEST, manifest)
+            row = {"name": fmt.name, "format": fmt.family, "variant": fmt.variant, "bits": fmt.bits, "path": str(folder),
+                   "size_mb": manifest["size_mb"], "size_vs_fp": round(manifest["size_mb"] / fp_mb, 3) if fp_mb else None,
+                   metric: quality["scores"][metric], "drop": round(drop, 4), "token_agreement": quality.get("token_agreement"),
+                   "tokens_per_s": quality["tokens_per_s"], "method": manifest["method"], "passed": passed,
+                   "reused": reused, "seconds": round(time.time() - t0, 1)}
+            if not passed and not keep_failed:
+                row["path"] = str(_reject(folder, out))
+        except UserError as e:
+            console.print(f"[red]{fmt}: {e}[/]")
+            row = {"name": fmt.name, "format": fmt.family, "variant": fmt.variant, "bits": fmt.bits, "error": str(e), "passed": False}
+        rows.append(row)
+        _print_row(row, metric)
+
+    # --- 4. summary ----------------------------------------------------------------------------
+    summary = {"checkpoint": str(ckpt), "task": spec.name, "metric": metric, "max_drop": max_drop,
+               "fp": {"size_mb": round(fp_mb, 1), metric: fp_score, "tokens_per_s": ref["tokens_per_s"]},
+               "calibration": {"path": str(calib.path), "rows": len(calib.rows), "hash": calib.data_hash},
+               "test_rows": len(test), "artifacts": rows}
+    write_json_atomic(out / "compress.json", summary)
+    md = summary_markdown(summary)
+    (out / "compress.md").write_text(md, encoding="utf-8")
+    console.print(_table(summary))
+    failed = [r for r in rows if not r["passed"]]
+    errors = [r for r in failed if "error" in r]
+    if errors:
+        raise UserError(f"{len(errors)} format(s) could not be built: {', '.join(r['name'] for r in errors)} (see messages above)")
+    gate_failed = [r for r in failed if "error" not in r]
+    if gate_failed and not keep_failed:
+        names = ", ".join(f"{r['name']} (-{r['drop']:.3f})" for r in gate_failed)
+        raise CompressGateFailed(
+            f"QUALITY GATE FAILED: {names} lost more than {max_drop:g} {metric} vs the FP student; "
+            f"moved to {out / 'rejected'}; rerun with --keep-failed to keep them, or raise compress.max_accuracy_drop"
+        )
+    if gate_failed:
+        console.print(f"[bold red]warning:[/] kept {len(gate_failed)} artifact(s) over the allowed drop (--keep-failed)")
+    return summary
+
+
+# --- reference -----------------------------------------------------------------------------------
+
+
+def _reference(ckpt, tokenizer, spec, test_prompts, golds, agree_prompts, path: Path, key: str) -> dict[str, Any]:
+    if path.exists():
+        import json
+
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if old.get("key") == key:
+            return old
+    from compress.reference import HFRuntime
+
+    console.print("measuring the FP student (transformers) ...")
+    rt = HFRuntime(ckpt)
+    try:
+        m = measure(rt, tokenizer, spec, test_prompts, golds, agree_prompts, None, None, AGREE_TOKENS)
+    finally:
+        rt.close()
+    ref = {"key": key, "scores": m["scores"], "tokens_per_s": m["tokens_per_s"], "preds": m["_preds"], "tokens": m["_tokens"]}
+    write_json_atomic(path, ref)
+    return ref
+
+
+# --- build ---------------------------------------------------------------------------------------
+
+
+def _module(fmt: FormatSpec):
+    return importlib.import_module(f"compress.{fmt.family}")
+
+
+def _build(fmt, ckpt, out, work, spec: TaskSpec, calib_texts, calib, source_hash, ck_manifest) -> tuple[Path, dict, bool]:
+    folder = out / fmt.name
+    inputs = {"checkpoint": source_hash, "calibration": calib.data_hash}
+    settings = {"format": str(fmt), "calibration_samples": len(calib_texts)}
+    for candidate in (folder, out / "rejected" / fmt.name):
+        if (candidate / MANIFEST).exists():
+            try:
+                old = read_manifest(candidate, verify=True)
+            except UserError as e:
+                console.print(f"{fmt.name}: existing artifact is damaged ({e}); rebuilding")
+                continue
+            if old.get("inputs") == inputs and old.get("settings", {}).get("request") == settings:
+                if candidate != folder:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    candidate.rename(folder)
+                console.print(f"{fmt.name}: inputs and settings unchanged, reusing {folder}")
+                return folder, old, True
+    partial = out / f".{fmt.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    console.print(f"building {fmt} ...")
+    t = time.time()
+    built: Built = _module(fmt).build(ckpt, fmt, partial, calib_texts, work)
+    build_s = time.time() - t
+    manifest = write_manifest(
+        partial,
+        kind="artifact",
+        format=fmt.family,
+        stage="compress",
+        inputs=inputs,
+        settings={"request": settings, **built.settings},
+        task=spec.spec_dict(),
+        task_dir=str(spec.base_dir),
+        name=f"{spec.name}-{fmt.name}",
+        variant=fmt.variant,
+        bits=fmt.bits,
+        method=built.method,
+        model_file=built.model_file,
+        size_mb=round(_size_mb(partial), 2),
+        source={"checkpoint": str(ckpt.resolve()), "hash": source_hash, "teacher": ck_manifest.get("teacher")},
+        calibration_data={"path": str(calib.path), "rows": len(calib_texts), "hash": calib.data_hash},
+        tools=built.tools,
+        notes=built.notes,
+        build_s=round(build_s, 1),
+    )
+    for stale in (folder, out / "rejected" / fmt.name):
+        shutil.rmtree(stale, ignore_errors=True)
+    partial.rename(folder)
+    return folder, manifest, False
+
+
+def _measure(fmt, folder, manifest, tokenizer, spec, test_prompts, golds, agree_prompts, ref, ref_key) -> dict[str, Any]:
+    console.print(f"measuring {fmt.name} with {manifest.get('runtime') or fmt.family} runtime ...")
+    rt = _module(fmt).load(folder, manifest)
+    try:
+        m = measure(rt, tokenizer, spec, test_prompts, golds, agree_prompts, ref["tokens"], ref["preds"], AGREE_TOKENS)
+    finally:
+        rt.close()
+    return {"reference": ref_key, **{k: v for k, v in m.items() if not k.startswith("_")}}
+
+
+def _reject(folder: Path, out: Path) -> Path:
+    dest = out / "rejected" / folder.name
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    folder.rename(dest)
+    return dest
+
+
+def _size_mb(folder: Path, weights_only: bool = False) -> float:
+    files = [p for p in Path(folder).rglob("*") if p.is_file() and p.name != MANIFEST]
+    if weights_only:
+        files = [p for p in files if p.suffix in (".safetensors", ".bin", ".gguf", ".onnx", ".data")]
+    return sum(p.stat().st_size for p in files) / 1e6
+
+
+# --- tables --------------------------------------------------------------------------------------
+
+COLUMNS = ("format", "bits", "MB", "size vs FP", "{metric}", "drop vs FP", "token agreement", "tokens/s", "gate")
+
+
+def _cells(r: dict[str, Any], metric: str) -> list[str]:
+    if "error" in r:
+        return [r["name"], str(r["bits"]), "-", "-", "-", "-", "-", "-", "ERROR"]
+    return [r["name"], str(r["bits"]), f"{r['size_mb']:.1f}", f"{r['size_vs_fp']:.0%}" if r.get("size_vs_fp") else "-",
+            f"{r[metric]:.3f}", f"{-r['drop']:+.3f}", f"{r['token_agreement']:.3f}" if r.get("token_agreement") is not None else "-",
+            f"{r['tokens_per_s']:.0f}", "pass" if r["passed"] else "FAIL"]
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    metric = summary["metric"]
+    cols = [c.format(metric=metric) for c in COLUMNS]
+    fp = summary["fp"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
+             f"| FP student (transformers) | 32 | {fp['size_mb']:.1f} | 100% | {fp[metric]:.3f} | - | 1.000 | {fp['tokens_per_s']:.0f} | - |"]
+    lines += ["| " + " | ".join(_cells(r, metric)) + " |" for r in summary["artifacts"]]
+    return (f"# {summary['task']}: compressed artifacts ({summary['test_rows']} held-out rows, max drop {summary['max_drop']:g})\n\n"
+            + "\n".join(lines) + "\n")
+
+
+def _table(summary: dict[str, Any]) -> Table:
+    metric = summary["metric"]
+    t = Table(title=f"{summary['task']}: artifacts vs the FP student ({summary['test_rows']} held-out rows)")
+    for c in COLUMNS:
+        t.add_column(c.format(metric=metric))
+    fp = summary["fp"]
+    t.add_row("FP student", "32", f"{fp['size_mb']:.1f}", "100%", f"{fp[metric]:.3f}", "-", "1.000", f"{fp['tokens_per_s']:.0f}", "-")
+    for r in summary["artifacts"]:
+        cells = _cells(r, metric)
+        style = "red" if not r["passed"] else None
+        t.add_row(*cells, style=style)
+    return t
+
+
+def _print_row(row: dict[str, Any], metric: str) -> None:
+    if "error" in row:
+        return
+    verdict = "[green]pass[/]" if row["passed"] else f"[bold red]FAIL (drop {row['drop']:.3f})[/]"
+    console.print(f"  {row['name']}: {row['size_mb']:.1f} MB, {metric} {row[metric]:.3f}, "
+                  f"token agreement {row['token_agreement']}, {row['tokens_per_s']:.0f} tokens/s, gate {verdict}")

@@ -1,0 +1,148 @@
+"""`edgedistill compress` orchestration: manifests, reuse, the quality gate and the summary, with
+stand-in runtimes whose accuracy we control (the real formats have their own tests)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compress import pipeline
+from compress.formats import Built, parse_formats
+from edgedistill.errors import UserError
+from edgedistill.manifest import read_manifest
+
+LABELS = ["card_arrival", "exchange_rate", "change_pin"]
+TEST = [("where is my card", "card_arrival"), ("the euro rate today", "exchange_rate"), ("new pin please", "change_pin")] * 4
+
+
+class Oracle:
+    """Answers the gold label for a prompt it recognises; wrong on every `wrong_every`-th prompt."""
+
+    def __init__(self, tokenizer, wrong_every: int = 0):
+        self.tok, self.wrong_every, self.calls = tokenizer, wrong_every, 0
+
+    def generate(self, prompt_ids, max_new_tokens, *, ignore_eos=False):
+        text = self.tok.decode(prompt_ids)
+        if ignore_eos:
+            return [5] * max_new_tokens
+        self.calls += 1
+        label = next((lab for q, lab in TEST if q in text), "card_arrival")
+        if self.wrong_every and self.calls % self.wrong_every == 0:
+            label = "no idea"
+        return self.tok(label, add_special_tokens=False)["input_ids"][:max_new_tokens] + [self.tok.eos_token_id]
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def student(tmp_path, tiny_model_dir):
+    ck = tmp_path / "run" / "student"
+    shutil.copytree(tiny_model_dir, ck)
+    data = tmp_path / "run" / "data.jsonl"
+    data.write_text("".join(json.dumps({"input": f"{q} {i}", "output": lab}) + "\n" for i, (q, lab) in enumerate(TEST * 2)))
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps({"input": q, "output": lab}) + "\n" for q, lab in TEST))
+    spec = {
+        "name": "tiny", "type": "classification", "instructions": "Classify.", "labels": LABELS,
+        "seeds": [{"input": f"{q} {i}", "output": lab} for i, (q, lab) in enumerate(TEST)],
+        "test_set": {"path": "test.jsonl"},
+        "teacher": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "t"},
+        "student": {"path": str(ck)},
+        "generation": {"label_max_tokens": 8},
+        "compress": {"max_accuracy_drop": 0.1, "calibration_samples": 8, "agreement_prompts": 3},
+    }
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump(spec))
+    return ck, data, tmp_path / "task.yaml"
+
+
+def fake_family(tokenizer_dir, wrong_every: dict[str, int], builds: list[str]):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    def build(src, fmt, out, calib, work):
+        builds.append(fmt.name)
+        assert calib and all(isinstance(t, str) and "Classify." in t for t in calib)  # task data, chat-rendered
+        (out / f"model-{fmt.variant}.bin").write_bytes(b"x" * 1000 * fmt.bits)
+        return Built(model_file=f"model-{fmt.variant}.bin", method=f"fake {fmt.variant}", tools={"fake": "1"})
+
+    def load(folder, manifest):
+        assert (folder / manifest["model_file"]).exists()
+        return Oracle(tok, wrong_every.get(manifest["variant"], 0))
+
+    return types.SimpleNamespace(build=build, load=load)
+
+
+def run(student, monkeypatch, wrong_every, builds, **kw):
+    ck, data, spec = student
+    from transformers import AutoTokenizer
+
+    monkeypatch.setattr("compress.reference.HFRuntime", lambda folder: Oracle(AutoTokenizer.from_pretrained(folder)))
+    monkeypatch.setattr(pipeline, "_module", lambda fmt: fake_family(ck, wrong_every, builds))
+    return pipeline.run_compress(ck, formats="gguf:q8_0,gguf:q4_k_m", calibration=data, task=spec, **kw)
+
+
+def test_artifacts_manifests_gate_and_reuse(student, monkeypatch):
+    builds: list[str] = []
+    summary = run(student, monkeypatch, {}, builds)
+    out = student[0].parent / "artifacts"
+    assert builds == ["gguf-q8_0", "gguf-q4_k_m"]
+    assert summary["fp"]["accuracy"] == 1.0
+    for row in summary["artifacts"]:
+        assert row["passed"] and row["accuracy"] == 1.0 and row["drop"] == 0
+        m = read_manifest(out / row["name"], verify=True)
+        assert m["kind"] == "artifact" and m["format"] == "gguf" and m["bits"] == row["bits"]
+        assert m["inputs"]["checkpoint"] and m["inputs"]["calibration"] and m["tools"] == {"fake": "1"}
+        assert m["task"]["name"] == "tiny" and m["gate"]["passed"] and m["size_mb"] == pytest.approx(row["bits"] / 1000, abs=0.005)
+    assert (out / "compress.md").read_text().count("| gguf-") == 2
+
+    builds.clear()
+    again = run(student, monkeypatch, {}, builds)
+    assert builds == [] and all(r["reused"] for r in again["artifacts"])  # same inputs and settings: nothing rebuilt
+
+
+def test_gate_fails_loudly_and_keeps_the_artifact_aside(student, monkeypatch):
+    builds: list[str] = []
+    with pytest.raises(pipeline.CompressGateFailed, match="gguf-q4_k_m") as e:
+        run(student, monkeypatch, {"q4_k_m": 2}, builds)  # half the answers wrong: drop 0.5 > 0.1
+    assert e.value.exit_code == 3
+    out = student[0].parent / "artifacts"
+    assert (out / "gguf-q8_0" / "manifest.json").exists()
+    rejected = read_manifest(out / "rejected" / "gguf-q4_k_m", verify=True)
+    assert rejected["gate"]["passed"] is False and rejected["gate"]["drop"] == pytest.approx(0.5)
+
+    summary = run(student, monkeypatch, {"q4_k_m": 2}, builds, keep_failed=True)
+    row = {r["name"]: r for r in summary["artifacts"]}["gguf-q4_k_m"]
+    assert not row["passed"] and Path(row["path"]) == out / "gguf-q4_k_m"
+    assert builds == ["gguf-q8_0", "gguf-q4_k_m"]  # the rejected artifact was reused, not rebuilt
+
+
+def test_changed_calibration_rebuilds(student, monkeypatch):
+    builds: list[str] = []
+    run(student, monkeypatch, {}, builds)
+    data = student[1]
+    data.write_text(data.read_text().replace("where", "when"))
+    run(student, monkeypatch, {}, builds)
+    assert builds.count("gguf-q8_0") == 2
+
+
+def test_bad_formats_are_one_line_errors():
+    with pytest.raises(UserError, match="unknown format 'tflite'"):
+        parse_formats("tflite:int8")
+    with pytest.raises(UserError, match="gguf:q8_0"):
+        parse_formats("gguf:q3")
+    with pytest.raises(UserError, match="twice"):
+        parse_formats("onnx:int4,onnx:int4")
+    fmts = parse_formats("gguf:q4_k_m, gptq:int4:group_size=64")
+    assert [f.name for f in fmts] == ["gguf-q4_k_m", "gptq-int4"] and fmts[1].option("group_size") == "64" and fmts[1].bits == 4
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(UserError, match="not an HF checkpoint"):
+        pipeline.run_compress(tmp_path)
