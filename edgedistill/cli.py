@@ -101,7 +101,7 @@ def bench(
     target: Annotated[float, typer.Option(help="Cascade target: this fraction of the teacher's accuracy.")] = 0.99,
     target_accuracy: Annotated[float | None, typer.Option(help="Cascade target as an absolute accuracy (instead of --target).")] = None,
     eval_limit: Annotated[int | None, typer.Option(help="Use only the first N test rows.")] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds before a request counts as an error (timeout).")] = 120.0,
+    timeout: Annotated[float, typer.Option(help="Seconds without a byte from the server before a request counts as an error (timeout).")] = 120.0,
     seed: Annotated[int, typer.Option(help="Seed of the Poisson arrivals and of the calibration/test halves.")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Live progress display.")] = True,
 ) -> None:

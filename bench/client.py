@@ -1,0 +1,200 @@
+"""One request to an OpenAI-compatible endpoint, timed the way vLLM's benchmark times it.
+
+A streamed chat completion (``stream_options.include_usage``): the time to the first chunk carrying
+text (TTFT), the time of every later text chunk (inter-token latency), the end of the stream
+(end-to-end latency), the token counts from the final usage chunk when the server sends one, and
+the ``edgedistill`` object an edgedistill server adds to its last chunk. A server that ignores
+``stream`` and answers one JSON body is measured too (its TTFT is then its latency).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import Any
+
+import httpx
+
+from bench.config import Endpoint
+from edgedistill.errors import UserError
+
+
+@dataclass
+class Sample:
+    """What one request did. Times are ``time.perf_counter()`` seconds."""
+
+    index: int  # the prompt's index (the test-set row when a task is given)
+    start: float
+    end: float = 0.0
+    error: str | None = None  # None: a 200 answer, fully received
+    first_token: float | None = None
+    chunk_times: list[float] = field(default_factory=list)  # arrival of every chunk carrying text
+    text: str = ""
+    prompt_tokens: int | None = None  # from the server's usage
+    completion_tokens: int | None = None
+    prompt_chars: int = 0
+    answered_by: str | None = None  # edgedistill servers: "student" / "teacher"
+    confidence: float | None = None
+    threshold: float | None = None
+    fallback_reason: str | None = None
+    value: Any = None  # /v1/predict: the parsed answer the server returned
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def latency_s(self) -> float:
+        return self.end - self.start
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.start
+
+    @property
+    def chunks(self) -> int:
+        return len(self.chunk_times)
+
+    @property
+    def output_tokens(self) -> int:
+        """The server's count when it gave one, else one token per text chunk."""
+        return self.completion_tokens if self.completion_tokens is not None else self.chunks
+
+    def itl_s(self) -> list[float]:
+        t = self.chunk_times
+        return [b - a for a, b in pairwise(t)]
+
+    def tpot_s(self) -> float | None:
+        """vLLM's time per output token: (latency - TTFT) / (output tokens - 1). None when the answer
+        came in one chunk (a held stream, a non-streaming server): no decoding was seen."""
+        if self.first_token is None or self.output_tokens < 2 or self.chunks < 2:
+            return None
+        return (self.end - self.first_token) / (self.output_tokens - 1)
+
+
+def headers(ep: Endpoint) -> dict[str, str]:
+    return {"Authorization": f"Bearer {ep.api_key}"} if ep.api_key else {}
+
+
+async def discover(client: httpx.AsyncClient, ep: Endpoint) -> Endpoint:
+    """Fill in the model name (GET /models unless NAME=URL#model) and whether it is an edgedistill server."""
+    try:
+        r = await client.get(ep.url + "/models", headers=headers(ep), timeout=30)
+        data = r.json().get("data") if r.status_code == 200 else None
+        error = None if data else f"HTTP {r.status_code}"
+    except (httpx.HTTPError, ValueError, AttributeError) as e:
+        data, error = None, f"{type(e).__name__}: {e}"
+    if data:
+        entry = next((d for d in data if d.get("id") == ep.model), data[0]) if ep.model else data[0]
+        ep.model = ep.model or str(entry.get("id"))
+        meta = entry.get("edgedistill")
+        if isinstance(meta, dict):
+            ep.edgedistill = True
+            ep.predict = bool(meta.get("task"))
+    elif not ep.model:
+        raise UserError(
+            f"endpoint {ep.name}: GET {ep.url}/models failed ({error}); is the server up? or name the model: {ep.name}=URL#model"
+        )
+    return ep
+
+
+def _read_edgedistill(s: Sample, obj: dict[str, Any]) -> None:
+    ed = obj.get("edgedistill")
+    if isinstance(ed, dict):
+        s.answered_by = ed.get("answered_by") or s.answered_by
+        s.confidence = ed.get("confidence")
+        s.threshold = ed.get("threshold")
+        s.fallback_reason = ed.get("fallback_reason")
+
+
+def _read_usage(s: Sample, obj: dict[str, Any]) -> None:
+    usage = obj.get("usage")
+    if isinstance(usage, dict):
+        if usage.get("completion_tokens") is not None:
+            s.completion_tokens = int(usage["completion_tokens"])
+        if usage.get("prompt_tokens") is not None:
+            s.prompt_tokens = int(usage["prompt_tokens"])
+
+
+def _on_chunk(s: Sample, obj: dict[str, Any], now: float, parts: list[str]) -> None:
+    for ch in obj.get("choices") or []:
+        delta = ch.get("delta") or {}
+        content = delta.get("content") if "delta" in ch else (ch.get("message") or {}).get("content")
+        if content:
+            if s.first_token is None:
+                s.first_token = now
+            s.chunk_times.append(now)
+            parts.append(content)
+    _read_usage(s, obj)
+    _read_edgedistill(s, obj)
+
+
+async def chat(client: httpx.AsyncClient, ep: Endpoint, messages: list[dict[str, str]], max_tokens: int, index: int) -> Sample:
+    """One greedy, streamed chat completion, measured. Never raises for a failed request: see ``error``."""
+    body = {
+        "model": ep.model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    s = Sample(index=index, start=time.perf_counter(), prompt_chars=sum(len(m["content"]) for m in messages))
+    parts: list[str] = []
+    try:
+        async with client.stream("POST", ep.url + "/chat/completions", json=body, headers=headers(ep)) as r:
+            s.answered_by = r.headers.get("x-answered-by")
+            if r.status_code != 200:
+                await r.aread()
+                s.error = f"http_{r.status_code}"
+            elif r.headers.get("content-type", "").startswith("application/json"):  # the server ignored "stream"
+                obj = json.loads(await r.aread())
+                _on_chunk(s, obj, time.perf_counter(), parts)
+            else:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    obj = json.loads(data)
+                    if "error" in obj:
+                        s.error = "stream_error"
+                        break
+                    _on_chunk(s, obj, time.perf_counter(), parts)
+    except httpx.TimeoutException:
+        s.error = "timeout"
+    except httpx.HTTPError as e:
+        s.error = f"connection:{type(e).__name__}"
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError):
+        s.error = "bad_response"
+    s.end = time.perf_counter()
+    s.text = "".join(parts)
+    return s
+
+
+async def predict(client: httpx.AsyncClient, ep: Endpoint, text: str, index: int, threshold: float | None = None) -> Sample:
+    """POST /v1/predict of an edgedistill server; ``threshold=0.0`` asks for the student's own answer."""
+    body: dict[str, Any] = {"input": text}
+    if threshold is not None:
+        body["threshold"] = threshold
+    s = Sample(index=index, start=time.perf_counter(), prompt_chars=len(text))
+    try:
+        r = await client.post(ep.url + "/predict", json=body, headers=headers(ep))
+        if r.status_code != 200:
+            s.error = f"http_{r.status_code}"
+        else:
+            obj = r.json()
+            _read_edgedistill(s, obj)
+            s.value = None if obj.get("error") else obj.get("output")
+            s.text = obj.get("output") if isinstance(obj.get("output"), str) else json.dumps(obj.get("output"))
+    except httpx.TimeoutException:
+        s.error = "timeout"
+    except httpx.HTTPError as e:
+        s.error = f"connection:{type(e).__name__}"
+    except (ValueError, AttributeError):
+        s.error = "bad_response"
+    s.end = time.perf_counter()
+    return s

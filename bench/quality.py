@@ -1,0 +1,115 @@
+"""Answers on the held-out test set: accuracy, agreement with the teacher, calibration of the
+served confidence, and the calibration/report split the cascade sweep uses.
+
+The metrics are edgedistill.metrics' (the same as ``distill`` evaluation); an answer the task's
+parser rejects (not a label, not JSON) counts as wrong, and so does a failed request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bench.client import Sample
+from edgedistill.metrics import agreement, exact_match, expected_calibration_error, primary_metric, reliability_bins, task_scores
+from edgedistill.prompts import parse_answer, student_messages, teacher_label_messages
+
+GENERIC_PROMPTS = [
+    f"Write a short story about {t}."
+    for t in ("a cat", "the sea", "a robot", "a city at night", "an old map", "a lighthouse", "a violin", "the moon")
+]
+
+
+def messages_for(task: Any, text: str, teacher: bool) -> list[dict[str, str]]:
+    """The teacher is asked as ``distill`` asks it (labels listed); every other endpoint gets the
+    student's template (what the student was trained on)."""
+    return teacher_label_messages(task, text) if teacher else student_messages(task, text)
+
+
+def prompt_messages(task: Any, inputs: Sequence[str], i: int, teacher: bool) -> list[dict[str, str]]:
+    """Request ``i``'s messages: the test rows in order, cycled; without a task, generic prompts."""
+    if task is None:
+        return [{"role": "user", "content": GENERIC_PROMPTS[i % len(GENERIC_PROMPTS)]}]
+    return messages_for(task, inputs[i % len(inputs)], teacher)
+
+
+def parse(task: Any, s: Sample) -> Any:
+    """The answer of a sample, parsed for the task (None: failed or invalid)."""
+    if not s.ok:
+        return None
+    value, err = parse_answer(task, s.text)
+    return None if err else value
+
+
+def student_only(s: Sample) -> Any:
+    """The student's own answer from /v1/predict with threshold 0: a teacher answer there means the
+    student's was invalid (the server still falls back on those), so it counts as None."""
+    if not s.ok or s.answered_by == "teacher":
+        return None
+    return s.value
+
+
+def is_correct(task: Any, gold: Any, pred: Any) -> bool:
+    if pred is None:
+        return False
+    if primary_metric(task.type) == "accuracy":
+        return pred == gold
+    return exact_match([gold], [pred]) == 1.0
+
+
+@dataclass
+class Answers:
+    """One endpoint's answers to a list of test rows, in row order."""
+
+    preds: list[Any]
+    confidences: list[float | None]
+    answered_by: list[str | None]
+    errors: int
+
+    @classmethod
+    def from_samples(cls, task: Any, samples: Sequence[Sample], predict: bool = False) -> Answers:
+        samples = sorted(samples, key=lambda s: s.index)
+        preds = [student_only(s) if predict else parse(task, s) for s in samples]
+        return cls(
+            preds,
+            [s.confidence if s.ok else None for s in samples],
+            [s.answered_by for s in samples],
+            sum(not s.ok for s in samples),
+        )
+
+
+def scores(task: Any, golds: Sequence[Any], answers: Answers, teacher: Answers | None) -> dict[str, Any]:
+    """Task metrics, agreement with the teacher, and the share the teacher answered (a cascade)."""
+    out: dict[str, Any] = dict(task_scores(task.type, golds, answers.preds, task.labels))
+    out["accuracy"] = out.get("accuracy", out.get("exact_match"))  # the one number tables and plots use
+    out["errors"] = answers.errors
+    out["agreement_with_teacher"] = round(agreement(answers.preds, teacher.preds), 4) if teacher is not None else None
+    routed = [a for a in answers.answered_by if a is not None]
+    out["fallback_rate"] = round(sum(a == "teacher" for a in routed) / len(routed), 4) if routed else None
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def calibration(task: Any, golds: Sequence[Any], answers: Answers, n_bins: int = 10) -> dict[str, Any] | None:
+    """ECE and reliability bins of the confidence the endpoint served, against its own answers."""
+    pairs = [(c, is_correct(task, g, p)) for g, p, c in zip(golds, answers.preds, answers.confidences) if c is not None]
+    if not pairs:
+        return None
+    conf = [c for c, _ in pairs]
+    corr = [k for _, k in pairs]
+    return {
+        "n": len(pairs),
+        "ece": round(expected_calibration_error(conf, corr, n_bins), 4),
+        "mean_confidence": round(float(np.mean(conf)), 4),
+        "accuracy": round(float(np.mean(corr)), 4),
+        "bins": reliability_bins(conf, corr, n_bins),
+    }
+
+
+def split_halves(n: int, seed: int) -> tuple[list[int], list[int]]:
+    """A fixed-seed half of the rows to choose on (calibration) and the other half to report on."""
+    order = np.random.default_rng(seed).permutation(n)
+    half = n // 2
+    return sorted(int(i) for i in order[:half]), sorted(int(i) for i in order[half:])

