@@ -116,13 +116,21 @@ def bench(
 
 
 @app.command()
-def run() -> None:
-    """Run every stage from a task spec to the Pareto plot, resuming where it stopped (not yet: issue #6)."""
-    _not_yet("run", 6)
+def run(
+    spec: Annotated[Path, typer.Argument(help="Task spec YAML (see examples/).")],
+    out: Annotated[Path | None, typer.Option(help="Output folder (default runs/<task name>).")] = None,
+    skip_gate: Annotated[bool, typer.Option(help="Continue even if the teacher scores below teacher.gate.min_score.")] = False,
+    force: Annotated[
+        list[str] | None, typer.Option(help="Rerun this stage (and every later one) even if unchanged: distill, compress or bench; repeatable.")
+    ] = None,
+) -> None:
+    """Teacher gate -> data -> student -> artifacts -> serve -> bench, resuming where it stopped (unchanged stages are skipped)."""
+    from edgedistill.run import STAGES, run_all
 
-
-def _not_yet(stage: str, issue: int) -> None:
-    raise UserError(f"`edgedistill {stage}` is not implemented yet (issue #{issue}); use `edgedistill distill` for now")
+    bad = [f for f in force or [] if f not in STAGES]
+    if bad:
+        raise UserError(f"--force {bad[0]}: not a stage; use one of {', '.join(STAGES)}")
+    run_all(spec, out, skip_gate=skip_gate, force=force)
 
 
 def main() -> None:

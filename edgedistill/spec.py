@@ -162,6 +162,21 @@ class CompressConfig(_Model):
     agreement_prompts: int = Field(32, ge=1, description="Calibration prompts on which greedy tokens are compared with the FP student.")
 
 
+class BenchSettings(_Model):
+    """What `edgedistill run` measures after compress (see `edgedistill bench` for each number)."""
+
+    concurrency: str = Field("1,4", description="Closed-loop concurrency levels, comma-separated.")
+    rate: str | None = Field(None, description="Open-loop request rates (Poisson), comma-separated requests/s.")
+    requests: int = Field(32, ge=1, description="Measured requests per endpoint and load level.")
+    machine_usd_per_hour: float = Field(0.10, ge=0.0, description="What the machine local endpoints run on costs per hour ($).")
+    cascade_artifact: str = Field("gguf-q4_k_m", description="The artifact the cascade serves, with the teacher behind it.")
+    cascade_threshold: float = Field(0.9, ge=0.0, le=1.0, description="Confidence below which the cascade asks the teacher.")
+    target: float = Field(0.99, gt=0.0, le=1.0, description="Cascade sweep: reach this fraction of the teacher's accuracy at least cost.")
+    peer: bool = Field(True, description="Also measure `python -m llama_cpp.server` on the same GGUF.")
+    threads: int | None = Field(None, ge=1, description="CPU threads per server (default: all cores).")
+    eval_limit: int | None = Field(None, ge=1, description="Use only the first N test rows for accuracy.")
+
+
 class TaskSpec(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Task name, used in folder and model names.")
     type: TaskType
@@ -177,6 +192,7 @@ class TaskSpec(_Model):
     validation: ValidationSettings = Field(default_factory=ValidationSettings)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     compress: CompressConfig = Field(default_factory=CompressConfig)
+    bench: BenchSettings = Field(default_factory=BenchSettings)
 
     # Filled in by load_spec: the folder relative paths are resolved against.
     base_dir: Path = Field(Path("."), exclude=True)
@@ -313,11 +329,33 @@ def spec_from_manifest(manifest: dict[str, Any], where: Path) -> TaskSpec:
     return spec
 
 
+MAX_SPEC_VALUES = 1_000_000  # a real spec has thousands; a YAML alias bomb ("billion laughs") has billions
+
+
+def _too_big(raw: Any, limit: int) -> bool:
+    """Whether the loaded YAML, with every alias expanded, holds more than ``limit`` values. PyYAML
+    shares an aliased node instead of copying it, so loading is cheap, but anything that walks the
+    spec later (validation, manifests, prompts) would take exponential time and memory."""
+    stack, seen = [raw], 0
+    while stack:
+        seen += 1
+        if seen > limit:
+            return True
+        x = stack.pop()
+        if isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+    return False
+
+
 def load_spec(path: str | Path) -> TaskSpec:
     """Read and validate a task spec; any problem becomes a one-line UserError naming file and field."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"task spec {path} does not exist; pass the path of a task YAML (see examples/)")
+    if not path.is_file():
+        raise UserError(f"task spec {path} is not a file; pass the path of a task YAML (see examples/)")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -326,8 +364,14 @@ def load_spec(path: str | Path) -> TaskSpec:
         raise UserError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: is not UTF-8 text") from None
+    except OSError as e:
+        raise UserError(f"task spec {path} cannot be read ({e.strerror or e})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a task spec is a YAML mapping (name:, type:, ...)")
+    if _too_big(raw, MAX_SPEC_VALUES):
+        raise UserError(
+            f"{path}: expands to over {MAX_SPEC_VALUES:,} values (repeated YAML aliases?); write data into files (seeds.path)"
+        )
     try:
         spec = TaskSpec.model_validate(raw)
     except ValidationError as err:

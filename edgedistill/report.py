@@ -1,0 +1,126 @@
+"""`DIR/report.json` and `report.md` of `edgedistill run`: every stage summarised for scripts and CI.
+
+Built only from what the stages wrote (``distill.json``, ``artifacts/compress.json``,
+``bench/report.json``), so it can be rebuilt at any time without rerunning anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from edgedistill.metrics import primary_metric
+from edgedistill.spec import TaskSpec
+
+MODEL_KEYS = ("teacher", "student", "undistilled student")
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def _c1(rows: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    """The endpoint's lowest-concurrency closed-loop row (the single-user numbers)."""
+    mine = [r for r in rows if r["name"] == name and r.get("concurrency")]
+    return min(mine, key=lambda r: r["concurrency"]) if mine else None
+
+
+def build_report(spec: TaskSpec, out: Path, state: dict[str, Any]) -> dict[str, Any]:
+    metric = primary_metric(spec.type)
+    distill = _load(out / "distill.json") or {}
+    compress = _load(out / "artifacts" / "compress.json") or {}
+    bench = _load(out / "bench" / "report.json") or {}
+    rows = bench.get("results") or []
+    quality = bench.get("quality") or {}
+
+    rep: dict[str, Any] = {
+        "schema": "edgedistill.run/1",
+        "task": {"name": spec.name, "type": spec.type, "metric": metric, "labels": spec.labels},
+    }
+    ev = distill.get("eval") or {}
+    for key in MODEL_KEYS:
+        if key in ev:
+            m = ev[key]
+            rep[key.replace("undistilled student", "undistilled")] = {
+                "params": m.get("params"), "accuracy": m.get("accuracy", m.get(metric)), metric: m.get(metric),
+                **{k: v for k, v in m.items() if k not in ("params", "accuracy", metric) and not isinstance(v, dict | list)},
+            }
+
+    arts = []
+    for a in compress.get("artifacts", []):
+        row = _c1(rows, a["name"])
+        arts.append({
+            "name": a["name"], "format": a["format"], "bits": a["bits"], "path": a.get("path"), "size_mb": a.get("size_mb"),
+            "accuracy": a.get(metric), "drop_vs_fp": a.get("drop"), "token_agreement": a.get("token_agreement"),
+            "tokens_per_s": row["output_tokens_per_s"] if row else a.get("tokens_per_s"),
+            "tokens_per_s_basis": "served, concurrency 1" if row else "in-process decode (compress)",
+            "decode_tokens_per_s": a.get("tokens_per_s"), "passed_gate": a.get("passed"), "error": a.get("error"),
+            "served_accuracy": (quality.get(a["name"]) or {}).get("accuracy"),
+            "latency_ms_p50": row["latency_ms"]["p50"] if row else None,
+            "cost_per_1k_usd": row.get("cost_per_1k_usd") if row else None,
+        })
+    rep["artifacts"] = arts
+
+    cas = _c1(rows, "cascade")
+    sweep = (bench.get("cascade") or {}).get("cascade")
+    if cas is not None or sweep:
+        q = quality.get("cascade") or {}
+        rep["cascade"] = {
+            "artifact": spec.bench.cascade_artifact,
+            "threshold": spec.bench.cascade_threshold,
+            "accuracy": q.get("accuracy"),
+            "fallback_rate": q.get("fallback_rate"),
+            "cost_per_1k_usd": cas.get("cost_per_1k_usd") if cas else None,
+            "latency_ms_p50": cas["latency_ms"]["p50"] if cas else None,
+            "recommended": ({"threshold": sweep["chosen"]["threshold"], "target_accuracy": sweep["target_accuracy"],
+                             "on_test": sweep["chosen"]["test"], "split": sweep.get("split")} if sweep else None),
+        }
+    t = _c1(rows, "teacher")
+    if t is not None and "teacher" in rep:
+        rep["teacher"]["served_accuracy"] = (quality.get("teacher") or {}).get("accuracy")
+        rep["teacher"]["cost_per_1k_usd"] = t.get("cost_per_1k_usd")
+        rep["teacher"]["latency_ms_p50"] = t["latency_ms"]["p50"]
+    rep["bench_report"] = str(out / "bench" / "report.json") if bench else None
+    rep["pareto_png"] = str(out / "pareto.png") if (out / "bench" / "pareto.png").exists() else None
+    rep["stages"] = {k: {kk: vv for kk, vv in v.items() if kk != "outputs"} for k, v in state.get("stages", {}).items()}
+    return rep
+
+
+def _f(v: Any, fmt: str = ".3f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def report_markdown(rep: dict[str, Any]) -> str:
+    metric = rep["task"]["metric"]
+    lines = [f"# {rep['task']['name']}: from teacher to edge\n", "## Models (held-out test set)\n",
+             f"| model | params | {metric} | agreement with teacher |", "|---|---|---|---|"]
+    for key in ("teacher", "student", "undistilled"):
+        m = rep.get(key)
+        if m:
+            params = f"{m['params'] / 1e6:.1f}M" if m.get("params") else "-"
+            lines.append(f"| {key} | {params} | {_f(m.get(metric))} | {_f(m.get('agreement_with_teacher'))} |")
+    lines += ["", "## Artifacts\n",
+              f"| artifact | bits | MB | {metric} | drop vs FP | token agreement | tokens/s | p50 latency ms | $ per 1k | gate |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for a in rep.get("artifacts", []):
+        gate = "ERROR" if a.get("error") else ("pass" if a.get("passed_gate") else "FAIL")
+        lines.append(f"| {a['name']} | {a['bits']} | {_f(a.get('size_mb'), '.1f')} | {_f(a.get('accuracy'))} | {_f(a.get('drop_vs_fp'), '+.3f')} "
+                     f"| {_f(a.get('token_agreement'))} | {_f(a.get('tokens_per_s'), '.0f')} | {_f(a.get('latency_ms_p50'), '.0f')} "
+                     f"| {_f(a.get('cost_per_1k_usd'), '.4f')} | {gate} |")
+    c = rep.get("cascade")
+    if c:
+        lines += ["", "## Cascade\n",
+                  (f"Served: {c['artifact']} with the teacher behind it at threshold {c['threshold']}: {metric} {_f(c.get('accuracy'))}, "
+                  f"fallback rate {_f(c.get('fallback_rate'))}, ${_f(c.get('cost_per_1k_usd'), '.4f')} per 1k requests, "
+                  f"p50 latency {_f(c.get('latency_ms_p50'), '.0f')} ms.")]
+        r = c.get("recommended")
+        if r:
+            lines.append(f"\nRecommended threshold {r['threshold']} (target {metric} {r['target_accuracy']}; {r['split']}): "
+                         f"{metric} {_f(r['on_test'].get('accuracy'))}, fallback rate {_f(r['on_test'].get('fallback_rate'))}.")
+    lines += ["", "## Stages\n", "| stage | seconds | status |", "|---|---|---|"]
+    for name, s in rep.get("stages", {}).items():
+        lines.append(f"| {name} | {_f(s.get('seconds'), '.0f')} | {s.get('status')} |")
+    if rep.get("bench_report"):
+        lines += ["", f"Full benchmark: `{rep['bench_report']}` (tables in `bench/report.md`); plot: `pareto.png`."]
+    return "\n".join(lines) + "\n"
