@@ -179,20 +179,20 @@ class BenchSettings(_Model):
 
 class TaskSpec(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Task name, used in folder and model names.")
-    type: TaskType
+    type: TaskType = Field(description="What the model answers: a label, a JSON object (extraction/tool_call), or text.")
     instructions: str = Field(min_length=1, description="What the model must do; the system prompt.")
     labels: list[str] | None = Field(None, description="Classification: the allowed labels.")
     output_schema: dict[str, Any] | None = Field(None, description="Extraction/tool_call: JSON schema of the output.")
     seeds: list[Example] | DataSource = Field(description="10-50 labelled examples, inline or from a file.")
     test_set: DataSource = Field(description="Held-out labelled test set: never trained, generated from or calibrated on.")
     pool: DataSource | None = Field(None, description="Unlabelled inputs for the teacher to label.")
-    teacher: TeacherConfig
-    student: StudentConfig
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    validation: ValidationSettings = Field(default_factory=ValidationSettings)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    compress: CompressConfig = Field(default_factory=CompressConfig)
-    bench: BenchSettings = Field(default_factory=BenchSettings)
+    teacher: TeacherConfig = Field(description="The big model: an OpenAI-compatible API or a local model.")
+    student: StudentConfig = Field(description="The small model to distill into.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="How new inputs are written and labelled.")
+    validation: ValidationSettings = Field(default_factory=ValidationSettings, description="Which generated rows are kept.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="How the student learns.")
+    compress: CompressConfig = Field(default_factory=CompressConfig, description="Which artifacts `compress` builds and the quality gate.")
+    bench: BenchSettings = Field(default_factory=BenchSettings, description="What `run` measures after compress.")
 
     # Filled in by load_spec: the folder relative paths are resolved against.
     base_dir: Path = Field(Path("."), exclude=True)

@@ -112,3 +112,15 @@ def test_examples_validate(path):
     assert isinstance(spec, TaskSpec)
     assert path.read_text().startswith("# Run:")  # each example is headed by the command that runs it
     assert len(spec.load_seeds()) >= 10
+
+
+def test_task_spec_reference_is_generated_from_the_model():
+    from edgedistill.specdoc import render
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "task-spec.md"
+    assert doc.read_text(encoding="utf-8") == render(), "docs/task-spec.md is stale: python -m edgedistill.specdoc > docs/task-spec.md"
+    from edgedistill.spec import TaskSpec
+
+    for name in TaskSpec.model_fields:
+        if name != "base_dir":
+            assert f"| `{name}` |" in doc.read_text()
