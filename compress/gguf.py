@@ -131,6 +131,13 @@ def find_tools(version: str) -> tuple[dict[str, Path], str | None]:
     return found, None
 
 
+def build_key(fmt: FormatSpec) -> dict:
+    """What decides the bytes beyond the request: the runtime version, and whether the importance
+    matrix tools are there (an artifact built without them is rebuilt once they are)."""
+    version = runtime_version()
+    return {"llama_cpp_python": version, "imatrix_tools": bool(find_tools(version)[0])}
+
+
 def tool_version(binary: Path) -> str:
     try:
         proc = subprocess.run([str(binary), "--version"], check=False, capture_output=True, text=True, timeout=60)

@@ -195,6 +195,9 @@ def _build(fmt, ckpt, out, work, spec: TaskSpec, calib_texts, calib, source_hash
     folder = out / fmt.name
     inputs = {"checkpoint": source_hash, "calibration": calib.data_hash}
     settings = {"format": str(fmt), "calibration_samples": len(calib_texts)}
+    key_fn = getattr(_module(fmt), "build_key", None)  # e.g. tool versions that change the bytes
+    if key_fn is not None:
+        settings["build"] = key_fn(fmt)
     for candidate in (folder, out / "rejected" / fmt.name):
         if (candidate / MANIFEST).exists():
             try:
