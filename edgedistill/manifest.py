@@ -101,11 +101,26 @@ def read_manifest(folder: Path, verify: bool = False) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path} is not valid JSON; the artifact is damaged, rebuild it") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path} is not a JSON object; the artifact is damaged, rebuild it")
     if verify:
-        for name, digest in manifest.get("files", {}).items():
+        files = manifest.get("files", {})
+        if not isinstance(files, dict):
+            raise UserError(f"{path}: files must map file names to sha256; the artifact is damaged, rebuild it")
+        for name in [*files, *([manifest["model_file"]] if manifest.get("model_file") is not None else [])]:
+            _check_inside(folder, name)
+        for name, digest in files.items():
             f = Path(folder) / name
             if not f.is_file():
                 raise UserError(f"{folder}: file {name} listed in the manifest is missing; rebuild the artifact")
             if sha256_file(f) != digest:
                 raise UserError(f"{folder}: file {name} does not match its manifest hash (truncated or modified); rebuild the artifact")
     return manifest
+
+
+def _check_inside(folder: Path, name: Any) -> None:
+    """A name in a manifest is a relative path inside its folder: never absolute, never up through
+    ``..`` (a tampered manifest must not make a server read, hash or load files elsewhere)."""
+    p = Path(str(name))
+    if not isinstance(name, str) or not name or p.is_absolute() or ".." in p.parts:
+        raise UserError(f"{folder}: manifest names {name!r}, which is not a path inside the artifact folder; rebuild the artifact")

@@ -9,6 +9,7 @@ OpenAI's error shape; a teacher failure is never an error (the student's answer 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -34,12 +35,25 @@ from serve.errors import APIError
 from serve.fallback import CircuitBreaker, Teacher, TeacherError
 from serve.metrics import Metrics
 from serve.settings import Settings
-from serve.types import ChatCompletionRequest, CompletionRequest, PredictRequest
+from serve.types import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ErrorResponse,
+    Health,
+    ModelList,
+    PredictRequest,
+    PredictResponse,
+    Ready,
+    StreamEvent,
+)
 
 log = logging.getLogger("edgedistill.serve")
 
 ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/predict", "/v1/models", "/health", "/ready", "/metrics"}
-OPEN_ROUTES = {"/health", "/ready", "/metrics", "/docs", "/openapi.json"}
+OPEN_ROUTES = {"/health"}  # everything else (docs, metrics, readiness, unknown routes) needs the key when one is set
+REQUEST_MODELS = (ChatCompletionRequest, CompletionRequest, PredictRequest)
 
 
 @dataclass
@@ -84,6 +98,8 @@ def create_app(
     settings: Settings, engine: Engine | None = None, artifact: Artifact | None = None, teacher: Teacher | None = None
 ) -> FastAPI:
     """Build the app. Without ``engine``, load ``settings.artifact`` with the backend its format names."""
+    api_key = settings.read_api_key()  # a missing key variable fails before minutes of model loading
+    teacher_key = settings.read_teacher_key() if teacher is None and settings.teacher_url else None
     if engine is None:
         artifact = artifact or load_artifact(settings.artifact)
         engine = _make_engine(artifact, settings)
@@ -91,12 +107,12 @@ def create_app(
         teacher = Teacher(
             settings.teacher_url,
             settings.teacher_model or "",
-            api_key=settings.read_teacher_key(),
+            api_key=teacher_key,
             timeout_s=settings.teacher_timeout_s,
             breaker=CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s),
         )
     model_id = settings.model_alias or (artifact.name if artifact else "student")
-    st = State(settings, engine, model_id, artifact, teacher, Metrics(), settings.read_api_key())
+    st = State(settings, engine, model_id, artifact, teacher, Metrics(), api_key)
     task = artifact.task if artifact else None
     if task is not None and task.type == "classification" and task.labels:
         st.label_trie = build_label_trie(
@@ -115,26 +131,26 @@ def create_app(
     app = FastAPI(title="edgedistill serve", version="0.1.0", lifespan=lifespan)
     app.state.st = st
     errors.install(app)
-    app.add_middleware(_Observe, st=st)
+    app.add_middleware(_Auth, key=st.api_key)
+    app.add_middleware(_Observe, st=st)  # outermost: 401s are counted too
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": Health}})
     async def health():
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", responses=_responses(Ready, 503))
     async def ready():
         if not st.engine.ready:
             return errors.error_response(503, f"engine not ready: {st.engine.failed or 'starting'}", "not_ready")
         return {"status": "ready", "model": st.model_id, "waiting": st.engine.waiting, "active": st.engine.active}
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses=_responses(None))
     async def metrics():
         _gauges(st)
         return Response(st.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models")
-    async def models(request: Request):
-        _auth(st, request)
+    @app.get("/v1/models", responses=_responses(ModelList))
+    async def models():
         meta: dict[str, Any] = {"id": st.model_id, "object": "model", "created": st.created, "owned_by": "edgedistill"}
         if st.artifact is not None:
             meta["edgedistill"] = {
@@ -144,9 +160,12 @@ def create_app(
             }
         return {"object": "list", "data": [meta]}
 
-    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra=_body_schema(ChatCompletionRequest),
+        responses=_responses(ChatCompletion, *BODY_ERRORS, stream=True),
+    )
     async def chat_completions(request: Request):
-        _auth(st, request)
         body = await _read_json(request, st.settings.max_body_bytes)
         req = _validate(ChatCompletionRequest, body)
         _check_common(st, req)
@@ -162,9 +181,12 @@ def create_app(
         params = _params(st, req, max_tokens, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         return await _serve(st, request, "chat", req, body, [prompt] * req.n, [params] * req.n)
 
-    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
+    @app.post(
+        "/v1/completions",
+        openapi_extra=_body_schema(CompletionRequest),
+        responses=_responses(Completion, *BODY_ERRORS, stream=True),
+    )
     async def completions(request: Request):
-        _auth(st, request)
         body = await _read_json(request, st.settings.max_body_bytes)
         req = _validate(CompletionRequest, body)
         _check_common(st, req)
@@ -185,9 +207,8 @@ def create_app(
         all_prompts = [p for p in prompts for _ in range(req.n)]
         return await _serve(st, request, "completion", req, body, all_prompts, [params] * len(all_prompts))
 
-    @app.post("/v1/predict", openapi_extra=_body_schema(PredictRequest))
+    @app.post("/v1/predict", openapi_extra=_body_schema(PredictRequest), responses=_responses(PredictResponse, *BODY_ERRORS))
     async def predict(request: Request):
-        _auth(st, request)
         task = st.artifact.task if st.artifact else None
         if task is None:
             raise APIError(
@@ -226,6 +247,7 @@ def create_app(
         }
         return JSONResponse(out, headers=d.headers())
 
+    app.openapi = lambda: _openapi(app)
     return app
 
 
@@ -282,39 +304,154 @@ def _cal(st: State) -> dict[str, Any]:
     return st.artifact.calibration if st.artifact else {}
 
 
+# ---- OpenAPI: what the fuzz test (schemathesis) holds every response to --------------------------
+
+BODY_ERRORS = (400, 404, 413, 415, 429, 503)
+_ERROR_WHY = {
+    400: "invalid request (the message names the field and what to fix)",
+    401: "missing or wrong API key (only when the server has one)",
+    404: "unknown model, or /v1/predict on an artifact without a task",
+    413: "request body over max_body_bytes",
+    415: "content type is not application/json",
+    429: "queue full; retry after Retry-After seconds",
+    503: "engine not ready or failed",
+}
+
+
+def _responses(ok_model, *codes: int, stream: bool = False) -> dict[int | str, dict[str, Any]]:
+    out: dict[int | str, dict[str, Any]] = {}
+    if ok_model is None:  # /metrics
+        out[200] = {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    else:
+        out[200] = {"model": ok_model}
+        if stream:
+            out[200]["content"] = {"text/event-stream": {"schema": StreamEvent.model_json_schema()}}
+    for code in (401, *codes):
+        out[code] = {"model": ErrorResponse, "description": _ERROR_WHY[code]}
+    return out
+
+
 def _body_schema(model) -> dict[str, Any]:
-    return {"requestBody": {"content": {"application/json": {"schema": model.model_json_schema()}}, "required": True}}
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"content": {"application/json": {"schema": ref}}, "required": True}}
 
 
-def _auth(st: State, request: Request) -> None:
-    if st.api_key is None:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), st.api_key.encode()):
-        raise APIError(401, "missing or wrong API key: send Authorization: Bearer <key>", code="invalid_api_key")
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document plus the request bodies the routes read themselves (to control size,
+    content type and error messages), with their nested models under components like any other,
+    and this server's own limits: the one model it serves, max_tokens and n."""
+    if app.openapi_schema is None:
+        st: State = app.state.st
+        doc = FastAPI.openapi(app)
+        comps = doc.setdefault("components", {}).setdefault("schemas", {})
+        for model in REQUEST_MODELS:
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            comps.update(schema.pop("$defs", {}))
+            comps[model.__name__] = schema
+            props = schema["properties"]
+            if "model" in props:
+                props["model"]["enum"] = [st.model_id]
+            for name in ("max_tokens", "max_completion_tokens"):
+                for option in props.get(name, {}).get("anyOf", []):
+                    if option.get("type") == "integer":
+                        option["maximum"] = st.settings.max_tokens_limit
+            if "n" in props:
+                props["n"]["maximum"] = st.settings.max_n
+        if st.api_key is not None:
+            doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            for path, ops in doc["paths"].items():
+                for op in ops.values():
+                    if path not in OPEN_ROUTES:
+                        op["security"] = [{"bearer": []}]
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
+# ---- request reading ----------------------------------------------------------------------------
+
+
+class _Auth:
+    """ASGI middleware: with an API key set, every route but /health needs ``Authorization: Bearer
+    <key>``, checked before the body is read. The SHA-256 digests are compared with
+    ``hmac.compare_digest``: constant time, whatever the sent key's length or first wrong byte."""
+
+    def __init__(self, app, key: str | None):
+        self.app = app
+        self.digest = None if key is None else hashlib.sha256(key.encode()).digest()
+
+    async def __call__(self, scope, receive, send):
+        if self.digest is None or scope["type"] != "http" or scope.get("path") in OPEN_ROUTES:
+            return await self.app(scope, receive, send)
+        header = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")
+        scheme, _, token = header.partition(b" ")
+        sent = hashlib.sha256(token.strip()).digest()
+        if hmac.compare_digest(sent, self.digest) and scheme.lower() == b"bearer":
+            return await self.app(scope, receive, send)
+        msg = "missing or wrong API key: send the header Authorization: Bearer <key>"
+        resp = errors.error_response(401, msg, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return await resp(scope, receive, send)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise ValueError(f"number {text[:30]} is out of range")
+    return x
 
 
 async def _read_json(request: Request, limit: int) -> Any:
     ctype = request.headers.get("content-type", "")
     if ctype.split(";")[0].strip().lower() != "application/json":
-        raise APIError(415, f"content type must be application/json (got {ctype or 'none'})", code="unsupported_media_type")
+        got = ctype[:80] or "none"
+        raise APIError(415, f"content type must be application/json (got {got})", code="unsupported_media_type")
+    too_large = f"request body over {limit} bytes; send a shorter prompt (the server's max_body_bytes)"
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"request body over {limit} bytes", code="request_too_large")
+        raise APIError(413, too_large, code="request_too_large")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise APIError(413, f"request body over {limit} bytes", code="request_too_large")
+            raise APIError(413, too_large, code="request_too_large")
         chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise APIError(400, "body is empty; send a JSON object", code="invalid_json")
     try:
-        body = json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        raise APIError(400, "body is not valid JSON (nested too deeply)", code="invalid_json") from None
+    except ValueError as e:  # bad syntax, not UTF-8, NaN/Infinity, 1e999, an integer over 4300 digits
         raise APIError(400, f"body is not valid JSON ({getattr(e, 'msg', e)})", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "body must be a JSON object", code="invalid_json")
+    _check_unicode(body)
     return body
+
+
+def _check_unicode(body: Any) -> None:
+    """A lone surrogate escape (``"\\ud800"``) is valid JSON but no text: the tokenizer cannot encode it."""
+    stack = [body]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+        elif isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(
+                    400,
+                    "body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text; send valid Unicode",
+                    code="invalid_json",
+                ) from None
 
 
 def _validate(model, body: dict):
@@ -381,6 +518,11 @@ def _hold(st: State) -> bool:
 
 
 def _submit(st: State, prompts, params) -> RequestHandle:
+    most = st.engine.max_queue + st.engine.runner.n_slots
+    if len(prompts) > most:  # would be refused even by an idle server: not a 429
+        raise APIError(
+            400, f"n x prompts is {len(prompts)}; this server takes at most {most} at once", code="invalid_value", param="n"
+        )
     try:
         return st.engine.submit(prompts, params, asyncio.get_running_loop())
     except QueueFull:
@@ -400,13 +542,36 @@ async def _run(st: State, request: Request, prompts, params) -> list[SeqResult]:
         raise APIError(503, f"engine not ready: {st.engine.failed or 'starting'}", code="not_ready")
     handle = _submit(st, prompts, params)
     try:
-        return await handle.results()
+        return await _unless_disconnected(request, handle.results())
     except RuntimeError as e:
         st.engine.cancel(handle)
         raise APIError(503, f"engine failed: {e}", code="engine_error") from None
-    except asyncio.CancelledError:  # the client went away: free the slots now
+    except (asyncio.CancelledError, APIError):  # the client went away: free the slots now
         st.engine.cancel(handle)
         raise
+
+
+async def _unless_disconnected(request: Request | None, work):
+    """Await ``work``, or stop when the client disconnects (499): a client that gave up on a long
+    answer must not keep its slot until the answer is done. (Streams get this from Starlette.)"""
+    task = asyncio.ensure_future(work)
+    if request is None:
+        return await task
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":  # the body is read: only disconnect comes
+            pass
+
+    watch = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (task, watch):
+            if not t.done():
+                t.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    raise APIError(499, "client closed the request", code="client_closed_request")
 
 
 def _record_ttft(st: State, route: str, res: SeqResult) -> None:
@@ -549,16 +714,32 @@ def _completion_logprobs(r: SeqResult) -> dict[str, Any]:
 
 
 def _teacher_payload(st: State, kind: str, rid: str, d: Decision) -> dict[str, Any]:
+    """The teacher's answer in our response shape: its choices' text (checked by Teacher.post) and
+    nothing of it we cannot vouch for (a teacher's odd usage or logprobs must not break a client)."""
     t = d.teacher_data or {}
-    obj = "chat.completion" if kind == "chat" else "text_completion"
+    choices = []
+    for i, ch in enumerate(t.get("choices", [])):
+        finish = ch.get("finish_reason") if isinstance(ch.get("finish_reason"), str) else "stop"
+        lp = ch.get("logprobs") if isinstance(ch.get("logprobs"), dict) else None
+        if kind == "chat":
+            message = {"role": "assistant", "content": ch["message"]["content"]}
+            choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
+        else:
+            choices.append({"index": i, "text": ch["text"], "logprobs": lp, "finish_reason": finish})
+    usage = t.get("usage")
+    if not (
+        isinstance(usage, dict) and all(type(usage.get(k)) is int for k in ("prompt_tokens", "completion_tokens", "total_tokens"))
+    ):
+        usage = None
+    fingerprint = t.get("system_fingerprint")
     return {
         "id": rid,
-        "object": obj,
+        "object": "chat.completion" if kind == "chat" else "text_completion",
         "created": int(time.time()),
         "model": str(t.get("model") or (st.teacher.model if st.teacher else "teacher")),
-        "choices": t.get("choices", []),
-        "usage": t.get("usage"),
-        "system_fingerprint": t.get("system_fingerprint"),
+        "choices": choices,
+        "usage": usage,
+        "system_fingerprint": fingerprint if isinstance(fingerprint, str) else None,
     }
 
 

@@ -166,8 +166,8 @@ class Engine:
             if len(self._inbox) + len(prompts) > self.max_queue + free:
                 raise QueueFull
             for i, (prompt, p) in enumerate(zip(prompts, params)):
-                seed = p.seed if p.seed is not None else None
-                rng = np.random.default_rng(None if seed is None else seed + i)
+                # numpy wants a non-negative seed; OpenAI's is any integer (clients send -1)
+                rng = np.random.default_rng(None if p.seed is None else (p.seed + i) % 2**64)
                 seq = _Seq(index=i, prompt=prompt, params=p, handle=handle, rng=rng)
                 if p.label_trie is not None:
                     seq.scorer = LabelScorer(p.label_trie, self.runner.eog_tokens)
@@ -286,7 +286,13 @@ class Engine:
                 s.n_past += chunks.get(s.slot, 0)
         # rows come in output order: decoding sequences first, then prompts that just finished
         for row, s in enumerate(samplers):
-            self._on_logits(s, logits[row])
+            try:
+                self._on_logits(s, logits[row])
+            except Exception as e:  # one request's failure must not stop the engine for every request
+                log.exception("sampling failed")
+                if not s.done:
+                    self._release(s)
+                s.handle.put(("error", s.index, f"{type(e).__name__}: {e}"))
 
     def _on_logits(self, s: _Seq, logits: np.ndarray) -> None:
         p = s.params
@@ -402,8 +408,11 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+MIN_TEMPERATURE = 1e-4  # below: greedy (logits / 1e-309 overflow to inf, and the probabilities to NaN)
+
+
 def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    if temperature <= 0.0:
+    if temperature < MIN_TEMPERATURE:
         return int(logits.argmax())
     x = logits.astype(np.float64) / temperature
     if top_p < 1.0:

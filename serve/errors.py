@@ -63,15 +63,32 @@ def error_response(status: int, message: str, code: str | None = None, param: st
     return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
 
 
+def _is_member(part: str) -> bool:
+    """pydantic names the union member in an error's loc ("str", "list[int]"); a field name is not one."""
+    return part in ("str", "int", "float", "bool", "constrained-str") or part.startswith(("list[", "dict[", "function-"))
+
+
 def validation_error(err: ValidationError | RequestValidationError) -> APIError:
-    """The first pydantic error as a 400 naming the field (``messages.0.role``)."""
-    errors = err.errors()
+    """The first pydantic error as a 400 naming the field (``messages.0.role``) and what it should be."""
+    errors = [{**e, "loc": [str(x) for x in e.get("loc", ()) if x != "body"]} for e in err.errors()]
     e = errors[0]
-    loc = [str(x) for x in e.get("loc", ()) if x not in ("body",)]
-    # pydantic puts the union member's type name in loc ("str", "list[...]"); drop it
-    loc = [x for x in loc if not (x.startswith(("str", "list[", "int", "function-")) or x in ("constrained-str",))]
-    param = ".".join(loc) or None
-    msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
+    cut = next((i for i, part in enumerate(e["loc"]) if _is_member(part)), None)
+    msg = None
+    if cut is not None:  # a union: one error per member; the member the value went into is the one meant
+        prefix = e["loc"][:cut]
+        same = [x for x in errors if x["loc"][:cut] == prefix and len(x["loc"]) > cut and _is_member(x["loc"][cut])]
+        members = list(dict.fromkeys(x["loc"][cut] for x in same))
+        deeper = [x for x in same if len(x["loc"]) > cut + 1]
+        if len({x["loc"][cut] for x in deeper}) == 1:
+            e = deeper[0]
+        elif len(members) > 1:
+            msg = f"wrong type; expected {' or '.join(members)}"
+        errors = [e] + [x for x in errors if x not in same]
+    param = ".".join(x for x in e["loc"] if not _is_member(x)) or None
+    if msg is None:
+        msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
+        if e.get("type") == "extra_forbidden":
+            msg = "unknown field (a typo?); remove it"
     more = f" (+{len(errors) - 1} more problems)" if len(errors) > 1 else ""
     text = f"{param}: {msg}{more}" if param else f"{msg}{more}"
     return APIError(400, text, code="invalid_value" if e.get("type") != "missing" else "missing_required_parameter", param=param)

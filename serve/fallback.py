@@ -5,6 +5,7 @@ answer, flagged with ``teacher_error``.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -38,6 +39,10 @@ class CircuitBreaker:
         self._trial = True  # half-open: let one call through
         return True
 
+    def abandon(self) -> None:
+        """A call that ended without a verdict (cancelled): let the next one be the trial."""
+        self._trial = False
+
     def record(self, ok: bool) -> None:
         self._trial = False
         if ok:
@@ -47,6 +52,24 @@ class CircuitBreaker:
         self.consecutive += 1
         if self.consecutive >= self.failures:
             self.opened_at = self.clock()
+
+
+def _well_formed(data: Any, chat: bool) -> bool:
+    """An OpenAI answer we can pass on: choices with text (chat: ``message.content``), nothing else
+    checked. Garbage counts as a teacher failure (and towards the breaker), never reaches a client."""
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
+        return False
+    for ch in data["choices"]:
+        if not isinstance(ch, dict):
+            return False
+        if chat:
+            msg = ch.get("message")
+            text = msg.get("content") if isinstance(msg, dict) else None
+        else:
+            text = ch.get("text")
+        if not isinstance(text, str):
+            return False
+    return True
 
 
 class Teacher:
@@ -61,6 +84,7 @@ class Teacher:
     ):
         self.base_url = base_url.rstrip("/")
         self.model = model
+        self.timeout_s = timeout_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(
             base_url=self.base_url, headers=headers, timeout=httpx.Timeout(timeout_s), transport=transport, trust_env=False
@@ -74,21 +98,27 @@ class Teacher:
         payload = {**body, "model": self.model, "stream": False}
         payload.pop("stream_options", None)
         try:
-            r = await self.client.post(route, json=payload)
+            # a deadline for the whole call: httpx's timeout is per read, so a teacher that drips
+            # one byte at a time would otherwise hold the request forever
+            async with asyncio.timeout(self.timeout_s):
+                r = await self.client.post(route, json=payload)
             if r.status_code != 200:
                 raise TeacherError(f"http_{r.status_code}")
             data = r.json()
-            if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
+            if not _well_formed(data, chat=route.startswith("/chat")):
                 raise TeacherError("bad_response")
-        except httpx.TimeoutException:
+        except (httpx.TimeoutException, TimeoutError):
             self.breaker.record(False)
             raise TeacherError("timeout") from None
         except httpx.HTTPError as e:
             self.breaker.record(False)
             raise TeacherError(f"unreachable ({type(e).__name__})") from None
-        except (TeacherError, ValueError) as e:
+        except (TeacherError, ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
             self.breaker.record(False)
             raise TeacherError(str(e) if isinstance(e, TeacherError) else "bad_json") from None
+        except asyncio.CancelledError:  # the client left: no verdict, but a half-open trial must be freed
+            self.breaker.abandon()
+            raise
         self.breaker.record(True)
         return data
 

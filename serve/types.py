@@ -1,8 +1,13 @@
-"""Request models of the OpenAI-compatible API (the subset a local model can honour).
+"""Request and response models of the OpenAI-compatible API (the subset a local model can honour).
 
 Unknown fields are ignored, as OpenAI-compatible servers do (clients send ``user``,
-``stream_options`` ...), but a field we know is checked strictly: a wrong type is a 400 naming the
-field. Features we cannot honour (tools, image parts, JSON mode) are a clear 400, never a silent no-op.
+``stream_options`` ...), except on our own ``/v1/predict`` where a typo (``treshold``) must not pass
+silently. A field we know is checked strictly (pydantic strict mode: ``"5"`` or ``true`` is not a
+number): a wrong type is a 400 naming the field. Features we cannot honour (tools, image parts, JSON
+mode) are a clear 400, never a silent no-op.
+
+The response models only document the answers in the OpenAPI schema (the routes build plain dicts):
+the schema fuzz test (tests/test_fuzz.py) checks every response against them.
 """
 
 from __future__ import annotations
@@ -13,7 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_
 
 
 class _Req(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+# The JSON schema documents what the validators below check (so the OpenAPI document is the real
+# contract, which tests/test_fuzz.py holds the server to); the validators give the messages.
+_STOP = {"type": "string", "minLength": 1}
+_STOP_SCHEMA = [_STOP, {"type": "array", "items": _STOP, "maxItems": 4}, {"type": "null"}]
+_NOTHING = [{"type": "null"}, {"type": "array", "maxItems": 0}]
 
 
 class _Sampling(_Req):
@@ -23,7 +35,9 @@ class _Sampling(_Req):
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy; default 1.0 as in OpenAI's API.")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, description="Choices to generate.")
-    stop: StrictStr | list[StrictStr] | None = Field(None, description="Up to 4 strings that end the completion.")
+    stop: StrictStr | list[StrictStr] | None = Field(
+        None, description="Up to 4 strings that end the completion.", json_schema_extra={"anyOf": _STOP_SCHEMA}
+    )
     seed: int | None = Field(None, description="Seed of the sampler (same seed, same request: same answer).")
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
@@ -53,11 +67,23 @@ class _Sampling(_Req):
 
 
 class ContentPart(_Req):
+    model_config = ConfigDict(
+        json_schema_extra={"properties": {"type": {"const": "text"}, "text": {"type": "string"}}, "required": ["type", "text"]}
+    )
+
     type: StrictStr
     text: StrictStr | None = None
 
 
 class ChatMessage(_Req):
+    # documented, not only checked: only an assistant message may come without content
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"role": {"not": {"const": "assistant"}}}},
+            "then": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+        }
+    )
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[ContentPart] | None = None
     name: StrictStr | None = None
@@ -84,9 +110,11 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: StrictBool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Any] | None = None
+    tools: list[Any] | None = Field(None, description="Not supported: null or [].", json_schema_extra={"anyOf": _NOTHING})
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = Field(
+        None, json_schema_extra={"anyOf": [{"type": "null"}, {"type": "object", "properties": {"type": {"const": "text"}}}]}
+    )
 
     @model_validator(mode="after")
     def _supported(self) -> ChatCompletionRequest:
@@ -102,13 +130,25 @@ class ChatCompletionRequest(_Sampling):
         return self
 
 
+# what the route accepts (checked there, with messages that say what to fix): nothing empty
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_PROMPT_SCHEMA = [
+    {"type": "string", "minLength": 1},
+    {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+    _TOKEN_IDS,
+    {"type": "array", "items": _TOKEN_IDS, "minItems": 1},
+]
+
+
 class CompletionRequest(_Sampling):
     prompt: StrictStr | list[StrictStr] | list[int] | list[list[int]] = Field(
-        description="Text, texts, token ids or lists of ids."
+        description="Text, texts, token ids or lists of ids.", json_schema_extra={"anyOf": _PROMPT_SCHEMA}
     )
     logprobs: int | None = Field(None, ge=0, le=20, description="Return this many top log-probabilities per token.")
     echo: StrictBool = False
-    suffix: str | None = None
+    suffix: str | None = Field(
+        None, description="Not supported: null or empty.", json_schema_extra={"anyOf": [{"type": "null"}, {"const": ""}]}
+    )
     best_of: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
@@ -131,5 +171,119 @@ class CompletionRequest(_Sampling):
 
 
 class PredictRequest(_Req):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     input: StrictStr = Field(min_length=1, description="The task input; the task's prompt template is applied server-side.")
     threshold: float | None = Field(None, ge=0.0, le=1.0, description="Override the server's threshold for this request.")
+
+
+# ---- responses (OpenAPI documentation only) -----------------------------------------------------
+
+
+class _Resp(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorDetail(_Resp):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(_Resp):
+    """Every 4xx/5xx: OpenAI's error shape."""
+
+    error: ErrorDetail
+
+
+class EdgedistillInfo(_Resp):
+    answered_by: Literal["student", "teacher"]
+    confidence: float | None
+    threshold: float
+    fallback_reason: str | None
+    teacher_error: str | None
+
+
+class Usage(_Resp):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(_Resp):
+    role: Literal["assistant"]
+    content: str | None
+
+
+class ChatChoice(_Resp):
+    index: int
+    message: AssistantMessage
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None
+
+
+class ChatCompletion(_Resp):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None
+    system_fingerprint: str | None = None
+    edgedistill: EdgedistillInfo
+
+
+class CompletionChoice(_Resp):
+    index: int
+    text: str
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None
+
+
+class Completion(_Resp):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None
+    system_fingerprint: str | None = None
+    edgedistill: EdgedistillInfo
+
+
+class StreamEvent(_Resp):
+    """One server-sent event of a stream: ``data`` is a JSON chunk, or ``[DONE]`` at the end."""
+
+    data: str
+
+
+class PredictResponse(_Resp):
+    output: Any = Field(description="The parsed answer: a label, a JSON object or text; null when unparseable.")
+    confidence: float | None
+    answered_by: Literal["student", "teacher"]
+    error: str | None
+    edgedistill: EdgedistillInfo
+
+
+class ModelCard(_Resp):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(_Resp):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(_Resp):
+    status: Literal["ok"]
+
+
+class Ready(_Resp):
+    status: Literal["ready"]
+    model: str
+    waiting: int
+    active: int

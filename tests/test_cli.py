@@ -58,9 +58,10 @@ def test_unreachable_teacher(tmp_path):
     assert_one_line_error(p, "unreachable", "127.0.0.1:9")
 
 
-def test_stages_not_built_yet_say_so():
-    p = run_cli("run")
-    assert_one_line_error(p, "not implemented yet")
+def test_run_and_compress_bad_input_are_one_line_errors(tmp_path):
+    assert_one_line_error(run_cli("run", str(tmp_path / "missing.yaml")), "does not exist")
+    assert_one_line_error(run_cli("run", str(tmp_path / "missing.yaml"), "--force", "train"), "not a stage")
+    assert_one_line_error(run_cli("compress", str(tmp_path)), "not an HF checkpoint")
 
 
 def test_spec_yaml_roundtrip_is_plain(tmp_path):
