@@ -25,7 +25,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from edgedistill.errors import UserError
 from edgedistill.prompts import parse_answer, student_messages, teacher_label_messages
 from serve import errors
 from serve.artifact import Artifact, load_artifact
@@ -285,19 +284,9 @@ async def student_predict(st: State, text: str, request: Request | None = None) 
 
 
 def _make_engine(artifact: Artifact, s: Settings) -> Engine:
-    if artifact.format != "gguf":  # load_artifact already refuses these
-        raise UserError(f"no backend for format {artifact.format} in this version; see README (vLLM)")
-    from serve.engine_llama import LlamaRunner
+    from serve.backends import make_runner
 
-    runner = LlamaRunner(
-        artifact.model_path,
-        n_slots=s.n_slots,
-        ctx_per_slot=s.ctx_per_slot,
-        n_batch=s.n_batch,
-        n_threads=s.n_threads,
-        n_gpu_layers=s.n_gpu_layers,
-    )
-    return Engine(runner, max_queue=s.max_queue)
+    return Engine(make_runner(artifact, s), max_queue=s.max_queue)
 
 
 def _cal(st: State) -> dict[str, Any]:

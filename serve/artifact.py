@@ -39,6 +39,11 @@ class TaskView:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TaskView:
+        if not isinstance(d, dict):
+            raise UserError("the manifest's task must be a mapping (a task spec); rebuild the artifact")
+        labels = d.get("labels")
+        if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)):
+            raise UserError("the manifest's task labels must be a list of strings; rebuild the artifact")
         try:
             teacher = d.get("teacher") or {}
             gen = d.get("generation") or {}
@@ -84,18 +89,26 @@ def load_artifact(path: str | Path) -> Artifact:
         return Artifact(name=p.stem, format="gguf", model_path=p)
     manifest = read_manifest(p, verify=True)
     fmt = str(manifest.get("format", ""))
-    if fmt != "gguf":
+    if fmt not in BACKENDS:
         raise UserError(
-            f"{p}: format {fmt!r} ({BACKENDS.get(fmt, 'unknown backend')}) is not served by this version; "
-            "serve the artifact's .gguf, or put vLLM behind the same API (see README: Serving beyond one machine)"
+            f"{p}: format {fmt!r} has no backend here (served: {', '.join(sorted(BACKENDS))}); "
+            "for other engines put vLLM behind the same API (see README: Serving beyond one machine)"
         )
-    ggufs = sorted(n for n in manifest.get("files", {}) if n.lower().endswith(".gguf")) or sorted(
-        str(f.relative_to(p)) for f in p.glob("*.gguf")
-    )
-    if not ggufs:
-        raise UserError(f"{p}: a gguf artifact without a .gguf file; rebuild the artifact")
-    model = p / (manifest.get("model_file") or ggufs[0])
-    _check_gguf_magic(model)
+    files = manifest.get("files") or {}
+    if fmt == "gguf":
+        ggufs = sorted(n for n in files if n.lower().endswith(".gguf"))
+        if not ggufs:
+            raise UserError(f"{p}: a gguf artifact whose manifest lists no .gguf file; rebuild the artifact")
+        name = manifest.get("model_file") or ggufs[0]
+        if name not in files:  # only a file whose hash was just checked is ever loaded
+            raise UserError(f"{p}: model_file {name!r} is not one of the manifest's hashed files; rebuild the artifact")
+        model = p / name
+        _check_gguf_magic(model)
+    else:
+        needed = "genai_config.json" if fmt == "onnx" else "config.json"
+        if needed not in files:
+            raise UserError(f"{p}: a {fmt} artifact whose manifest does not list {needed}; rebuild the artifact")
+        model = p
     task = TaskView.from_dict(manifest["task"]) if manifest.get("task") else None
     calibration = manifest.get("calibration") or {}
     if not isinstance(calibration, dict):

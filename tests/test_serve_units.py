@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edgedistill.errors import UserError
-from edgedistill.manifest import write_manifest
+from edgedistill.manifest import sha256_file, write_manifest
 from serve.artifact import load_artifact
 from serve.confidence import LabelScorer, build_label_trie, calibrated, fit_temperature, generation_scores, temperature_for
 from serve.fallback import CircuitBreaker
@@ -132,8 +132,22 @@ def test_load_artifact_refusals(tmp_path):
     onnx.mkdir()
     (onnx / "model.onnx").write_bytes(b"x")
     write_manifest(onnx, kind="artifact", format="onnx", stage="compress")
+    with pytest.raises(UserError, match="does not list genai_config.json"):
+        load_artifact(onnx)
+    write_manifest(onnx, kind="artifact", format="tflite", stage="compress")
     with pytest.raises(UserError, match="vLLM"):
         load_artifact(onnx)
+    art = tmp_path / "art"
+    art.mkdir()
+    _fake_gguf(art / "model.gguf")
+    write_manifest(art, kind="artifact", format="gguf", stage="compress", model_file="other.gguf")
+    _fake_gguf(art / "other.gguf")  # present, but not hashed by the manifest
+    with pytest.raises(UserError, match="not one of the manifest's hashed files"):
+        load_artifact(art)
+    for bad_task in (["x"], {"name": "t", "type": "classification", "instructions": "i", "labels": "abc"}):
+        write_manifest(art, kind="artifact", format="gguf", stage="compress", task=bad_task, files={"model.gguf": sha256_file(art / "model.gguf")})
+        with pytest.raises(UserError, match="task"):
+            load_artifact(art)
 
 
 def test_fit_calibration_on_a_fake_student():
