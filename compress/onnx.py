@@ -1,0 +1,549 @@
+"""ONNX artifacts (``onnx:fp32|int8|int4``) that onnxruntime-genai loads: decoder with KV cache,
+``genai_config.json``, tokenizer files.
+
+Route, decided by trying both on this machine (onnxruntime-genai 0.18, transformers 5.23, torch 2.13 CPU):
+
+- **Export: onnxruntime-genai's model builder** (``python -m onnxruntime_genai.models.builder``, HF
+  folder -> ONNX). It runs in our own environment (it imports transformers 5.x model classes, so it
+  needs no venv of its own) and writes exactly what onnxruntime-genai loads: GroupQueryAttention with
+  past/present KV inputs, a ``genai_config.json`` and the tokenizer files. The fp32 export of a tiny
+  Llama reproduces transformers' greedy tokens exactly (tests/test_compress_onnx.py). optimum-onnx
+  was not used: it pins transformers<4.58 (a separate venv and a second torch) and writes a plain
+  ``past_key_values`` graph without the genai config. The builder runs as a subprocess (its prints
+  and memory stay out of ours, log in ``work``); its fp32 export is cached in ``work`` keyed by the
+  hash of the source's files, so int8 and int4 quantize the same export and torch runs once.
+- **INT4: GPTQ calibrated on ``calib``** into ``MatMulNBits`` (4 bits, block 32, asymmetric). The
+  Hessians come from one onnxruntime pass per calibration text over the fp32 export (every MatMul
+  input is an extra graph output of that pass). Measured on SmolLM2-135M, 128 train-split BANKING77
+  texts to calibrate, 64 dev-split texts to compare with fp32 (teacher-forced, every position):
+  GPTQ KL 0.12 / top-1 agreement 0.85, RTN 0.49 / 0.64, the builder's own ``-p int4`` (RTN,
+  symmetric) 0.46 / 0.71. GPTQ took 45 s for the 6-layer demo-sized student (49.6M) and 4 min for
+  SmolLM2-135M on 2 busy cores. onnxruntime's ``GPTQWeightOnlyQuantConfig`` was tried first and
+  dropped: it runs a full forward per MatMul input per sample (121 x 64 forwards for SmolLM2-135M,
+  still running after 10 CPU-minutes) and re-quantizes GPTQ's fake-quantized weights on a fresh min/max
+  grid (with symmetric scales that grid is off by 15/16 or 16/15). Without calibration texts: RTN,
+  and the artifact says so.
+- **INT8: RTN** (round to nearest) into ``MatMulNBits`` with 8 bits, block 32, asymmetric: the
+  builder's ``-p int8`` method; near-lossless already (KL 0.006 to fp32 on the test above), so
+  calibration would buy nothing measurable (``onnx:int8:method=gptq`` runs it anyway).
+- The tied embedding reads the quantized LM head through ``GatherBlockQuantized`` (4 or 8 bits), as
+  the builder's own int4 does; an untied one is quantized on its own with RTN.
+- ``accuracy_level=4`` (int8 activations in MatMulNBits, the builder's CPU default): on 2 cores,
+  SmolLM2-135M decodes at 46 (int8) / 63 (int4) tokens/s with it, 2 / 41 without it (fp32: 17).
+
+The quantizers are numpy code here (GPTQ as in Frantar et al. 2022, per-group asymmetric scales with
+error feedback), writing the MatMulNBits layout onnxruntime documents (com.microsoft opset).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compress import toolenv
+from compress.formats import Built, FormatSpec
+from edgedistill.errors import UserError
+from edgedistill.manifest import sha256_file
+
+MODEL = "model.onnx"
+DATA = "model.onnx.data"
+DEFAULT_BLOCK = 32
+DEFAULT_ACCURACY_LEVEL = 4  # MatMulNBits on CPU: int8 activations (the builder's CPU default)
+CALIB_MAX_SAMPLES = 128
+CALIB_MAX_TOKENS = 512
+GPTQ_DAMP = 0.01
+GPTQ_BLOCK = 128
+OPTIONS = {"block_size", "accuracy_level", "method"}
+
+
+# --- build ------------------------------------------------------------------------------------
+
+
+def build(src: Path, fmt: FormatSpec, out: Path, calib: list[str], work: Path) -> Built:
+    """Export ``src`` (HF Llama-family checkpoint) to ONNX for onnxruntime-genai, quantized per ``fmt.variant``."""
+    src, out, work = Path(src), Path(out), Path(work)
+    missing = [m for m in ("onnx", "onnxruntime", "onnxruntime_genai") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"ONNX artifacts need {', '.join(missing)}: pip install 'edgedistill[onnx]'")
+    _check_checkpoint(src)
+    opts = _options(fmt)
+    started = time.perf_counter()
+    fp32, reused = export_fp32(src, work)
+    settings: dict[str, Any] = {"exporter": "onnxruntime_genai.models.builder -p fp32 -e cpu", "source_key": fp32.name.rsplit("-", 1)[-1]}
+    notes = ["fp32 export reused from this run's work folder (same source files)" if reused else "fp32 export made by the model builder"]
+    out.mkdir(parents=True, exist_ok=True)
+    _copy_processing_files(fp32, out)
+    if fmt.variant == "fp32":
+        for name in (MODEL, DATA):
+            if (fp32 / name).exists():
+                shutil.copy2(fp32 / name, out / name)  # not a hard link: onnx refuses to load those
+        method = "onnxruntime-genai model builder, fp32 (no quantization)"
+    else:
+        method = _build_quantized(fp32, out, fmt.bits, opts, calib, src, settings, notes)
+    settings["build_s"] = round(time.perf_counter() - started, 1)
+    return Built(model_file=".", method=method, tools=_tools(), settings=settings, notes=notes)
+
+
+def _build_quantized(fp32: Path, out: Path, bits: int, opts: dict[str, Any], calib: list[str], src: Path,
+                     settings: dict[str, Any], notes: list[str]) -> str:
+    texts = [t for t in calib if t and t.strip()]
+    use_gptq = opts["method"] == "gptq" and bool(texts)
+    if opts["method"] == "gptq" and not texts:
+        notes.append(f"no calibration texts were given: INT{bits} fell back to RTN (uncalibrated)")
+    t0 = time.perf_counter()
+    report = quantize(fp32, out, bits=bits, block=opts["block_size"], accuracy_level=opts["accuracy_level"],
+                      calib=texts if use_gptq else None, tokenizer_dir=src)
+    settings.update(
+        bits=bits, block_size=opts["block_size"], accuracy_level=opts["accuracy_level"], symmetric=False,
+        algorithm="gptq" if use_gptq else "rtn", quantized_matmuls=report["matmuls"], embedding=report["embedding"],
+        quantize_s=round(time.perf_counter() - t0, 1),
+    )
+    notes.extend(report["notes"])
+    if not use_gptq:
+        return f"RTN INT{bits} (block {opts['block_size']}, asymmetric), MatMulNBits"
+    settings.update(calibration_samples=report["samples"], calibration_tokens=report["tokens"],
+                    calibration_max_tokens=CALIB_MAX_TOKENS, gptq_damp=GPTQ_DAMP, gptq_block=GPTQ_BLOCK)
+    return f"GPTQ INT{bits} (block {opts['block_size']}, asymmetric) calibrated on {report['samples']} task texts, MatMulNBits"
+
+
+def _tools() -> dict[str, str]:
+    out = {}
+    for pkg in ("onnxruntime-genai", "onnxruntime", "onnx", "transformers", "torch", "numpy"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _options(fmt: FormatSpec) -> dict[str, Any]:
+    unknown = sorted({k for k, _ in fmt.options} - OPTIONS)
+    if unknown:
+        raise UserError(f"--formats {fmt}: unknown option {unknown[0]!r}; ONNX takes {', '.join(sorted(OPTIONS))}")
+    try:
+        block = int(fmt.option("block_size", str(DEFAULT_BLOCK)))
+        level = int(fmt.option("accuracy_level", str(DEFAULT_ACCURACY_LEVEL)))
+    except ValueError:
+        raise UserError(f"--formats {fmt}: block_size and accuracy_level must be integers") from None
+    if block not in (16, 32, 64, 128, 256):
+        raise UserError(f"--formats {fmt}: block_size must be one of 16, 32, 64, 128, 256 (MatMulNBits)")
+    if level not in (0, 1, 2, 3, 4):
+        raise UserError(f"--formats {fmt}: accuracy_level must be 0-4 (4 = int8 activations on CPU)")
+    method = fmt.option("method", "gptq" if fmt.bits == 4 else "rtn")
+    if method not in ("gptq", "rtn"):
+        raise UserError(f"--formats {fmt}: method must be gptq or rtn")
+    return {"block_size": block, "accuracy_level": level, "method": method}
+
+
+def _check_checkpoint(src: Path) -> None:
+    cfg_path = src / "config.json"
+    if not src.is_dir() or not cfg_path.is_file():
+        raise UserError(f"{src} is not an HF checkpoint folder (no config.json); pass the distill run's student/ folder")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cfg_path} is not valid JSON ({e}); the checkpoint is damaged, re-run distill") from None
+    if not isinstance(cfg, dict) or not cfg.get("architectures"):
+        raise UserError(f"{cfg_path} names no architectures; the ONNX model builder needs e.g. LlamaForCausalLM")
+    if not any(src.glob("*.safetensors")) and not any(src.glob("*.bin")):
+        raise UserError(f"{src} has no weights (*.safetensors / *.bin); the checkpoint is incomplete")
+    if not (src / "tokenizer.json").is_file() and not (src / "tokenizer.model").is_file():
+        raise UserError(f"{src} has no tokenizer (tokenizer.json); onnxruntime-genai needs one beside the model")
+
+
+# --- the fp32 export (cached) -----------------------------------------------------------------
+
+
+def source_key(src: Path) -> str:
+    """Hash of the checkpoint's files and the builder's version: an export is reused only for the same both."""
+    h = hashlib.sha256()
+    h.update(_tools().get("onnxruntime-genai", "?").encode())
+    for p in sorted(q for q in src.rglob("*") if q.is_file() and not q.name.startswith(".")):
+        h.update(str(p.relative_to(src)).encode() + b"\0" + sha256_file(p).encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
+def export_fp32(src: Path, work: Path) -> tuple[Path, bool]:
+    """The builder's fp32 export of ``src`` in ``work`` (made once per source); True when reused."""
+    folder = work / f"onnx-fp32-{source_key(src)}"
+    if (folder / ".complete").is_file():
+        return folder, True
+    tmp = work / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(tmp), "-p", "fp32",
+           "-e", "cpu", "-c", str(work / "onnx-builder-cache"), "--extra_options", "hf_token=false"]
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    try:
+        toolenv.run_tool(cmd, log_path=work / "onnx-builder.log", what=f"exporting {src} to ONNX (onnxruntime-genai model builder)", env=env)
+        if not (tmp / MODEL).is_file() or not (tmp / "genai_config.json").is_file():
+            raise UserError(f"the ONNX model builder wrote no {MODEL}/genai_config.json for {src}; see {work / 'onnx-builder.log'}")
+        (tmp / ".complete").write_text(str(src) + "\n")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder, False
+
+
+def _copy_processing_files(fp32: Path, out: Path) -> None:
+    for p in fp32.iterdir():
+        if p.is_file() and p.name not in (MODEL, DATA) and not p.name.startswith("."):
+            shutil.copy2(p, out / p.name)
+
+
+# --- quantization -----------------------------------------------------------------------------
+
+
+def quantize(fp32: Path, out: Path, *, bits: int, block: int, accuracy_level: int, calib: list[str] | None,
+             tokenizer_dir: Path) -> dict[str, Any]:
+    """Quantize every MatMul with a constant 2-D weight of the fp32 export into MatMulNBits (GPTQ when calib)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(fp32 / MODEL))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    targets = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
+    if not targets:
+        raise UserError(f"{fp32 / MODEL} has no MatMul with constant weights to quantize; is it a builder export?")
+    report: dict[str, Any] = {"matmuls": len(targets), "notes": [], "samples": 0, "tokens": 0}
+    hessians: dict[str, np.ndarray] = {}
+    if calib:
+        hessians, report["samples"], report["tokens"] = _hessians(fp32, targets, calib, tokenizer_dir)
+    quantized: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, int]] = {}  # weight name -> packed, scales, zp, K
+    hinvs: dict[str, np.ndarray] = {}  # per MatMul input: gate/up (and fused qkv) share one
+    new_nodes = {}  # by output name (unique in a graph)
+    for node in targets:
+        if node.input[1] not in quantized:
+            w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)  # [K, N]
+            if node.input[0] in hessians:
+                if node.input[0] not in hinvs:
+                    hinvs[node.input[0]] = _inverse_cholesky(_padded_hessian(hessians.pop(node.input[0]), block))
+                codes, scales, zeros = _gptq(w.T, hinvs[node.input[0]], bits, block)
+            else:
+                codes, scales, zeros = _rtn(w.T, bits, block)
+            quantized[node.input[1]] = (*_pack(codes, zeros, bits, block), scales, w.shape[0])
+        new_nodes[node.output[0]] = _matmul_nbits(node, quantized[node.input[1]], bits, block, accuracy_level)
+    for name, (packed, zp, scales, _) in quantized.items():
+        graph.initializer.extend([
+            numpy_helper.from_array(packed, f"{name}_Q{bits}"),
+            numpy_helper.from_array(scales, f"{name}_scales"),
+            numpy_helper.from_array(zp, f"{name}_zp"),
+        ])
+    nodes = [new_nodes.get(n.output[0], n) for n in graph.node]
+    report["embedding"] = _quantize_embedding(graph, nodes, quantized, bits, block)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    _drop_unused_initializers(graph)
+    if report["embedding"] == "fp32":
+        report["notes"].append(f"the token embedding stays fp32 (none found to quantize, or its width is not a multiple of {block})")
+    out.mkdir(parents=True, exist_ok=True)
+    for p in (out / MODEL, out / DATA):
+        p.unlink(missing_ok=True)
+    onnx.save(model, str(out / MODEL), save_as_external_data=True, all_tensors_to_one_file=True, location=DATA, size_threshold=1024)
+    return report
+
+
+def _matmul_nbits(node, q, bits: int, block: int, accuracy_level: int):
+    import onnx
+
+    packed, _, _, k = q
+    w = node.input[1]
+    attrs = {"K": k, "N": packed.shape[0], "bits": bits, "block_size": block}
+    if accuracy_level:
+        attrs["accuracy_level"] = accuracy_level
+    return onnx.helper.make_node(
+        "MatMulNBits", [node.input[0], f"{w}_Q{bits}", f"{w}_scales", f"{w}_zp"], list(node.output),
+        name=f"{node.name}_Q{bits}", domain="com.microsoft", **attrs,
+    )
+
+
+def _quantize_embedding(graph, nodes: list, quantized: dict, bits: int, block: int) -> str:
+    """The token embedding as GatherBlockQuantized: tied (Transpose(lm_head weight) -> Gather) reads the
+    quantized LM head, as the builder's own int4 does; an embedding table of its own is quantized with RTN."""
+    import onnx
+    from onnx import numpy_helper
+
+    producers = {o: n for n in nodes for o in n.output}
+    inits = {t.name: t for t in graph.initializer}
+    for i, node in enumerate(nodes):
+        if node.op_type != "Gather":
+            continue
+        tr = producers.get(node.input[0])
+        if tr is not None and tr.op_type == "Transpose" and tr.input[0] in quantized:
+            name, kind = tr.input[0], f"tied to the INT{bits} LM head"
+        elif node.input[0] in inits and len(inits[node.input[0]].dims) == 2 and inits[node.input[0]].data_type == onnx.TensorProto.FLOAT:
+            name, kind, tr = node.input[0], f"INT{bits} RTN", None
+            table = numpy_helper.to_array(inits[name])
+            if table.shape[1] % block:
+                return "fp32"
+            codes, scales, zeros = _rtn(table, bits, block)
+            quantized[name] = (*_pack(codes, zeros, bits, block), scales, table.shape[1])
+            packed, zp, scales, _ = quantized[name]
+            graph.initializer.extend([numpy_helper.from_array(packed, f"{name}_Q{bits}"), numpy_helper.from_array(scales, f"{name}_scales"),
+                                      numpy_helper.from_array(zp, f"{name}_zp")])
+        else:
+            continue
+        packed, _, _, k = quantized[name]
+        if k % block:  # padded rows would need a Slice after the gather; keep such an embedding fp32
+            if tr is not None:
+                emb = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(inits[name]).T), f"{name}_embedding")
+                graph.initializer.append(emb)
+                nodes[i] = onnx.helper.make_node("Gather", [emb.name, node.input[1]], list(node.output), name=node.name)
+                nodes.remove(tr)
+            return "fp32"
+        shape = numpy_helper.from_array(np.array([packed.shape[0], k * bits // 8], np.int64), f"{name}_Q{bits}_2d_shape")
+        graph.initializer.append(shape)
+        flat = f"{name}_Q{bits}_2d"
+        reshape = onnx.helper.make_node("Reshape", [f"{name}_Q{bits}", shape.name], [flat], name=f"{node.name}_Reshape")
+        gbq = onnx.helper.make_node(
+            "GatherBlockQuantized", [flat, node.input[1], f"{name}_scales", f"{name}_zp"], list(node.output),
+            name=f"{node.name}BlockQuantized", domain="com.microsoft", bits=bits, block_size=block, gather_axis=0, quantize_axis=1,
+        )
+        nodes[i : i + 1] = [reshape, gbq]
+        if tr is not None:
+            nodes.remove(tr)
+        return f"{kind} (GatherBlockQuantized)"
+    return "fp32"
+
+
+def _drop_unused_initializers(graph) -> None:
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+# --- GPTQ / RTN in numpy ----------------------------------------------------------------------
+
+
+def _group_params(w: np.ndarray, maxq: int) -> tuple[np.ndarray, np.ndarray]:
+    """Asymmetric per-row scale and zero point of w [N, g] (the range always holds 0, as in GPTQ)."""
+    lo = np.minimum(w.min(axis=1), 0.0)
+    hi = np.maximum(w.max(axis=1), 0.0)
+    scale = (hi - lo) / maxq
+    scale[scale == 0] = 1.0
+    zero = np.clip(np.round(-lo / scale), 0, maxq)
+    return scale, zero
+
+
+def _padded(w: np.ndarray, block: int) -> np.ndarray:
+    pad = (-w.shape[1]) % block
+    return np.pad(w, ((0, 0), (0, pad))) if pad else w
+
+
+def _rtn(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round to nearest, per block of ``block`` input features: w [N, K] -> codes [N, Kp], scales/zeros [N, Kp/block]."""
+    maxq = 2**bits - 1
+    w = _padded(w.astype(np.float32), block)
+    n, kp = w.shape
+    g = w.reshape(n, kp // block, block)
+    lo = np.minimum(g.min(axis=2), 0.0)
+    hi = np.maximum(g.max(axis=2), 0.0)
+    scale = (hi - lo) / maxq
+    scale[scale == 0] = 1.0
+    zero = np.clip(np.round(-lo / scale), 0, maxq)
+    codes = np.clip(np.round(g / scale[..., None]) + zero[..., None], 0, maxq)
+    return codes.reshape(n, kp).astype(np.uint8), scale.astype(np.float32), zero.astype(np.uint8)
+
+
+def _padded_hessian(h: np.ndarray, block: int) -> np.ndarray:
+    """H grown to whole blocks; padded (and never-active) input features get a unit diagonal."""
+    k = h.shape[0]
+    kp = k + (-k) % block
+    hp = np.zeros((kp, kp))
+    hp[:k, :k] = h
+    dead = np.diag(hp) == 0
+    hp[dead, dead] = 1.0
+    return hp
+
+
+def _gptq(w: np.ndarray, hinv: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GPTQ (Frantar et al. 2022): quantize the input features of w [N, K] one by one, pushing each rounding
+    error onto the not-yet-quantized features through ``hinv``, the upper Cholesky factor of the inverse
+    Hessian of the layer's inputs. float32, as the reference implementation."""
+    maxq = 2**bits - 1
+    w = _padded(w.astype(np.float32), block).copy()
+    n, kp = w.shape
+    hinv = hinv.astype(np.float32)
+    codes = np.zeros((n, kp), np.uint8)
+    scales = np.zeros((n, kp // block), np.float32)
+    zeros = np.zeros((n, kp // block), np.float32)
+    scale = zero = None
+    step = max(GPTQ_BLOCK, block)  # a quantization group never straddles two GPTQ blocks
+    for i1 in range(0, kp, step):
+        i2 = min(i1 + step, kp)
+        w1 = w[:, i1:i2].copy()
+        err = np.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % block == 0:
+                scale, zero = _group_params(w1[:, i : i + block], maxq)
+                scales[:, col // block], zeros[:, col // block] = scale, zero
+            q = np.clip(np.round(w1[:, i] / scale) + zero, 0, maxq)
+            codes[:, col] = q
+            e = (w1[:, i] - (q - zero) * scale) / h1[i, i]
+            if i + 1 < i2 - i1:
+                w1[:, i + 1 :] -= e[:, None] * h1[i, i + 1 :][None, :]
+            err[:, i] = e
+        if i2 < kp:
+            w[:, i2:] -= err @ hinv[i1:i2, i2:]
+    return codes, scales, zeros.astype(np.uint8)
+
+
+def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
+    """Upper Cholesky factor of H^-1 after dampening (more dampening if H is too ill-conditioned)."""
+    damp = GPTQ_DAMP * float(np.mean(np.diag(h)))
+    eye = np.eye(h.shape[0])
+    for _ in range(6):
+        try:
+            return np.linalg.cholesky(np.linalg.inv((h + damp * eye).astype(np.float32))).T
+        except np.linalg.LinAlgError:
+            damp *= 10
+    raise UserError("GPTQ: the calibration Hessian is singular even after dampening; pass more calibration texts or use method=rtn")
+
+
+def _pack(codes: np.ndarray, zeros: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits layout: B uint8 [N, k_blocks, block*bits/8] (low nibble first), zero points [N, ceil(k_blocks*bits/8)]."""
+    n, kp = codes.shape
+    kb = kp // block
+    if bits == 8:
+        return codes.reshape(n, kb, block), zeros
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8).reshape(n, kb, block // 2)
+    if kb % 2:
+        zeros = np.concatenate([zeros, np.full((n, 1), 8, np.uint8)], axis=1)
+    zp = (zeros[:, 0::2] | (zeros[:, 1::2] << 4)).astype(np.uint8)
+    return packed, zp
+
+
+def _hessians(fp32: Path, targets: list, texts: list[str], tokenizer_dir: Path) -> tuple[dict[str, np.ndarray], int, int]:
+    """H = 2/n * sum x x^T of every quantized MatMul's input, from one onnxruntime pass per calibration text."""
+    import onnx
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    names = sorted({n.input[0] for n in targets})
+    probe = onnx.load(str(fp32 / MODEL), load_external_data=False)
+    for name in names:
+        probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    path = fp32 / f".calib-{os.getpid()}.onnx"  # beside model.onnx.data, whose weights it reads
+    onnx.save(probe, str(path))
+    try:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = _threads()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    finally:
+        path.unlink(missing_ok=True)
+    cfg = json.loads((fp32 / "genai_config.json").read_text())["model"]["decoder"]
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    sums: dict[str, np.ndarray] = {}
+    held: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    samples = tokens = pending = 0
+
+    def flush() -> None:  # one X^T X over several texts: skinny per-text products waste most of BLAS's time
+        for name in names:
+            if held[name]:
+                x = np.concatenate(held[name])
+                sums[name] = sums.get(name, 0.0) + (x.T @ x).astype(np.float64)  # float32 product, float64 sum
+                held[name] = []
+
+    for text in texts[:CALIB_MAX_SAMPLES]:
+        ids = list(tok(text, add_special_tokens=False)["input_ids"])[:CALIB_MAX_TOKENS]
+        if not ids:
+            continue
+        for name, x in zip(names, sess.run(names, _feeds(sess, cfg, ids))):
+            held[name].append(x.reshape(-1, x.shape[-1]))
+        samples += 1
+        tokens += len(ids)
+        pending += len(ids)
+        if pending >= 1024:
+            flush()
+            pending = 0
+    flush()
+    if not samples:
+        raise UserError("GPTQ: every calibration text tokenized to nothing; check the calibration data")
+    return {name: sums[name] * (2.0 / tokens) for name in names}, samples, tokens
+
+
+def _feeds(sess, cfg: dict, ids: list[int]) -> dict[str, np.ndarray]:
+    """Inputs of the builder's decoder for one prompt with an empty KV cache."""
+    x = np.array([ids], np.int64)
+    feeds: dict[str, np.ndarray] = {}
+    for inp in sess.get_inputs():
+        if inp.name == "input_ids":
+            feeds[inp.name] = x
+        elif inp.name == "attention_mask":
+            feeds[inp.name] = np.ones_like(x)
+        elif inp.name == "position_ids":
+            feeds[inp.name] = np.arange(len(ids), dtype=np.int64)[None]
+        elif inp.name.startswith("past_key_values."):
+            feeds[inp.name] = np.zeros((1, cfg["num_key_value_heads"], 0, cfg["head_size"]), np.float32)
+        else:
+            raise UserError(f"GPTQ calibration: the exported decoder has an input {inp.name!r} this version does not feed")
+    return feeds
+
+
+def _threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+# --- load -------------------------------------------------------------------------------------
+
+
+class OnnxGenaiRuntime:
+    """An ONNX artifact under onnxruntime-genai: greedy decoding over the source tokenizer's ids."""
+
+    def __init__(self, folder: Path):
+        try:
+            import onnxruntime_genai as og
+        except ImportError:
+            raise UserError("loading an ONNX artifact needs onnxruntime-genai: pip install 'edgedistill[onnx]'") from None
+        self._og = og
+        try:
+            self.model = og.Model(str(folder))
+        except RuntimeError as e:  # what onnxruntime-genai raises for a missing or broken file
+            raise UserError(f"onnxruntime-genai could not load {folder} ({str(e).strip()[:200]}); rebuild the artifact") from None
+        cfg = json.loads((Path(folder) / "genai_config.json").read_text())
+        self.context_length = int(cfg["model"].get("context_length") or cfg["search"].get("max_length") or 0)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, *, ignore_eos: bool = False) -> list[int]:
+        if not prompt_ids or max_new_tokens <= 0:
+            return []
+        total = len(prompt_ids) + max_new_tokens
+        if self.context_length and total > self.context_length:
+            raise UserError(f"prompt ({len(prompt_ids)}) + {max_new_tokens} new tokens exceed the model's context ({self.context_length})")
+        params = self._og.GeneratorParams(self.model)
+        opts: dict[str, Any] = {"max_length": total, "do_sample": False}
+        if ignore_eos:
+            opts["min_length"] = total  # EOS is masked until max_length
+        params.set_search_options(**opts)
+        gen = self._og.Generator(self.model, params)
+        gen.append_tokens(list(map(int, prompt_ids)))
+        out: list[int] = []
+        while len(out) < max_new_tokens and not gen.is_done():
+            gen.generate_next_token()
+            out.append(int(gen.get_next_tokens()[0]))
+        return out
+
+    def close(self) -> None:
+        self.model = None
+
+
+def load(folder: Path, manifest: dict) -> OnnxGenaiRuntime:
+    """Open an ONNX artifact with onnxruntime-genai (``manifest`` is not needed: genai_config.json says it all)."""
+    return OnnxGenaiRuntime(Path(folder) / (manifest.get("model_file") or "."))
