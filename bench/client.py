@@ -93,6 +93,10 @@ async def discover(client: httpx.AsyncClient, ep: Endpoint) -> Endpoint:
         if isinstance(meta, dict):
             ep.edgedistill = True
             ep.predict = bool(meta.get("task"))
+            if isinstance(meta.get("teacher"), bool):
+                ep.has_teacher = meta["teacher"]
+            if isinstance(meta.get("threshold"), int | float) and not isinstance(meta.get("threshold"), bool):
+                ep.threshold = float(meta["threshold"])
     elif not ep.model:
         raise UserError(
             f"endpoint {ep.name}: GET {ep.url}/models failed ({error}); is the server up? or name the model: {ep.name}=URL#model"
@@ -131,8 +135,19 @@ def _on_chunk(s: Sample, obj: dict[str, Any], now: float, parts: list[str]) -> N
     _read_edgedistill(s, obj)
 
 
-async def chat(client: httpx.AsyncClient, ep: Endpoint, messages: list[dict[str, str]], max_tokens: int, index: int) -> Sample:
-    """One greedy, streamed chat completion, measured. Never raises for a failed request: see ``error``."""
+STUDENT_ONLY = {"X-Edgedistill-Fallback": "off"}  # edgedistill serve: the student answers, the teacher is never called
+
+
+async def chat(
+    client: httpx.AsyncClient,
+    ep: Endpoint,
+    messages: list[dict[str, str]],
+    max_tokens: int,
+    index: int,
+    student_only: bool = False,
+) -> Sample:
+    """One greedy, streamed chat completion, measured. Never raises for a failed request: see ``error``.
+    ``student_only``: ask an edgedistill server for its student's own answer (``STUDENT_ONLY`` headers)."""
     body = {
         "model": ep.model,
         "messages": messages,
@@ -144,7 +159,8 @@ async def chat(client: httpx.AsyncClient, ep: Endpoint, messages: list[dict[str,
     s = Sample(index=index, start=time.perf_counter(), prompt_chars=sum(len(m["content"]) for m in messages))
     parts: list[str] = []
     try:
-        async with client.stream("POST", ep.url + "/chat/completions", json=body, headers=headers(ep)) as r:
+        hdrs = {**headers(ep), **(STUDENT_ONLY if student_only else {})}
+        async with client.stream("POST", ep.url + "/chat/completions", json=body, headers=hdrs) as r:
             s.answered_by = r.headers.get("x-answered-by")
             if r.status_code != 200:
                 await r.aread()
@@ -175,11 +191,22 @@ async def chat(client: httpx.AsyncClient, ep: Endpoint, messages: list[dict[str,
     return s
 
 
-async def predict(client: httpx.AsyncClient, ep: Endpoint, text: str, index: int, threshold: float | None = None) -> Sample:
-    """POST /v1/predict of an edgedistill server; ``threshold=0.0`` asks for the student's own answer."""
+async def predict(
+    client: httpx.AsyncClient,
+    ep: Endpoint,
+    text: str,
+    index: int,
+    threshold: float | None = None,
+    fallback: bool | None = None,
+) -> Sample:
+    """POST /v1/predict of an edgedistill server; ``fallback=False`` asks for the student's own answer
+    (the teacher is never called); a server without that field takes ``threshold=0.0`` (only an
+    invalid answer still goes to the teacher)."""
     body: dict[str, Any] = {"input": text}
     if threshold is not None:
         body["threshold"] = threshold
+    if fallback is not None:
+        body["fallback"] = fallback
     s = Sample(index=index, start=time.perf_counter(), prompt_chars=len(text))
     try:
         r = await client.post(ep.url + "/predict", json=body, headers=headers(ep))

@@ -32,6 +32,14 @@ class Endpoint:
     # found out by bench.client.discover
     edgedistill: bool = False  # an edgedistill server: answers carry the "edgedistill" object
     predict: bool = False  # it serves /v1/predict (an artifact with a task spec)
+    has_teacher: bool | None = None  # an edgedistill server's /v1/models: a teacher configured (None: not said)
+    threshold: float | None = None  # ... and its threshold
+
+    @property
+    def student_only(self) -> bool:
+        """The server has the student-only mode (X-Edgedistill-Fallback: off, /v1/predict fallback: false):
+        the /v1/models entry of those servers says whether a teacher is configured."""
+        return self.has_teacher is not None
 
     def public(self) -> dict[str, Any]:
         return {
@@ -41,6 +49,8 @@ class Endpoint:
             "price": self.price.public() if self.price else None,
             "edgedistill": self.edgedistill,
             "predict": self.predict,
+            "has_teacher": self.has_teacher,
+            "threshold": self.threshold,
         }
 
 

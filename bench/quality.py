@@ -44,12 +44,14 @@ def parse(task: Any, s: Sample) -> Any:
     return None if err else value
 
 
-def student_only(s: Sample) -> Any:
-    """The student's own answer from /v1/predict with threshold 0: a teacher answer there means the
-    student's was invalid (the server still falls back on those), so it counts as None."""
+def student_only(task: Any, s: Sample, predict: bool) -> Any:
+    """The student's own answer from a student-only pass (``predict``: /v1/predict, whose parsed value
+    the sample holds; else chat). None when failed or invalid, or when the teacher answered anyway: a
+    server without the student-only mode (on /v1/predict with threshold 0 only for an invalid student
+    answer; in chat for an unsure one, whose student answer is then unknown)."""
     if not s.ok or s.answered_by == "teacher":
         return None
-    return s.value
+    return s.value if predict else parse(task, s)
 
 
 def is_correct(task: Any, gold: Any, pred: Any) -> bool:
@@ -70,9 +72,10 @@ class Answers:
     errors: int
 
     @classmethod
-    def from_samples(cls, task: Any, samples: Sequence[Sample], predict: bool = False) -> Answers:
+    def from_samples(cls, task: Any, samples: Sequence[Sample], predict: bool = False, own: bool = False) -> Answers:
+        """``own``: the samples of a student-only pass (see ``student_only``); ``predict``: from /v1/predict."""
         samples = sorted(samples, key=lambda s: s.index)
-        preds = [student_only(s) if predict else parse(task, s) for s in samples]
+        preds = [student_only(task, s, predict) if own or predict else parse(task, s) for s in samples]
         return cls(
             preds,
             [s.confidence if s.ok else None for s in samples],

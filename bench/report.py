@@ -139,6 +139,8 @@ def write_markdown(report: dict[str, Any], out: Path) -> Path:
             )
         )
         role = " (teacher)" if e["name"] == cfg["teacher"] else (" (edgedistill)" if e["edgedistill"] else "")
+        if role == " (edgedistill)" and e.get("has_teacher") is not None and e.get("threshold") is not None:
+            role = f" (edgedistill, threshold {e['threshold']:g}, {'with a' if e['has_teacher'] else 'no'} teacher)"
         lines.append(f"| {e['name']}{role} | {e['url']} | {e['model']} | {price} |")
     lines += ["", "## Load", ""] + load_table(report["results"]) + [""]
     if report.get("quality"):

@@ -26,12 +26,13 @@ from bench.cost import cascade_cost_per_1k, own_cost_per_1k, sig
 
 ROW_KEYS = ("name", "mode", "concurrency", "rate", "offered_rate", "sent")
 
-# What serve lacks to get the student's own answer from a chat request (the sweep's input) when the
-# server has a teacher: /v1/predict has a per-request threshold, chat and completions do not.
+# The student-only pass asks chat with X-Edgedistill-Fallback: off; a server older than that mode
+# ignores the header and still lets the teacher answer unsure rows, whose student answers are then unknown.
 NO_STUDENT_ONLY = (
-    "{name}: the server has no /v1/predict (no task in its artifact) and its chat answers came from the teacher for "
-    "{k} of {n} rows, so those rows' student answers are unknown and count as wrong in the sweep; serve it with "
-    "--threshold 0 (or an artifact with a task) for an exact sweep"
+    "{name}: the teacher answered {k} of {n} rows of the student-only pass (chat with X-Edgedistill-Fallback: off): "
+    "the server predates edgedistill serve's student-only mode and ignored the header, so those rows' student answers "
+    "are unknown and count as wrong in the sweep and the calibration; update the server (or serve it with --threshold 0) "
+    "for an exact sweep"
 )
 
 
@@ -42,6 +43,7 @@ class Measured:
     served: dict[str, list[client.Sample]] = field(default_factory=dict)  # test set, as served
     student: dict[str, list[client.Sample]] = field(default_factory=dict)  # test set, student's own answers
     student_via: dict[str, str] = field(default_factory=dict)
+    student_predict: set[str] = field(default_factory=set)  # endpoints whose student-only passes used /v1/predict
     cal_teacher: list[client.Sample] = field(default_factory=list)  # --calibration rows
     cal_student: dict[str, list[client.Sample]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -173,7 +175,8 @@ async def _load_endpoint(cfg: BenchConfig, http, ep: Endpoint, inputs: list[str]
 
 async def _test_passes(cfg, http, ep: Endpoint, rows: list[Any], cal_rows: list[Any], pool: int, prog: Progress, m: Measured):
     """Every test row once as served (chat); for an edgedistill endpoint also the student's own
-    answers; with --calibration, the teacher's and the students' answers to those rows too."""
+    answers (student-only mode: the teacher is never called); with --calibration, the teacher's and
+    the students' answers to those rows too."""
     teacher = ep.name == cfg.teacher
     m.served[ep.name] = await _chat_pass(cfg, http, ep, [r.input for r in rows], pool, prog, "test set")
     if any(s.answered_by for s in m.served[ep.name]):
@@ -183,31 +186,51 @@ async def _test_passes(cfg, http, ep: Endpoint, rows: list[Any], cal_rows: list[
     if teacher or not ep.edgedistill:
         return
     if ep.predict:
-        m.student_via[ep.name] = "/v1/predict with threshold 0 (no fallback on low confidence; label-normalised confidence)"
+        if ep.student_only:
+            m.student_via[ep.name] = "/v1/predict with fallback: false (the teacher never called; label-normalised confidence)"
+        else:
+            m.student_via[ep.name] = (
+                "/v1/predict with threshold 0 (a server without the student-only mode: an invalid answer still went to the "
+                "teacher and counts as wrong; label-normalised confidence)"
+            )
+        m.student_predict.add(ep.name)
         m.student[ep.name] = await _predict_pass(http, ep, [r.input for r in rows], pool, prog, "test set")
         if cal_rows:
             m.cal_student[ep.name] = await _predict_pass(http, ep, [r.input for r in cal_rows], pool, prog, "calibration set")
+        return
+    if ep.has_teacher is False:  # no teacher: the answers as served are the student's own
+        m.student_via[ep.name] = "chat answers as served (the server has no teacher)"
     else:
-        m.student_via[ep.name] = "chat answers as served (the server has no /v1/predict)"
-        if cal_rows:
-            m.cal_student[ep.name] = await _chat_pass(cfg, http, ep, [r.input for r in cal_rows], pool, prog, "calibration set")
+        m.student_via[ep.name] = "chat with X-Edgedistill-Fallback: off (the teacher never called; the server has no /v1/predict)"
+        m.student[ep.name] = await _chat_pass(cfg, http, ep, [r.input for r in rows], pool, prog, "test set", student_only=True)
+    if cal_rows:
+        inputs = [r.input for r in cal_rows]
+        m.cal_student[ep.name] = await _chat_pass(cfg, http, ep, inputs, pool, prog, "calibration set", student_only=True)
 
 
-async def _chat_pass(cfg, http, ep: Endpoint, inputs: list[str], pool: int, prog: Progress, what: str) -> list[client.Sample]:
-    """Each input once, as a chat request with the endpoint's template, ``pool`` at a time."""
+async def _chat_pass(
+    cfg, http, ep: Endpoint, inputs: list[str], pool: int, prog: Progress, what: str, student_only: bool = False
+) -> list[client.Sample]:
+    """Each input once, as a chat request with the endpoint's template, ``pool`` at a time;
+    ``student_only``: the student's own answers (X-Edgedistill-Fallback: off)."""
     teacher = ep.name == cfg.teacher
 
     async def send(i: int) -> client.Sample:
-        return await client.chat(http, ep, quality.messages_for(cfg.task, inputs[i], teacher), cfg.max_tokens, i)
+        messages = quality.messages_for(cfg.task, inputs[i], teacher)
+        return await client.chat(http, ep, messages, cfg.max_tokens, i, student_only=student_only)
 
-    return await load.fixed_pool(send, len(inputs), pool, _tracker(prog, f"{ep.name} {what}", len(inputs)))
+    label = f"{ep.name} {'student-only, ' if student_only else ''}{what}"
+    return await load.fixed_pool(send, len(inputs), pool, _tracker(prog, label, len(inputs)))
 
 
 async def _predict_pass(http, ep: Endpoint, inputs: list[str], pool: int, prog: Progress, what: str) -> list[client.Sample]:
-    """The student's own answer and confidence per input: /v1/predict with threshold 0, so only an
+    """The student's own answer and confidence per input: /v1/predict with ``fallback: false`` (the
+    teacher is never called); a server without that field gets threshold 0 instead, so only an
     invalid answer still goes to the teacher (and then counts as the student's mistake)."""
 
     async def send(i: int) -> client.Sample:
+        if ep.student_only:
+            return await client.predict(http, ep, inputs[i], i, fallback=False)
         return await client.predict(http, ep, inputs[i], i, threshold=0.0)
 
     return await load.fixed_pool(send, len(inputs), pool, _tracker(prog, f"{ep.name} student-only, {what}", len(inputs)))
@@ -317,7 +340,7 @@ def assemble(cfg: BenchConfig, m: Measured, test_rows, cal_rows, ceilings) -> di
 def _student_answers(task, m: Measured, name: str, served: quality.Answers) -> quality.Answers | None:
     """The student's own answers with their confidence (None: the endpoint serves no confidence)."""
     if name in m.student:
-        return quality.Answers.from_samples(task, m.student[name], predict=True)
+        return quality.Answers.from_samples(task, m.student[name], predict=name in m.student_predict, own=True)
     if any(c is not None for c in served.confidences):
         return served
     return None
@@ -341,23 +364,17 @@ def _sweeps(cfg, m: Measured, test_rows, cal_rows, answers, rows, t_cost, notes)
         if student is None:
             notes.append(f"{ep.name}: its answers carry no confidence: no cascade sweep")
             continue
-        if ep.name not in m.student:
+        if ep.name not in m.student_predict:  # chat: the teacher answered rows the student-only mode should have kept
             k = sum(a == "teacher" for a in student.answered_by)
             if k:
                 notes.append(NO_STUDENT_ONLY.format(name=ep.name, k=k, n=len(golds)))
-                student = quality.Answers(
-                    [None if a == "teacher" else p for p, a in zip(student.preds, student.answered_by)],
-                    student.confidences,
-                    student.answered_by,
-                    student.errors,
-                )
         s_ok = [quality.is_correct(task, g, p) for g, p in zip(golds, student.preds)]
         full = (s_ok, student.confidences, t_ok)
         own = [r["own_cost_per_1k_usd"] for r in rows if r["name"] == ep.name and r["own_cost_per_1k_usd"] is not None]
         s_cost = min(own) if own else None
         if cal_rows and ep.name in m.cal_student:
             cal_golds = [r.output for r in cal_rows]
-            cs = quality.Answers.from_samples(task, m.cal_student[ep.name], predict=ep.name in m.student)
+            cs = quality.Answers.from_samples(task, m.cal_student[ep.name], predict=ep.name in m.student_predict, own=True)
             ct = quality.Answers.from_samples(task, m.cal_teacher)
             cal = (
                 [quality.is_correct(task, g, p) for g, p in zip(cal_golds, cs.preds)],

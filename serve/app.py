@@ -14,6 +14,7 @@ import hmac
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -69,19 +70,38 @@ class State:
     avg_latency_s: float = 1.0
 
 
+@dataclass(frozen=True)
+class Policy:
+    """Who may answer one request: its threshold, and whether the teacher may be asked at all.
+    From the request (``X-Edgedistill-Threshold`` / ``X-Edgedistill-Fallback`` headers; on
+    /v1/predict also the ``threshold`` / ``fallback`` body fields, which win), else the server's."""
+
+    threshold: float
+    fallback: bool = True
+
+    def reason(self, confidence: float | None) -> str | None:
+        """Why this answer is one for the teacher (the server's rule), whether or not it is asked."""
+        if confidence is None:
+            return None
+        return "low_confidence" if self.threshold >= 1.0 or confidence < self.threshold else None
+
+
 @dataclass
 class Decision:
+    threshold: float
+    fallback: bool  # the teacher could answer: one is configured, the fallback is on, the answer is not streamed live
     answered_by: str = "student"
     confidence: float | None = None
     fallback_reason: str | None = None
     teacher_error: str | None = None
     teacher_data: dict[str, Any] | None = None
 
-    def info(self, threshold: float) -> dict[str, Any]:
+    def info(self) -> dict[str, Any]:
         return {
             "answered_by": self.answered_by,
             "confidence": None if self.confidence is None else round(self.confidence, 6),
-            "threshold": threshold,
+            "threshold": self.threshold,
+            "fallback": self.fallback,
             "fallback_reason": self.fallback_reason,
             "teacher_error": self.teacher_error,
         }
@@ -150,13 +170,15 @@ def create_app(
 
     @app.get("/v1/models", responses=_responses(ModelList))
     async def models():
+        art = st.artifact
         meta: dict[str, Any] = {"id": st.model_id, "object": "model", "created": st.created, "owned_by": "edgedistill"}
-        if st.artifact is not None:
-            meta["edgedistill"] = {
-                "format": st.artifact.format,
-                "backend": st.artifact.backend,
-                "task": st.artifact.task.type if st.artifact.task else None,
-            }
+        meta["edgedistill"] = {
+            "format": art.format if art else None,
+            "backend": art.backend if art else None,
+            "task": art.task.type if art and art.task else None,
+            "threshold": st.settings.threshold,
+            "teacher": st.teacher is not None,
+        }
         return {"object": "list", "data": [meta]}
 
     @app.post(
@@ -165,6 +187,7 @@ def create_app(
         responses=_responses(ChatCompletion, *BODY_ERRORS, stream=True),
     )
     async def chat_completions(request: Request):
+        policy = _policy(st, request)
         body = await _read_json(request, st.settings.max_body_bytes)
         req = _validate(ChatCompletionRequest, body)
         _check_common(st, req)
@@ -177,8 +200,8 @@ def create_app(
             ) from None
         prompt = st.engine.runner.tokenize(text, special=True, add_bos=True)
         max_tokens = _max_tokens(st, req.wanted_max_tokens, len(prompt))
-        params = _params(st, req, max_tokens, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
-        return await _serve(st, request, "chat", req, body, [prompt] * req.n, [params] * req.n)
+        params = _params(st, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, policy)
+        return await _serve(st, request, "chat", req, body, [prompt] * req.n, [params] * req.n, policy)
 
     @app.post(
         "/v1/completions",
@@ -186,6 +209,7 @@ def create_app(
         responses=_responses(Completion, *BODY_ERRORS, stream=True),
     )
     async def completions(request: Request):
+        policy = _policy(st, request)
         body = await _read_json(request, st.settings.max_body_bytes)
         req = _validate(CompletionRequest, body)
         _check_common(st, req)
@@ -202,9 +226,9 @@ def create_app(
         if len(prompts) * req.n > st.settings.max_n * 4:
             raise APIError(400, f"too many prompts x n ({len(prompts) * req.n})", code="invalid_value", param="prompt")
         max_tokens = _max_tokens(st, req.wanted_max_tokens, max(len(p) for p in prompts))
-        params = _params(st, req, max_tokens, logprobs=req.logprobs)
+        params = _params(st, req, max_tokens, req.logprobs, policy)
         all_prompts = [p for p in prompts for _ in range(req.n)]
-        return await _serve(st, request, "completion", req, body, all_prompts, [params] * len(all_prompts))
+        return await _serve(st, request, "completion", req, body, all_prompts, [params] * len(all_prompts), policy)
 
     @app.post("/v1/predict", openapi_extra=_body_schema(PredictRequest), responses=_responses(PredictResponse, *BODY_ERRORS))
     async def predict(request: Request):
@@ -213,37 +237,43 @@ def create_app(
             raise APIError(
                 404, "this artifact carries no task spec, so it has no /v1/predict; use /v1/chat/completions", code="not_found"
             )
+        policy = _policy(st, request)
         body = await _read_json(request, st.settings.max_body_bytes)
         req = _validate(PredictRequest, body)
+        policy = Policy(
+            policy.threshold if req.threshold is None else req.threshold,
+            policy.fallback if req.fallback is None else req.fallback,
+        )
         t0 = time.perf_counter()
         ans = await student_predict(st, req.input, request)
-        value, err, conf, res = ans.value, ans.error, ans.confidence, ans.result
-        limit = ans.max_tokens
-        threshold = st.settings.threshold if req.threshold is None else req.threshold
-        d = Decision(confidence=conf)
-        st.metrics.confidence.labels("/v1/predict").observe(conf)
-        reason = err or ("low_confidence" if conf < threshold or threshold >= 1.0 else None)
-        if reason and st.teacher is not None:
-            d.fallback_reason = reason
+        value, err, res = ans.value, ans.error, ans.result
+        st.metrics.confidence.labels("/v1/predict").observe(ans.confidence)
+        d = _decision(st, policy, ans.confidence)
+        d.fallback_reason = err or d.fallback_reason  # an invalid answer goes to the teacher whatever the threshold
+        teacher_usage = None
+        if d.fallback_reason and d.fallback:
             try:
-                ttext = await st.teacher.chat_text(teacher_label_messages(task, req.input), max_tokens=max(limit, 64))
+                data = await st.teacher.post(  # type: ignore[union-attr]
+                    "/chat/completions",
+                    {
+                        "messages": teacher_label_messages(task, req.input),
+                        "max_tokens": max(ans.max_tokens, 64),
+                        "temperature": 0,
+                    },
+                )
+                ttext = (data["choices"][0].get("message") or {}).get("content")  # a string: Teacher.post checked it
                 tvalue, terr = parse_answer(task, ttext)
                 if terr and not err:
                     raise TeacherError(f"invalid_answer ({terr})")
-                value, err, d.answered_by = tvalue, terr, "teacher"
-                st.metrics.fallbacks.labels(reason, "teacher").inc()
+                value, err, d.answered_by, teacher_usage = tvalue, terr, "teacher", _valid_usage(data.get("usage"))
+                st.metrics.fallbacks.labels(d.fallback_reason, "teacher").inc()
             except TeacherError as e:
                 d.teacher_error = str(e)
-                st.metrics.fallbacks.labels(reason, "teacher_failed").inc()
-        _count(st, d, res.prompt_tokens, res.completion_tokens)
+                st.metrics.fallbacks.labels(d.fallback_reason, "teacher_failed").inc()
+        _count(st, d, res.prompt_tokens, res.completion_tokens, teacher_usage)
         _latency(st, t0)
-        out = {
-            "output": value,
-            "confidence": d.info(threshold)["confidence"],
-            "answered_by": d.answered_by,
-            "error": err,
-            "edgedistill": d.info(threshold),
-        }
+        info = {**d.info(), "student_output": res.text}
+        out = {"output": value, "confidence": info["confidence"], "answered_by": d.answered_by, "error": err, "edgedistill": info}
         return JSONResponse(out, headers=d.headers())
 
     app.openapi = lambda: _openapi(app)
@@ -321,8 +351,9 @@ def _responses(ok_model, *codes: int, stream: bool = False) -> dict[int | str, d
 
 
 def _body_schema(model) -> dict[str, Any]:
+    """The request body (read by the route itself) and the headers that set the request's policy."""
     ref = {"$ref": f"#/components/schemas/{model.__name__}"}
-    return {"requestBody": {"content": {"application/json": {"schema": ref}}, "required": True}}
+    return {"requestBody": {"content": {"application/json": {"schema": ref}}, "required": True}, "parameters": POLICY_HEADERS}
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
@@ -485,7 +516,7 @@ def _max_tokens(st: State, wanted: int | None, prompt_len: int, param: str = "me
     return wanted
 
 
-def _params(st: State, req, max_tokens: int, logprobs: int | None) -> GenParams:
+def _params(st: State, req, max_tokens: int, logprobs: int | None, policy: Policy) -> GenParams:
     temperature = 1.0 if req.temperature is None else req.temperature
     return GenParams(
         max_tokens=max_tokens,
@@ -495,14 +526,95 @@ def _params(st: State, req, max_tokens: int, logprobs: int | None) -> GenParams:
         seed=req.seed,
         logprobs=logprobs,
         confidence=st.settings.confidence,
-        stream=req.stream and not _hold(st),
+        stream=req.stream and not _hold(st, policy),
     )
 
 
-def _hold(st: State) -> bool:
+def _hold(st: State, policy: Policy) -> bool:
     """Stream only after the confidence decision: the teacher may still be the one to answer."""
     return (
-        st.teacher is not None and st.settings.threshold > 0 and st.settings.stream_hold_for_fallback and st.settings.confidence
+        st.teacher is not None
+        and policy.fallback
+        and policy.threshold > 0
+        and st.settings.stream_hold_for_fallback
+        and st.settings.confidence
+    )
+
+
+# ---- who answers: the request's policy, the decision ---------------------------------------------
+
+THRESHOLD_HEADER = "X-Edgedistill-Threshold"
+FALLBACK_HEADER = "X-Edgedistill-Fallback"
+THRESHOLD_PATTERN = r"^(0(\.[0-9]+)?|1(\.0+)?)$"  # a decimal from 0 to 1: 0, 0.9, 1, 1.0 (no sign, exponent or spaces)
+_THRESHOLD_RE = re.compile(THRESHOLD_PATTERN)
+POLICY_HEADERS = [
+    {
+        "name": THRESHOLD_HEADER,
+        "in": "header",
+        "required": False,
+        "description": "This request's threshold (a decimal from 0 to 1, e.g. 0.9) instead of the server's: a calibrated "
+        "confidence below it (or any, at 1) makes the answer one for the teacher.",
+        "schema": {"type": "string", "pattern": THRESHOLD_PATTERN},
+    },
+    {
+        "name": FALLBACK_HEADER,
+        "in": "header",
+        "required": False,
+        "description": "`off`: the student answers, the teacher is never called (student-only mode); `fallback_reason` "
+        "still says why the answer would have gone to the teacher. `on` (default): the server's rule.",
+        "schema": {"type": "string", "enum": ["on", "off"]},
+    },
+]
+_POLICY_NAMES = {THRESHOLD_HEADER.lower(): THRESHOLD_HEADER, FALLBACK_HEADER.lower(): FALLBACK_HEADER}
+
+
+def _policy(st: State, request: Request) -> Policy:
+    """The request's policy from its headers, else the server's. Any other ``X-Edgedistill-*``
+    header is a 400: a typo (``X-Edgedistill-Treshold``) must not silently call the teacher."""
+    seen: dict[str, str] = {}
+    for raw_name, raw_value in request.headers.raw:
+        name = raw_name.decode("latin-1").lower()
+        if not name.startswith("x-edgedistill-"):
+            continue
+        if name not in _POLICY_NAMES:
+            raise APIError(
+                400,
+                f"unknown header {raw_name.decode('latin-1')[:60]!r} (a typo?); this server reads {THRESHOLD_HEADER} and "
+                f"{FALLBACK_HEADER}",
+                code="invalid_value",
+                param=raw_name.decode("latin-1")[:60],
+            )
+        if name in seen:
+            raise APIError(
+                400, f"{_POLICY_NAMES[name]}: given twice; send it once", code="invalid_value", param=_POLICY_NAMES[name]
+            )
+        seen[name] = raw_value.decode("latin-1")
+    threshold, fallback = st.settings.threshold, True
+    if (v := seen.get(THRESHOLD_HEADER.lower())) is not None:
+        if not _THRESHOLD_RE.fullmatch(v):
+            raise APIError(
+                400,
+                f"{THRESHOLD_HEADER}: must be a decimal number from 0 to 1 such as 0.9 (got {v[:40]!r})",
+                code="invalid_value",
+                param=THRESHOLD_HEADER,
+            )
+        threshold = float(v)
+    if (v := seen.get(FALLBACK_HEADER.lower())) is not None:
+        if v not in ("on", "off"):
+            raise APIError(
+                400, f"{FALLBACK_HEADER}: must be on or off (got {v[:40]!r})", code="invalid_value", param=FALLBACK_HEADER
+            )
+        fallback = v == "on"
+    return Policy(threshold, fallback)
+
+
+def _decision(st: State, policy: Policy, confidence: float | None, live: bool = False) -> Decision:
+    """The decision before any teacher call: the rule's verdict, and whether the teacher may be asked."""
+    return Decision(
+        threshold=policy.threshold,
+        fallback=st.teacher is not None and policy.fallback and not live,
+        confidence=confidence,
+        fallback_reason=policy.reason(confidence),
     )
 
 
@@ -573,10 +685,26 @@ def _latency(st: State, t0: float) -> None:
     st.avg_latency_s = 0.9 * st.avg_latency_s + 0.1 * dt
 
 
-def _count(st: State, d: Decision, prompt_tokens: int, completion_tokens: int) -> None:
-    st.metrics.tokens.labels("prompt", "student").inc(prompt_tokens)
-    st.metrics.tokens.labels("completion", "student").inc(completion_tokens)
-    st.metrics.answered.labels(d.answered_by).inc()
+def _count(st: State, d: Decision, prompt_tokens: int, completion_tokens: int, teacher_usage: dict[str, Any] | None) -> None:
+    """Tokens the student processed; tokens of the answer served, by who answered (a teacher's from
+    the usage it reported, none when it reported none); the answer."""
+    m = st.metrics
+    m.student_tokens.labels("prompt").inc(prompt_tokens)
+    m.student_tokens.labels("completion").inc(completion_tokens)
+    if d.answered_by == "teacher":
+        if teacher_usage is not None:
+            m.tokens.labels("prompt", "teacher").inc(teacher_usage["prompt_tokens"])
+            m.tokens.labels("completion", "teacher").inc(teacher_usage["completion_tokens"])
+    else:
+        m.tokens.labels("prompt", "student").inc(prompt_tokens)
+        m.tokens.labels("completion", "student").inc(completion_tokens)
+    m.answered.labels(d.answered_by).inc()
+
+
+def _valid_usage(usage: Any) -> dict[str, Any] | None:
+    """A teacher's usage we can pass on and count (its three counts non-negative integers), else nothing."""
+    keys = ("prompt_tokens", "completion_tokens", "total_tokens")
+    return usage if isinstance(usage, dict) and all(type(usage.get(k)) is int and usage[k] >= 0 for k in keys) else None
 
 
 def _gauges(st: State) -> None:
@@ -592,15 +720,13 @@ def _confidence(st: State, results: list[SeqResult]) -> float | None:
     return min(calibrated(generation_scores(r.token_probs, st.settings.confidence_quantile), t) for r in results)
 
 
-async def _decide(st: State, kind: str, body: dict, conf: float | None) -> Decision:
-    d = Decision(confidence=conf)
-    threshold = st.settings.threshold
-    if st.teacher is None or conf is None or not (threshold >= 1.0 or conf < threshold):
+async def _decide(st: State, kind: str, body: dict, conf: float | None, policy: Policy) -> Decision:
+    d = _decision(st, policy, conf)
+    if not (d.fallback_reason and d.fallback):
         return d
-    d.fallback_reason = "low_confidence"
     route = "/chat/completions" if kind == "chat" else "/completions"
     try:
-        d.teacher_data = await st.teacher.post(route, body)
+        d.teacher_data = await st.teacher.post(route, body)  # type: ignore[union-attr]
         d.answered_by = "teacher"
         st.metrics.fallbacks.labels(d.fallback_reason, "teacher").inc()
     except TeacherError as e:
@@ -609,7 +735,7 @@ async def _decide(st: State, kind: str, body: dict, conf: float | None) -> Decis
     return d
 
 
-async def _serve(st: State, request: Request, kind: str, req, body: dict, prompts, params) -> Response:
+async def _serve(st: State, request: Request, kind: str, req, body: dict, prompts, params, policy: Policy) -> Response:
     route = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
     t0 = time.perf_counter()
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
@@ -617,7 +743,7 @@ async def _serve(st: State, request: Request, kind: str, req, body: dict, prompt
         if not st.engine.ready:
             raise APIError(503, f"engine not ready: {st.engine.failed or 'starting'}", code="not_ready")
         handle = _submit(st, prompts, params)
-        gen = _live_stream(st, request, kind, req, rid, handle, route, t0)
+        gen = _live_stream(st, request, kind, req, rid, handle, route, t0, policy)
         return StreamingResponse(
             gen, media_type="text/event-stream", headers={"X-Answered-By": "student", "Cache-Control": "no-cache"}
         )
@@ -627,12 +753,12 @@ async def _serve(st: State, request: Request, kind: str, req, body: dict, prompt
     conf = _confidence(st, results)
     if conf is not None:
         st.metrics.confidence.labels(route).observe(conf)
-    d = await _decide(st, kind, body, conf)
+    d = await _decide(st, kind, body, conf, policy)
     usage = _usage(results, req.n)
-    _count(st, d, usage["prompt_tokens"], usage["completion_tokens"])
-    _latency(st, t0)
     payload = _teacher_payload(st, kind, rid, d) if d.answered_by == "teacher" else _student_payload(st, kind, req, rid, results)
-    payload["edgedistill"] = d.info(st.settings.threshold)
+    _count(st, d, usage["prompt_tokens"], usage["completion_tokens"], payload["usage"] if d.answered_by == "teacher" else None)
+    _latency(st, t0)
+    payload["edgedistill"] = d.info()
     if not req.stream:
         return JSONResponse(payload, headers=d.headers())
     return StreamingResponse(
@@ -715,11 +841,7 @@ def _teacher_payload(st: State, kind: str, rid: str, d: Decision) -> dict[str, A
             choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
         else:
             choices.append({"index": i, "text": ch["text"], "logprobs": lp, "finish_reason": finish})
-    usage = t.get("usage")
-    if not (
-        isinstance(usage, dict) and all(type(usage.get(k)) is int for k in ("prompt_tokens", "completion_tokens", "total_tokens"))
-    ):
-        usage = None
+    usage = _valid_usage(t.get("usage"))
     fingerprint = t.get("system_fingerprint")
     return {
         "id": rid,
@@ -788,7 +910,7 @@ async def _replay_stream(kind: str, req, payload: dict[str, Any]) -> AsyncIterat
 
 
 async def _live_stream(
-    st: State, request: Request, kind: str, req, rid: str, handle: RequestHandle, route: str, t0: float
+    st: State, request: Request, kind: str, req, rid: str, handle: RequestHandle, route: str, t0: float, policy: Policy
 ) -> AsyncIterator[bytes]:
     created, model = int(time.time()), st.model_id
     results: list[SeqResult] = []
@@ -817,7 +939,7 @@ async def _live_stream(
         conf = _confidence(st, results)
         if conf is not None:
             st.metrics.confidence.labels(route).observe(conf)
-        d = Decision(confidence=conf)
+        d = _decision(st, policy, conf, live=True)  # streamed as decoded: the teacher cannot answer any more
         final = {
             "id": rid,
             "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
@@ -828,8 +950,8 @@ async def _live_stream(
         results.sort(key=lambda r: r.index)
         if req.include_usage:
             final["usage"] = _usage(results, req.n)
-        final["edgedistill"] = d.info(st.settings.threshold)
-        _count(st, d, sum(r.prompt_tokens for r in results[:: max(req.n, 1)]), sum(r.completion_tokens for r in results))
+        final["edgedistill"] = d.info()
+        _count(st, d, sum(r.prompt_tokens for r in results[:: max(req.n, 1)]), sum(r.completion_tokens for r in results), None)
         _latency(st, t0)
         yield _sse(final)
         yield b"data: [DONE]\n\n"

@@ -19,7 +19,12 @@ class Metrics:
         self.ttft = Histogram(
             p + "time_to_first_token_seconds", "Time to the first generated token", ["route"], buckets=LATENCY_BUCKETS, registry=r
         )
-        self.tokens = Counter(p + "tokens_total", "Tokens processed", ["kind", "answered_by"], registry=r)
+        self.tokens = Counter(
+            p + "tokens_total", "Tokens of the answers served (their usage), by who answered", ["kind", "answered_by"], registry=r
+        )
+        self.student_tokens = Counter(
+            p + "student_tokens_total", "Tokens the student processed, whoever answered", ["kind"], registry=r
+        )
         self.fallbacks = Counter(
             p + "fallbacks_total", "Requests sent to the teacher, by outcome", ["reason", "outcome"], registry=r
         )

@@ -174,7 +174,18 @@ class PredictRequest(_Req):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     input: StrictStr = Field(min_length=1, description="The task input; the task's prompt template is applied server-side.")
-    threshold: float | None = Field(None, ge=0.0, le=1.0, description="Override the server's threshold for this request.")
+    threshold: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="This request's threshold instead of the server's (and of an X-Edgedistill-Threshold header). An "
+        "answer that is not valid for the task (e.g. not a label) still goes to the teacher at 0.",
+    )
+    fallback: StrictBool | None = Field(
+        None,
+        description="false: the student answers and the teacher is never called, not even for an invalid answer "
+        "(student-only mode; wins over an X-Edgedistill-Fallback header). Default: the header's, else on.",
+    )
 
 
 # ---- responses (OpenAPI documentation only) -----------------------------------------------------
@@ -199,10 +210,21 @@ class ErrorResponse(_Resp):
 
 class EdgedistillInfo(_Resp):
     answered_by: Literal["student", "teacher"]
-    confidence: float | None
-    threshold: float
-    fallback_reason: str | None
-    teacher_error: str | None
+    confidence: float | None = Field(description="The student's calibrated confidence (also when the teacher answered).")
+    threshold: float = Field(description="The threshold this request was decided with (its own or the server's).")
+    fallback: bool = Field(
+        description="Whether the teacher could answer: one is configured, the fallback was not switched off for this "
+        "request, and the answer was not streamed live."
+    )
+    fallback_reason: str | None = Field(
+        description="Why the answer is one for the teacher (low_confidence; on /v1/predict also the parse error such as "
+        "not_a_label), whether or not the teacher was asked; null when the student's answer stands on its own."
+    )
+    teacher_error: str | None = Field(description="Why the teacher, asked, did not answer (the student's answer is served).")
+
+
+class PredictInfo(EdgedistillInfo):
+    student_output: str = Field(description="The student's own answer as generated (text, before parsing).")
 
 
 class Usage(_Resp):
@@ -263,7 +285,15 @@ class PredictResponse(_Resp):
     confidence: float | None
     answered_by: Literal["student", "teacher"]
     error: str | None
-    edgedistill: EdgedistillInfo
+    edgedistill: PredictInfo
+
+
+class ModelInfo(_Resp):
+    format: str | None = Field(description="The artifact's format (gguf ...).")
+    backend: str | None
+    task: str | None = Field(description="The task type when the artifact has a task spec (then /v1/predict serves it).")
+    threshold: float = Field(description="The server's threshold (a request may set its own).")
+    teacher: bool = Field(description="Whether a teacher is configured (the fallback can happen at all).")
 
 
 class ModelCard(_Resp):
@@ -271,6 +301,7 @@ class ModelCard(_Resp):
     object: Literal["model"]
     created: int
     owned_by: str
+    edgedistill: ModelInfo
 
 
 class ModelList(_Resp):

@@ -23,6 +23,7 @@ from bench import cascade, cost, load, stats
 from bench.client import Sample
 from bench.config import build_config, parse_endpoint
 from bench.pareto import frontier
+from bench.quality import split_halves
 from bench.run import run_bench
 from edgedistill.errors import UserError
 from serve.app import create_app
@@ -282,6 +283,96 @@ def test_task_cascade_quality_sweep_and_plots(tmp_path):
     md = (out / "report.md").read_text()
     assert "Cascade sweep: ours" in md and "(chosen)" in md and "Quality on the test set" in md
     assert rep["pareto"]["cost"] and rep["pareto"]["p50 latency"]
+
+
+def invalid_student_script(prompt: str) -> tuple[str, float]:
+    """student_script, but every 8th row's answer is not a label (unsure): /v1/predict with threshold 0
+    would still send those rows to the teacher; the student-only mode must not."""
+    row = row_of(prompt)
+    if row is not None and row[0] % 8 == 0:
+        return "no idea", 1.0
+    return student_script(prompt)
+
+
+def old_server(app):
+    """An edgedistill server from before the student-only mode: it ignores X-Edgedistill-* request
+    headers, and its /v1/models entry says nothing of a teacher or a threshold."""
+
+    async def wrapped(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if not k.lower().startswith(b"x-edgedistill-")]}
+        if scope["path"] != "/v1/models":
+            return await app(scope, receive, send)
+        start, parts = {}, []
+
+        async def rewrite(message):
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            parts.append(message.get("body", b""))
+            if not message.get("more_body"):
+                data = json.loads(b"".join(parts))
+                for entry in data["data"]:
+                    entry["edgedistill"].pop("teacher")
+                    entry["edgedistill"].pop("threshold")
+                body = json.dumps(data).encode()
+                headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+                await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+
+        return await app(scope, receive, rewrite)
+
+    return wrapped
+
+
+@pytest.mark.parametrize("server", ["predict", "chat", "old chat"])
+def test_student_only_passes_never_call_the_teacher(tmp_path, server):
+    """The sweep's student answers come from the student-only mode: /v1/predict ``fallback: false``,
+    or chat with X-Edgedistill-Fallback: off on a server without a task. The teacher is called only by
+    the load and the as-served pass, and the sweep's student is the real one (right iff row % 4 != 0).
+    A server that predates the mode ignores the header: its unsure rows' student answers are unknown."""
+    spec = write_task(tmp_path)
+    task = task_view() if server == "predict" else None
+    with live(make_app("teacher", script=teacher_script)) as teacher:
+        ours_app = make_app(
+            "student", script=invalid_student_script, task=task, teacher_url=teacher, teacher_model="teacher", threshold=0.5
+        )
+        with live(old_server(ours_app) if server == "old chat" else ours_app) as ours:
+            cfg = build_config(
+                [f"teacher={teacher}", f"ours={ours}"], out=tmp_path / "o", task=spec, concurrency="2", requests=4,
+                warmup=0, teacher="teacher", progress=False,
+            )  # fmt: skip
+            rep = run_bench(cfg)
+            called = sum(
+                metric(ours, "edgedistill_fallbacks_total", reason=reason, outcome=outcome)
+                for reason in ("low_confidence", "not_a_label")
+                for outcome in ("teacher", "teacher_failed")
+            )
+    ours_rows = [r for r in rep["results"] if r["name"] == "ours"]
+    q = rep["quality"]["ours"]
+    teacher_answers = sum(round(r["fallback_rate"] * r["requests"]) for r in ours_rows) + round(q["fallback_rate"] * N_TEST)
+    assert teacher_answers > 0
+    sw = rep["cascade"]["ours"]
+    _, rep_idx = split_halves(N_TEST, 0)
+    ep = {e["name"]: e for e in rep["endpoints"]}["ours"]
+    if server == "old chat":
+        assert ep["has_teacher"] is None and ep["threshold"] is None
+        assert called > teacher_answers  # the header was ignored: the student-only pass called the teacher too
+        assert any("predates edgedistill serve's student-only mode" in n for n in rep["notes"])
+        # the unsure rows went to the teacher: their student answers are unknown (wrong), the sure ones stay
+        assert sw["student_accuracy_test"] == pytest.approx(sum(i % 4 in (2, 3) for i in rep_idx) / len(rep_idx), abs=1e-4)
+        return
+    assert ep["has_teacher"] is True and ep["threshold"] == 0.5 and ep["predict"] is (server == "predict")
+    assert called == teacher_answers  # none from the student-only passes
+    assert not any("student-only" in n for n in rep["notes"])
+    via = "fallback: false" if server == "predict" else "X-Edgedistill-Fallback: off"
+    assert via in sw["student_source"]
+    assert sw["student_accuracy_test"] == pytest.approx(sum(i % 4 != 0 for i in rep_idx) / len(rep_idx), abs=1e-4)
+    assert q["calibration"]["accuracy"] == pytest.approx(0.75) and q["calibration"]["n"] == N_TEST
+    assert_sweep_properties(sw)
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "ours (edgedistill, threshold 0.5, with a teacher)" in md
 
 
 def test_calibration_file_picks_the_threshold_and_the_whole_test_set_reports(tmp_path):
