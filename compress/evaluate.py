@@ -11,8 +11,7 @@ import time
 from typing import Any
 
 from compress.formats import Runtime
-from edgedistill.metrics import task_scores
-from edgedistill.prompts import parse_answer
+from edgedistill.metrics import score_answers
 
 SPEED_TOKENS = 64
 
@@ -28,17 +27,6 @@ def strip_special(ids: list[int], special: set[int]) -> list[int]:
 def answer_test_set(rt: Runtime, tokenizer: Any, spec: Any, prompts: list[list[int]], max_tokens: int) -> list[str]:
     special = set(tokenizer.all_special_ids)
     return [tokenizer.decode(strip_special(rt.generate(p, max_tokens), special), skip_special_tokens=True) for p in prompts]
-
-
-def score_answers(spec: Any, golds: list[Any], raw: list[str]) -> tuple[list[Any], dict[str, Any]]:
-    preds, invalid = [], 0
-    for text in raw:
-        value, err = parse_answer(spec, text)
-        invalid += err is not None
-        preds.append(None if err else value)
-    scores = task_scores(spec.type, golds, preds, labels=spec.labels)
-    scores["invalid_answers"] = invalid
-    return preds, scores
 
 
 def greedy_tokens(rt: Runtime, prompts: list[list[int]], n: int, special: set[int]) -> list[list[int]]:

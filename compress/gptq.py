@@ -43,6 +43,7 @@ from typing import Any
 
 from compress import toolenv
 from compress.formats import Built, FormatSpec
+from compress.reference import HFRuntime
 from edgedistill.errors import UserError
 
 REQUIREMENTS = [toolenv.TORCH_CPU, "transformers==5.17.0", "llmcompressor==0.14.0.1", "compressed-tensors==0.19.0"]
@@ -147,8 +148,8 @@ def load(folder: Path, manifest: dict[str, Any]) -> GPTQRuntime:
     return GPTQRuntime(Path(folder))
 
 
-class GPTQRuntime:
-    """Greedy decoding of a compressed-tensors checkpoint, one prompt at a time like the other runtimes."""
+class GPTQRuntime(HFRuntime):
+    """A compressed-tensors checkpoint, dequantized on load, decoded like the FP reference."""
 
     def __init__(self, folder: Path, *, device: str = "cpu"):
         torch, model_cls, ct_config = _import_hf()
@@ -163,26 +164,7 @@ class GPTQRuntime:
             raise UserError(
                 f"{folder}: not a loadable compressed-tensors checkpoint ({str(e)[:200]}); rebuild the artifact"
             ) from None
-        self.model = model.to(device).eval()
-        eos = self.model.generation_config.eos_token_id
-        self.eos = eos if isinstance(eos, int) else (eos[0] if eos else None)
-
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, *, ignore_eos: bool = False) -> list[int]:
-        torch = self._torch
-        ids = torch.tensor([prompt_ids], device=self.device)
-        with torch.inference_mode():
-            out = self.model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                min_new_tokens=max_new_tokens if ignore_eos else 0,
-                do_sample=False,
-                pad_token_id=self.eos,
-            )
-        return out[0, len(prompt_ids) :].tolist()
-
-    def close(self) -> None:
-        self.model = None
+        self._set_model(model.to(device).eval())
 
 
 def _import_hf():

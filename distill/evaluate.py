@@ -7,8 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 from distill.teacher import ChatRequest
-from edgedistill.metrics import agreement, primary_metric, task_scores
-from edgedistill.prompts import Messages, format_answer, parse_answer
+from edgedistill.metrics import agreement, primary_metric
+from edgedistill.prompts import Messages, format_answer
 
 
 def stratified(rows: list[Any], spec: Any, limit: int | None) -> list[Any]:
@@ -29,18 +29,6 @@ def stratified(rows: list[Any], spec: Any, limit: int | None) -> list[Any]:
 def answer_requests(spec: Any, inputs: list[str], messages_fn: Callable[[Any, str], Messages]) -> list[ChatRequest]:
     """Greedy answer requests for each input, in the given prompt format (teacher's or student's)."""
     return [ChatRequest(messages=messages_fn(spec, x), max_tokens=spec.generation.label_max_tokens, temperature=0.0) for x in inputs]
-
-
-def score(spec: Any, golds: list[Any], raw: list[str]) -> tuple[list[Any], dict[str, Any]]:
-    """Parse raw answers and compute the task's metrics; invalid answers count as wrong."""
-    preds, invalid = [], 0
-    for text in raw:
-        value, err = parse_answer(spec, text)
-        invalid += err is not None
-        preds.append(None if err else value)
-    scores = task_scores(spec.type, golds, preds, labels=spec.labels)
-    scores["invalid_answers"] = invalid
-    return preds, scores
 
 
 def add_agreement(scores: dict[str, Any], preds: list[Any], teacher_preds: list[Any]) -> None:

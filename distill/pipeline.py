@@ -20,12 +20,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from distill.cache import ResponseCache
-from distill.evaluate import add_agreement, answer_requests, score, stratified, table_markdown
+from distill.evaluate import add_agreement, answer_requests, stratified, table_markdown
 from distill.generate import attach_labels, generation_requests, label_requests, synthetic_inputs
 from distill.teacher import ChatRequest, Teacher, make_teacher
 from edgedistill.errors import GateFailed
 from edgedistill.manifest import read_manifest, sha256_file, sha256_json, write_json_atomic, write_manifest
-from edgedistill.metrics import primary_metric
+from edgedistill.metrics import primary_metric, score_answers
 from edgedistill.prompts import format_answer, student_messages, teacher_label_messages
 from edgedistill.spec import TaskSpec, load_spec
 
@@ -95,7 +95,7 @@ def run_with_progress(model: Teacher, reqs: list[ChatRequest], what: str) -> lis
 def teacher_gate(spec: TaskSpec, teacher: Teacher, test: list, out: Path, skip_gate: bool) -> dict[str, Any]:
     rows = stratified(test, spec, spec.teacher.gate.max_examples)
     raw = [r.text for r in run_with_progress(teacher, answer_requests(spec, [r.input for r in rows], teacher_label_messages), "teacher gate")]
-    _, scores = score(spec, [r.output for r in rows], raw)
+    _, scores = score_answers(spec, [r.output for r in rows], raw)
     metric = primary_metric(spec.type)
     gate = {"metric": metric, "score": scores[metric], "min_score": spec.teacher.gate.min_score, "scores": scores, "teacher": teacher.describe()}
     gate["passed"] = scores[metric] >= spec.teacher.gate.min_score
@@ -243,14 +243,14 @@ def evaluate_all(spec: TaskSpec, teacher: Teacher, test: list, student_dir: Path
     inputs, golds = [r.input for r in test], [r.output for r in test]
     results: dict[str, dict] = {}
     t_raw = [r.text for r in run_with_progress(teacher, answer_requests(spec, inputs, teacher_label_messages), "eval: teacher")]
-    t_preds, results["teacher"] = score(spec, golds, t_raw)
+    t_preds, results["teacher"] = score_answers(spec, golds, t_raw)
     teacher_path = spec.resolve(spec.teacher.path) if spec.teacher.kind == "local" else None
     if teacher_path is not None and (teacher_path / "config.json").exists():
         results["teacher"]["params"] = count_params(teacher_path)
     for name, path in (("student", student_dir), ("undistilled student", base_dir)):
         model = LocalHFTeacher(path, cache=None, batch_size=spec.teacher.batch_size)
         raw = [r.text for r in run_with_progress(model, answer_requests(spec, inputs, student_messages), f"eval: {name}")]
-        preds, results[name] = score(spec, golds, raw)
+        preds, results[name] = score_answers(spec, golds, raw)
         add_agreement(results[name], preds, t_preds)
         results[name]["params"] = count_params(path)
     eval_dir = out / "eval"

@@ -256,3 +256,17 @@ def expected_calibration_error(confidences: Sequence[float], correct: Sequence[A
     bins = reliability_bins(confidences, correct, n_bins)
     total = sum(b["count"] for b in bins)
     return _ratio(sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins), total)
+
+
+def score_answers(spec: Any, golds: list[Any], raw: list[str]) -> tuple[list[Any], dict[str, Any]]:
+    """Parse raw answers and compute the task's metrics; invalid answers count as wrong."""
+    from edgedistill.prompts import parse_answer
+
+    preds, invalid = [], 0
+    for text in raw:
+        value, err = parse_answer(spec, text)
+        invalid += err is not None
+        preds.append(None if err else value)
+    scores = task_scores(spec.type, golds, preds, labels=spec.labels)
+    scores["invalid_answers"] = invalid
+    return preds, scores

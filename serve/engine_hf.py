@@ -16,7 +16,6 @@ Needs torch and transformers (``pip install 'edgedistill[distill,hf]'``), import
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,10 @@ import numpy as np
 
 from edgedistill.errors import UserError
 from serve.engine_llama import CHATML
+from serve.vocab import BYTE_TOKEN, byte_decoder
 
 # end-of-turn tokens some chat templates use besides the tokenizer's eos (llama.cpp treats them as end-of-generation too)
 EOG_NAMES = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "</s>")
-_HEX_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
 class HFRunner:
@@ -200,14 +199,14 @@ def token_pieces(tok: Any, n_vocab: int) -> list[bytes]:
             special.add(int(i))
     kinds = _decoder_kinds(tok)
     if "ByteLevel" in kinds:
-        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        byte_of = byte_decoder()
 
         def piece(name: str) -> bytes:
             return bytes(byte_of[c] for c in name) if all(c in byte_of for c in name) else name.encode("utf-8")
     elif kinds & {"Metaspace", "ByteFallback", "Replace"}:
 
         def piece(name: str) -> bytes:
-            m = _HEX_BYTE.match(name)
+            m = BYTE_TOKEN.match(name)
             return bytes([int(m.group(1), 16)]) if m else name.replace("\u2581", " ").encode("utf-8")
     else:
         piece = None
@@ -236,19 +235,6 @@ def _decoder_kinds(tok: Any) -> set[str]:
     for d in dec.get("decoders") or []:
         kinds.add(d.get("type"))
     return {k for k in kinds if k}
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (what byte-level BPE vocabularies are written in)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 def _eog_ids(tok: Any, gen_config: Any, n_vocab: int) -> set[int]:

@@ -14,7 +14,6 @@ incrementally) are read from ``tokenizer.json``; the chat template from the arti
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from edgedistill.errors import UserError
 from serve.engine_llama import CHATML, _compile_template, _raise
+from serve.vocab import BYTE_TOKEN, byte_decoder
 
 # end-of-generation tokens by name, as llama.cpp recognises them (besides the configured EOS ids)
 EOG_NAMES = {"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|end|>", "</s>", "<end_of_turn>"}
@@ -153,22 +153,6 @@ def _chat_template(model_dir: Path, tok_cfg: dict[str, Any]) -> str | None:
     return t if isinstance(t, str) else None
 
 
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, reversed: printable stand-in character -> byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
-_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-
-
 def token_pieces(tok_json: dict[str, Any], n_vocab: int) -> tuple[list[bytes], dict[int, str]]:
     """The bytes each token id stands for (special tokens: b"", as llama.cpp renders them) and the special tokens.
 
@@ -180,7 +164,7 @@ def token_pieces(tok_json: dict[str, Any], n_vocab: int) -> tuple[list[bytes], d
     items = [(p[0], i) for i, p in enumerate(vocab)] if isinstance(vocab, list) else list(vocab.items())
     dec = json.dumps(tok_json.get("decoder") or {})
     byte_level = '"ByteLevel"' in dec
-    table = _byte_decoder()
+    table = byte_decoder()
     pieces = [b""] * n_vocab
     for text, i in items:
         if not 0 <= i < n_vocab:
@@ -190,7 +174,7 @@ def token_pieces(tok_json: dict[str, Any], n_vocab: int) -> tuple[list[bytes], d
                 pieces[i] = bytes(table[c] for c in text)
             except KeyError:
                 pieces[i] = text.encode("utf-8")
-        elif m := _BYTE_TOKEN.match(text):
+        elif m := BYTE_TOKEN.match(text):
             pieces[i] = bytes([int(m.group(1), 16)])
         else:
             pieces[i] = text.replace("\u2581", " ").encode("utf-8")

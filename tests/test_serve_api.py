@@ -391,7 +391,7 @@ def test_serve_imports_no_torch():
     import subprocess
     import sys
 
-    code = "import sys, serve.app, serve.cli, serve.engine_llama; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    code = "import sys, serve.app, serve.cli, serve.backends, serve.engine_llama, serve.engine_onnx, serve.engine_hf; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

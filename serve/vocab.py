@@ -1,0 +1,24 @@
+"""Token text -> bytes helpers shared by the runners that rebuild pieces from a vocabulary
+(transformers and ONNX Runtime GenAI); llama.cpp gives pieces itself."""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+
+# SentencePiece-style raw-byte tokens
+BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+@cache
+def byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: printable stand-in character -> byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
