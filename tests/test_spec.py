@@ -106,6 +106,25 @@ def test_pypi_path_unknown_package():
         resolve_path("pypi:no_such_package_xyz/model.gguf", Path("."))
 
 
+def test_env_vars_in_paths(tmp_path, monkeypatch):
+    (tmp_path / "elsewhere").mkdir()
+    raw = base_spec(tmp_path)
+    moved = tmp_path / "elsewhere" / "test.csv"
+    (tmp_path / "test.csv").rename(moved)
+    raw["test_set"]["path"] = "${MY_DATA:-elsewhere}/test.csv"
+    spec = load_spec(write(tmp_path, raw))
+    monkeypatch.delenv("MY_DATA", raising=False)
+    assert spec.resolve(spec.test_set.path) == tmp_path / "elsewhere/test.csv"  # the default, relative to the spec
+    n = len(spec.load_test_set())
+    monkeypatch.setenv("MY_DATA", str(tmp_path / "elsewhere"))
+    assert spec.resolve(spec.test_set.path) == moved and len(spec.load_test_set()) == n
+    monkeypatch.setenv("MY_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="does not exist"):
+        spec.load_test_set()
+    with pytest.raises(UserError, match=r"uses \$\{UNSET_XYZ\}, which is not set"):
+        resolve_path("${UNSET_XYZ}/x.csv", tmp_path)
+
+
 @pytest.mark.parametrize("path", sorted(EXAMPLES.rglob("*.yaml")), ids=lambda p: p.name)
 def test_examples_validate(path):
     spec = load_spec(path)

