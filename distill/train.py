@@ -131,6 +131,30 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether bfloat16 matmuls run natively here: a bf16 GPU, or a CPU with AVX512-BF16 / AMX-BF16
+    (x86) or BF16 (Arm) instructions. Without them bf16 is emulated and slower than float32."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.partition(":")[2].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def teacher_dtype(setting: str) -> torch.dtype:
+    """The frozen KD teacher's dtype: its forward pass is most of a distillation step on a CPU, and
+    the KL is computed in float32 from its logits either way."""
+    if setting == "auto":
+        return torch.bfloat16 if native_bf16() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[setting]
+
+
 def check_same_tokenizer(student_tok: Any, teacher_tok: Any, student: nn.Module, teacher: nn.Module) -> None:
     """Logit distillation compares distributions token by token: the vocabularies must be identical."""
     sv, tv = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
@@ -354,7 +378,7 @@ def train(
         teacher_dir = Path(teacher_dir)
         if not (teacher_dir / "config.json").is_file():
             raise UserError(f"teacher {teacher_dir} is not an HF checkpoint folder (no config.json)")
-        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=teacher_dtype(cfg.logit_kd.teacher_dtype))
         check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(teacher_dir), model, teacher)
 
     ckpt_dir = out_dir / CHECKPOINTS
@@ -436,4 +460,5 @@ def train(
         "runtime_s": runtime,
         "params": params,
         "trainable_params": trainable,
+        "kd_teacher_dtype": str(next(teacher.parameters()).dtype).removeprefix("torch.") if teacher is not None else None,
     }

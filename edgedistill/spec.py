@@ -134,6 +134,11 @@ class LogitKDConfig(_Model):
     enabled: bool = Field(False, description="Blend KL to the teacher's softened distribution (local teacher, same tokenizer).")
     temperature: float = Field(2.0, gt=0.0)
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the KL term; 1-alpha weights the hard-label loss.")
+    teacher_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Precision of the frozen teacher's forward pass during training. auto: bfloat16 where the hardware has "
+        "native bf16 (a bf16 GPU, or a CPU with AVX512-BF16/AMX or Arm BF16; about 2x faster there), else float32.",
+    )
 
 
 class TrainingConfig(_Model):

@@ -217,6 +217,37 @@ def test_logit_distillation_lowers_kl_to_teacher(tiny_model_dir, teacher_dir, to
     assert res["kd"][-1] < res["kd"][0]
 
 
+def test_bf16_teacher_still_distills(tiny_model_dir, teacher_dir, tok, tmp_path):
+    before = answer_kl(tiny_model_dir, teacher_dir, tok)
+    cfg = TrainingConfig(
+        method="full", epochs=10, batch_size=4, learning_rate=1e-2, warmup_ratio=0.0, save_steps=1000,
+        logit_kd=LogitKDConfig(enabled=True, temperature=1.0, alpha=1.0, teacher_dtype="bfloat16"),
+    )  # fmt: skip
+    res = train(tiny_model_dir, tmp_path / "kd", examples(), cfg, teacher_dir=teacher_dir)
+    assert res["kd_teacher_dtype"] == "bfloat16"
+    assert answer_kl(tmp_path / "kd", teacher_dir, tok) < 0.5 * before  # KL measured against the float32 teacher
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "native"),
+    [
+        ("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n", True),  # x86 with AVX512-BF16
+        ("flags\t\t: fpu avx512f amx_tile amx_bf16\n", True),  # Sapphire Rapids AMX
+        ("Features\t: fp asimd sve bf16 i8mm\n", True),  # Arm (e.g. Graviton3)
+        ("flags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n", False),  # AVX-512 without bf16: emulated, slower
+        ("", False),
+    ],
+)
+def test_native_bf16_reads_cpu_flags(tmp_path, monkeypatch, cpuinfo, native):
+    from distill.train import native_bf16, teacher_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "cpuinfo").write_text(cpuinfo)
+    assert native_bf16(tmp_path / "cpuinfo") is native
+    assert native_bf16(tmp_path / "missing") is False
+    assert teacher_dtype("float32") is torch.float32 and teacher_dtype("bfloat16") is torch.bfloat16
+
+
 def test_logit_kd_refuses_a_different_tokenizer(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer as AT
 
