@@ -356,7 +356,7 @@ def train(
 
     set_seed(cfg.seed)
     cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16())
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model.config.use_cache = False
     params = sum(p.numel() for p in model.parameters())
@@ -460,5 +460,6 @@ def train(
         "runtime_s": runtime,
         "params": params,
         "trainable_params": trainable,
+        "precision": "bf16" if bf16 else "float32",
         "kd_teacher_dtype": str(next(teacher.parameters()).dtype).removeprefix("torch.") if teacher is not None else None,
     }

@@ -154,6 +154,11 @@ class TrainingConfig(_Model):
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     save_steps: int = Field(50, ge=1, description="Checkpoint every N steps so a killed run resumes.")
+    precision: Literal["auto", "float32", "bf16"] = Field(
+        "auto",
+        description="Training precision. bf16: mixed precision (bfloat16 autocast, float32 master weights). auto: bf16 where "
+        "the hardware has native bf16 (a bf16 GPU, or a CPU with AVX512-BF16/AMX or Arm BF16), else float32.",
+    )
     seed: int = 0
     logit_kd: LogitKDConfig = Field(default_factory=LogitKDConfig)
 
