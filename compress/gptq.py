@@ -63,6 +63,11 @@ def tool_python() -> Path:
     return toolenv.ensure_venv("gptq", REQUIREMENTS)
 
 
+def prepare() -> None:
+    """Make the llm-compressor venv now (``edgedistill run`` does this in the background while it distills)."""
+    tool_python()
+
+
 def build(src: Path, fmt: FormatSpec, out: Path, calib: list[str], work: Path) -> Built:
     """Quantize the HF checkpoint ``src`` with GPTQ into the empty folder ``out`` (HF layout + tokenizer)."""
     bits = fmt.bits

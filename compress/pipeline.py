@@ -187,6 +187,16 @@ def _reference(ckpt, tokenizer, spec, test_prompts, golds, agree_prompts, path: 
 # --- build ---------------------------------------------------------------------------------------
 
 
+def prepare_tools(formats: str) -> None:
+    """Fetch and install what building ``formats`` needs outside our environment (the converters'
+    venvs, llama.cpp's sources); quick when they exist. Failures surface again, in one line, when
+    compress builds."""
+    for family in dict.fromkeys(f.family for f in parse_formats(formats)):
+        prepare = getattr(importlib.import_module(f"compress.{family}"), "prepare", None)
+        if prepare is not None:
+            prepare()
+
+
 def _module(fmt: FormatSpec):
     return importlib.import_module(f"compress.{fmt.family}")
 

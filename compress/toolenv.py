@@ -8,6 +8,7 @@ its package versions go into every artifact manifest it helped make.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -35,10 +36,17 @@ def ensure_venv(name: str, requirements: list[str], *, log_path: Path | None = N
     if stamp.exists() and py.exists():
         return py
     root.parent.mkdir(parents=True, exist_ok=True)
-    log_path = log_path or root.parent / f"{name}-{key}.install.log"
-    venv.EnvBuilder(with_pip=True, clear=True).create(root)
-    run_tool([str(py), "-m", "pip", "install", "--disable-pip-version-check", *requirements], log_path=log_path, what=f"installing the {name} tool environment")
-    stamp.write_text(json.dumps(requirements) + "\n")
+    # one installer at a time (a background preparation, another process): the others wait, then reuse it
+    with (root.parent / f"{name}-{key}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp.exists() and py.exists():
+            return py
+        log_path = log_path or root.parent / f"{name}-{key}.install.log"
+        venv.EnvBuilder(with_pip=True, clear=True).create(root)
+        # --no-compile: bytecode is written on first import, for the modules a tool actually imports
+        cmd = [str(py), "-m", "pip", "install", "--disable-pip-version-check", "--no-compile", *requirements]
+        run_tool(cmd, log_path=log_path, what=f"installing the {name} tool environment")
+        stamp.write_text(json.dumps(requirements) + "\n")
     return py
 
 

@@ -23,6 +23,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,15 @@ from edgedistill.spec import TaskSpec, load_spec
 
 console = Console(stderr=True)
 STAGES = ("distill", "compress", "bench")
+
+
+def _prepare_tools(formats: str, errors: list[str]) -> None:
+    from compress.pipeline import prepare_tools
+
+    try:
+        prepare_tools(formats)
+    except Exception as e:  # noqa: BLE001 -- compress retries the same step and reports it itself
+        errors.append(str(e) or type(e).__name__)
 
 
 def run_all(spec_path: Path, out: Path | None = None, *, skip_gate: bool = False, force: list[str] | None = None) -> dict[str, Any]:
@@ -78,7 +88,22 @@ def run_all(spec_path: Path, out: Path | None = None, *, skip_gate: bool = False
     # 1. distill: gate, data, student, evaluation
     from distill.pipeline import run_distill
 
-    stage("distill", _distill_inputs(spec), lambda: _outputs(student, data), lambda: run_distill(spec_path, out, skip_gate=skip_gate))
+    prep: list[threading.Thread] = []
+    prep_errors: list[str] = []
+
+    def do_distill() -> None:
+        # compress's converter venvs are installed by pip while distill runs (mostly downloads and
+        # disk); compress waits for them (a lock) and reports any failure itself
+        t = threading.Thread(target=_prepare_tools, args=(spec.compress.formats, prep_errors), daemon=True, name="prepare-tools")
+        t.start()
+        prep.append(t)
+        run_distill(spec_path, out, skip_gate=skip_gate)
+
+    stage("distill", _distill_inputs(spec), lambda: _outputs(student, data), do_distill)
+    for t in prep:
+        t.join()
+    for e in prep_errors:
+        console.print(f"[yellow]preparing compress's tools in the background failed ({e}); compress tries again")
 
     # 2. compress: every format, gated
     from compress.pipeline import run_compress

@@ -5,6 +5,7 @@ themselves are stand-ins that write what the real ones write (they have their ow
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,19 @@ def spec_path(tmp_path) -> Path:
     p = tmp_path / "task.yaml"
     p.write_text(yaml.safe_dump(spec))
     return p
+
+
+@pytest.fixture(autouse=True)
+def prepared(monkeypatch):
+    """compress's tool preparation (venvs, sources) that run_all starts in the background: recorded, not run."""
+    seen: list[str] = []
+
+    def fake_prepare(formats):
+        time.sleep(0.2)  # still running when distill returns: run_all must wait for it
+        seen.append(formats)
+
+    monkeypatch.setattr("compress.pipeline.prepare_tools", fake_prepare)
+    return seen
 
 
 @pytest.fixture
@@ -103,6 +117,36 @@ def test_changed_stage_reruns_with_everything_after_it(spec_path, calls, tmp_pat
     (spec_path.parent / "test.jsonl").write_text(json.dumps({"input": "new", "output": LABELS[0]}) + "\n")
     run_mod.run_all(spec_path, out)
     assert calls == ["distill", "compress", "bench"]  # a data file changed: everything reruns
+
+
+def test_compress_tools_are_prepared_while_distill_runs(spec_path, calls, prepared, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    import compress.pipeline as cp
+
+    fake = cp.run_compress
+    ready_at_compress: list[int] = []
+
+    def compress_after_tools(*args, **kwargs):
+        ready_at_compress.append(len(prepared))
+        return fake(*args, **kwargs)
+
+    monkeypatch.setattr(cp, "run_compress", compress_after_tools)
+    run_mod.run_all(spec_path, out)
+    spec = run_mod.load_spec(spec_path)
+    assert prepared == [spec.compress.formats] and ready_at_compress == [1]  # started with distill, done before compress
+
+    prepared.clear()
+    run_mod.run_all(spec_path, out)
+    assert prepared == []  # distill skipped: nothing started in the background
+
+    def broken(formats):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(cp, "prepare_tools", broken)
+    calls.clear()
+    run_mod.run_all(spec_path, out, force=["distill"])
+    assert calls == ["distill", "compress", "bench"]  # a failed preparation does not stop the run
+    assert "preparing compress's tools in the background failed (no network)" in capsys.readouterr().err.replace("\n", " ")
 
 
 def test_damaged_output_reruns_the_stage(spec_path, calls, tmp_path):
