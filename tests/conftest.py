@@ -42,24 +42,26 @@ def build_tiny_tokenizer(out: Path):
     return fast
 
 
-def build_tiny_llama(out: Path, tokenizer, num_layers: int = 4, seed: int = 0):
+def build_tiny_llama(out: Path, tokenizer, num_layers: int = 4, seed: int = 0, **config):
+    """A random Llama from a config (``config`` overrides the defaults: hidden size, ...), saved with the tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    defaults = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    cfg = LlamaConfig(**{**defaults, **config})
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

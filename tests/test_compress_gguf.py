@@ -17,6 +17,7 @@ import pytest
 from compress import gguf
 from compress.formats import FormatSpec
 from edgedistill.errors import UserError
+from tests.conftest import build_tiny_llama
 
 PROMPTS = [
     "Where is my card?",
@@ -52,29 +53,13 @@ def smol_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def src(tmp_path_factory, smol_tokenizer_dir) -> Path:
     """2 layers, hidden 256 (k-quants need rows divisible by 256), tied embeddings like SmolLM2."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        initializer_range=0.1,
-        rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
     d = tmp_path_factory.mktemp("student")
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
+    build_tiny_llama(
+        d, AutoTokenizer.from_pretrained(smol_tokenizer_dir), num_layers=2, hidden_size=256, intermediate_size=512, initializer_range=0.1,
+        rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
+    )  # fmt: skip
     return d
 
 

@@ -16,33 +16,19 @@ pytest.importorskip("onnxruntime_genai")
 from compress import onnx as connx
 from compress.formats import FormatSpec, parse_formats
 from edgedistill.errors import UserError
+from tests.conftest import build_tiny_llama
 
 PROMPTS = ["When will my card arrive?", "What is the exchange rate for euros today?", "My top up failed, please help me."]
 
 
 def build_onnx_llama(out: Path, tokenizer_dir: Path) -> Path:
     """A 2-layer random Llama the builder can export: GroupQueryAttention on CPU needs head_size % 16 == 0."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
+    build_tiny_llama(
+        out, AutoTokenizer.from_pretrained(tokenizer_dir), num_layers=2, hidden_size=64, intermediate_size=128, max_position_embeddings=256,
         initializer_range=0.2,  # larger than the default, so greedy tokens vary instead of repeating one token
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
+    )  # fmt: skip
     return out
 
 
