@@ -424,6 +424,11 @@ class OpenAITeacher(Teacher):
             retry_after: float | None = None
             try:
                 resp = await client.post(self.url, json=body)
+            except httpx.ConnectTimeout:
+                # no connection within the timeout: the server is not reachable (a stall of this
+                # machine ends the same way), which is not the same as a slow answer
+                failure = f"teacher at {self.base_url} is unreachable (no connection within {self.timeout_s:g}s)"
+                fix = "start it or fix teacher.base_url, or raise teacher.timeout_s"
             except httpx.TimeoutException:
                 failure = f"teacher at {self.base_url} did not answer within {self.timeout_s:g}s"
                 fix = "raise teacher.timeout_s or lower teacher.max_concurrency"

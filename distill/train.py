@@ -325,6 +325,7 @@ def train(
     *,
     max_steps: int | None = None,
     progress: bool = False,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> dict:
     """Fine-tune the HF checkpoint in base_dir on examples ({"messages": [...], "answer": str}).
 
@@ -333,7 +334,7 @@ def train(
     distilled too. Checkpoints go to out_dir/checkpoints every ``cfg.save_steps`` steps and a
     rerun resumes from the newest one (same data and settings); on success the merged model and
     tokenizer are written to out_dir and the checkpoints removed. ``max_steps`` overrides
-    ``cfg.epochs``. Returns {"train_loss", "final_loss", "losses", "steps", "runtime_s",
+    ``cfg.epochs``; ``callbacks`` are extra TrainerCallbacks (e.g. to read the gradients). Returns {"train_loss", "final_loss", "losses", "steps", "runtime_s",
     "params", "trainable_params"}.
     """
     from transformers import set_seed
@@ -418,7 +419,7 @@ def train(
         data_seed=cfg.seed,
         disable_tqdm=not progress,
     )
-    callbacks = [_LogCallback(log)] if log else []
+    callbacks = ([_LogCallback(log)] if log else []) + list(callbacks or [])
     trainer = DistillTrainer(
         model=model,
         args=args,

@@ -159,7 +159,7 @@ def ask_everything(c: TestClient) -> list[dict]:
 
 FAULTS = {
     "down": ("down", "unreachable"),
-    "slow past the timeout": ("slow:1.5", "timeout"),
+    "slow past the timeout": ("slow:3", "timeout"),
     "drips its answer": ("drip", "timeout"),
     "429": ("status:429", "http_429"),
     "500": ("status:500", "http_500"),
@@ -183,7 +183,9 @@ def test_failing_teacher_never_fails_a_request(fault):
         for a in answers:
             ed = a["edgedistill"]
             assert ed["answered_by"] == "student" and ed["teacher_error"].startswith(error), (fault, ed)
-        assert took < 4 * 0.5 + 3, took  # the timeout bounds each teacher call, drip or not
+        # the 0.5 s timeout bounds each of the 4 teacher calls, drip or not; without it they take 12-20 s.
+        # The 6 s of slack are for a loaded machine.
+        assert took < 4 * 0.5 + 6, took
         assert c.get("/ready").status_code == 200
 
 

@@ -307,7 +307,7 @@ def test_declared_huge_body_is_refused_before_it_is_sent(small_server):
         )
         assert _status_of(s) == 413
     took = time.perf_counter() - t0
-    assert took < 2  # answered at once, not after a gigabyte
+    assert took < 10  # answered at once, not after a gigabyte (a bound a loaded machine keeps)
     print(f"\nContent-Length 1e9: 413 after {took * 1000:.0f} ms")
 
 

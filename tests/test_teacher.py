@@ -332,7 +332,7 @@ def test_retry_after_is_capped(server, cache):
     t = api_teacher(server, cache, max_concurrency=1, retry_max_delay_s=0.05)
     start = time.monotonic()
     assert t.run_chat_many(reqs(1))[0].text == "echo: q0"
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 60  # not the hour asked for; a bound a loaded machine keeps
 
 
 def test_500_then_success(server, cache):
@@ -354,10 +354,12 @@ def test_500_forever_is_one_line_user_error(server, cache):
 
 def test_timeout_then_success(server, cache):
     server.plan = ["slow"]
-    server.slow_s = 1.0
-    t = api_teacher(server, cache, max_concurrency=1, timeout_s=0.2)
+    server.slow_s = 3.0
+    t = api_teacher(server, cache, max_concurrency=1, timeout_s=0.5)
     out = t.run_chat_many(reqs(1))
-    assert out[0].text == "echo: q0" and t.usage.retries == 1 and server.hits == 2
+    # the slow answer times out and is retried; on a loaded machine even a fast local answer may
+    # miss 0.5 s once more, so the count of retries is what the hits show, at least one
+    assert out[0].text == "echo: q0" and t.usage.retries >= 1 and server.hits == t.usage.retries + 1
 
 
 def test_timeout_forever_is_user_error(server, cache):
@@ -381,6 +383,24 @@ def test_unreachable_port_is_one_line_user_error(cache):
     msg = str(e.value)
     assert "\n" not in msg and url in msg and "unreachable" in msg and "teacher.base_url" in msg
     assert len(cache) == 0
+
+
+def test_connect_timeout_says_unreachable(cache, monkeypatch):
+    # no connection within the timeout (a server that drops SYNs, or this machine stalled): the
+    # teacher is unreachable, not slow to answer
+    import httpx
+
+    async def no_connection(self, url, **kwargs):
+        raise httpx.ConnectTimeout("timed out")
+
+    monkeypatch.setattr(httpx.AsyncClient, "post", no_connection)
+    url = "http://10.9.9.9:8000/v1"
+    t = OpenAITeacher(url, "big-model", None, 2, 2.0, 1, Prices(), cache, retry_base_delay_s=0.001)
+    with pytest.raises(UserError) as e:
+        t.run_chat_many(reqs(2))
+    msg = str(e.value)
+    assert "\n" not in msg and url in msg and "unreachable" in msg and "within 2s" in msg and "2 attempts" in msg
+    assert t.usage.retries >= 1 and len(cache) == 0
 
 
 def test_401_is_user_error_without_the_key(server, cache, monkeypatch):
