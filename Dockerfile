@@ -36,7 +36,7 @@ RUN pip install --no-cache-dir /wheels/llama_cpp_python-*.whl ".[serve,onnx]" \
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=3s CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health')"]
-ENTRYPOINT ["python", "-m", "serve.cli"]
+ENTRYPOINT ["python", "-m", "edgedistill.serve.cli"]
 
 # --- full: the whole toolchain ---------------------------------------------------------------------
 FROM python:${PYTHON}-slim AS full

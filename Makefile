@@ -66,4 +66,4 @@ llama-tools:
 .PHONY: gptq-env
 # the llm-compressor venv that builds GPTQ artifacts (its own transformers pin; made on first use otherwise)
 gptq-env: $(STAMP)
-	$(BIN)/python -m compress.gptq --prepare
+	$(BIN)/python -m edgedistill.compress.gptq --prepare

@@ -14,8 +14,7 @@ from itertools import pairwise
 from typing import Any
 
 import numpy as np
-
-from bench.cost import cascade_cost_per_1k, sig
+from edgedistill.bench.cost import cascade_cost_per_1k, sig
 
 GRID = tuple(round(x, 2) for x in np.linspace(0.0, 1.0, 21))
 

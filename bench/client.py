@@ -16,8 +16,8 @@ from itertools import pairwise
 from typing import Any
 
 import httpx
+from edgedistill.bench.config import Endpoint
 
-from bench.config import Endpoint
 from edgedistill.errors import UserError
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench.cost import Price, parse_price
+from edgedistill.bench.cost import Price, parse_price
+
 from edgedistill.errors import UserError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -29,7 +30,7 @@ class Endpoint:
     model: str | None = None  # from NAME=URL#model, else GET /v1/models
     api_key: str | None = None
     price: Price | None = None
-    # found out by bench.client.discover
+    # found out by edgedistill.bench.client.discover
     edgedistill: bool = False  # an edgedistill server: answers carry the "edgedistill" object
     predict: bool = False  # it serves /v1/predict (an artifact with a task spec)
     has_teacher: bool | None = None  # an edgedistill server's /v1/models: a teacher configured (None: not said)

@@ -1,7 +1,7 @@
 """Load patterns: closed loop at a fixed concurrency, open loop with Poisson arrivals.
 
 ``send(i)`` makes request number ``i`` (its prompt is ``i`` modulo the prompt list) and returns its
-:class:`~bench.client.Sample`. Warm-up requests are sent by the caller beforehand and never reach
+:class:`~edgedistill.bench.client.Sample`. Warm-up requests are sent by the caller beforehand and never reach
 these functions' results.
 """
 
@@ -11,8 +11,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import numpy as np
-
-from bench.client import Sample
+from edgedistill.bench.client import Sample
 
 Send = Callable[[int], Awaitable[Sample]]
 OnDone = Callable[[Sample], None]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.pareto import frontier
+from edgedistill.bench.pareto import frontier
 
 
 def _plt():

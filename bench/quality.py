@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from edgedistill.bench.client import Sample
 
-from bench.client import Sample
 from edgedistill.metrics import agreement, exact_match, expected_calibration_error, primary_metric, reliability_bins, task_scores
 from edgedistill.prompts import parse_answer, student_messages, teacher_label_messages
 

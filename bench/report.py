@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.plot import row_label
+from edgedistill.bench.plot import row_label
 
 
 def _f(v: Any, digits: int = 1) -> str:
@@ -165,7 +165,7 @@ def write_markdown(report: dict[str, Any], out: Path) -> Path:
 
 def pareto_labels(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
     """The labels of the frontier rows, per axis (what pareto.png marks)."""
-    from bench.pareto import frontier
+    from edgedistill.bench.pareto import frontier
 
     out = {}
     for axis, key in (

@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from edgedistill.bench import cascade, client, load, quality, report, stats
+from edgedistill.bench.ceiling import gguf_runner, run_ceiling
+from edgedistill.bench.config import BenchConfig, Endpoint, build_config
+from edgedistill.bench.cost import cascade_cost_per_1k, own_cost_per_1k, sig
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-from bench import cascade, client, load, quality, report, stats
-from bench.ceiling import gguf_runner, run_ceiling
-from bench.config import BenchConfig, Endpoint, build_config
-from bench.cost import cascade_cost_per_1k, own_cost_per_1k, sig
 
 ROW_KEYS = ("name", "mode", "concurrency", "rate", "offered_rate", "sent")
 
@@ -50,7 +49,7 @@ class Measured:
 
 
 def bench_command(**flags: Any) -> dict[str, Any]:
-    """Parse the CLI's flags (see bench.config.build_config), run, write DIR/report.{json,md} and PNGs."""
+    """Parse the CLI's flags (see edgedistill.bench.config.build_config), run, write DIR/report.{json,md} and PNGs."""
     return run_bench(build_config(**flags))
 
 
@@ -446,7 +445,7 @@ def _token_notes(rows: list[dict[str, Any]], notes: list[str]) -> None:
 
 
 def _write(cfg: BenchConfig, rep: dict[str, Any]) -> dict[str, str]:
-    from bench import plot
+    from edgedistill.bench import plot
 
     files: dict[str, str] = {"report_json": str(cfg.out / "report.json"), "report_md": str(cfg.out / "report.md")}
     if rep["pareto"] is not None:

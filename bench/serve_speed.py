@@ -8,7 +8,7 @@ concurrency 1 and 4, for
 
 A benchmark, not a test: numbers depend on the machine and on what else runs on it.
 
-    python -m bench.serve_speed --threads 2 --out runs/bench/serve_speed.json
+    python -m edgedistill.bench.serve_speed --threads 2 --out runs/bench/serve_speed.json
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def commands(gguf: Path, threads: int, port: int, llama_server_bin: str | None) 
         "ours": [
             py,
             "-m",
-            "serve.cli",
+            "edgedistill.serve.cli",
             str(gguf),
             "--port",
             str(port),
@@ -77,7 +77,7 @@ def commands(gguf: Path, threads: int, port: int, llama_server_bin: str | None) 
         "ours-noconf": [
             py,
             "-m",
-            "serve.cli",
+            "edgedistill.serve.cli",
             str(gguf),
             "--port",
             str(port),

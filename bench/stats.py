@@ -12,9 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
-from bench.client import Sample
-from bench.cost import sig
+from edgedistill.bench.client import Sample
+from edgedistill.bench.cost import sig
 
 PERCENTILES = (50, 90, 99)
 

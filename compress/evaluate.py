@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from compress.formats import Runtime
+from edgedistill.compress.formats import Runtime
+
 from edgedistill.metrics import score_answers
 
 SPEED_TOKENS = 64

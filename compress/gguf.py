@@ -29,8 +29,9 @@ import tarfile
 import time
 from pathlib import Path
 
-from compress import toolenv
-from compress.formats import Built, FormatSpec
+from edgedistill.compress import toolenv
+from edgedistill.compress.formats import Built, FormatSpec
+
 from edgedistill.errors import UserError
 
 # variant -> llama.cpp file type name (llama-quantize's argument, LLAMA_FTYPE_MOSTLY_<name>)

@@ -18,7 +18,7 @@ Why llm-compressor (and its compressed-tensors format), not GPTQModel:
   March 2024, CUDA kernels for torch 2.2).
 - **The cost.** llm-compressor 0.14 pins transformers 5.15-5.17 and compressed-tensors 0.19, so it
   cannot share our environment (transformers 5.23); like llama.cpp's converter it gets its own
-  virtual environment (``compress.toolenv``, created on first use, ~1.5 min and 1.5 GB here; or
+  virtual environment (``edgedistill.compress.toolenv``, created on first use, ~1.5 min and 1.5 GB here; or
   ahead of time with ``make gptq-env``) and runs as a subprocess (``compress/gptq_worker.py``).
   Only *making* the artifact needs it; loading it needs compressed-tensors >= 0.10 in the main
   environment (0.20 tested with transformers 5.23 and torch 2.13).
@@ -41,9 +41,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from compress import toolenv
-from compress.formats import Built, FormatSpec
-from compress.reference import HFRuntime
+from edgedistill.compress import toolenv
+from edgedistill.compress.formats import Built, FormatSpec
+from edgedistill.compress.reference import HFRuntime
+
 from edgedistill.errors import UserError
 
 REQUIREMENTS = [toolenv.TORCH_CPU, "transformers==5.17.0", "llmcompressor==0.14.0.1", "compressed-tensors==0.19.0"]
@@ -214,11 +215,11 @@ def _read_report(path: Path) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m compress.gptq --prepare``: create the llm-compressor venv ahead of time (make gptq-env)."""
+    """``python -m edgedistill.compress.gptq --prepare``: create the llm-compressor venv ahead of time (make gptq-env)."""
     import argparse
     import time
 
-    ap = argparse.ArgumentParser(prog="python -m compress.gptq", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m edgedistill.compress.gptq", description=main.__doc__)
     ap.add_argument("--prepare", action="store_true", help="create (or find) the GPTQ tool venv and print its versions")
     args = ap.parse_args(argv)
     if not args.prepare:

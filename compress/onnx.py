@@ -49,9 +49,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edgedistill.compress import toolenv
+from edgedistill.compress.formats import Built, FormatSpec
 
-from compress import toolenv
-from compress.formats import Built, FormatSpec
 from edgedistill.errors import UserError
 from edgedistill.manifest import sha256_file
 

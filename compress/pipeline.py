@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgedistill.compress.calibration import load_calibration, prompt_ids
+from edgedistill.compress.evaluate import measure
+from edgedistill.compress.formats import Built, FormatSpec, parse_formats
 from rich.console import Console
 from rich.table import Table
 
-from compress.calibration import load_calibration, prompt_ids
-from compress.evaluate import measure
-from compress.formats import Built, FormatSpec, parse_formats
 from edgedistill.errors import UserError
 from edgedistill.manifest import MANIFEST, hash_files, read_manifest, sha256_json, write_json_atomic, write_manifest
 from edgedistill.metrics import primary_metric
@@ -85,7 +85,7 @@ def run_compress(
     calib_texts = calib.texts(spec, tokenizer)
     test = spec.load_test_set()
     if eval_limit:
-        from distill.evaluate import stratified
+        from edgedistill.distill.evaluate import stratified
 
         test = stratified(test, spec, eval_limit)
     test_prompts = [prompt_ids(tokenizer, student_messages(spec, r.input)) for r in test]
@@ -171,7 +171,7 @@ def _reference(ckpt, tokenizer, spec, test_prompts, golds, agree_prompts, path: 
         old = json.loads(path.read_text(encoding="utf-8"))
         if old.get("key") == key:
             return old
-    from compress.reference import HFRuntime
+    from edgedistill.compress.reference import HFRuntime
 
     console.print("measuring the FP student (transformers) ...")
     rt = HFRuntime(ckpt)

@@ -6,7 +6,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from distill.teacher import ChatRequest
+from edgedistill.distill.teacher import ChatRequest
+
 from edgedistill.metrics import agreement, primary_metric
 from edgedistill.prompts import Messages, format_answer
 

@@ -11,7 +11,8 @@ import random
 import re
 from typing import Any
 
-from distill.teacher import ChatRequest, ChatResult, Teacher
+from edgedistill.distill.teacher import ChatRequest, ChatResult, Teacher
+
 from edgedistill.prompts import format_answer, parse_answer, teacher_label_messages
 
 REGISTERS = ["very casual", "formal and polite", "annoyed and impatient", "as a non-native English speaker", "terse, like a text message"]

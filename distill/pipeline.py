@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgedistill.distill.cache import ResponseCache
+from edgedistill.distill.evaluate import add_agreement, answer_requests, stratified, table_markdown
+from edgedistill.distill.generate import attach_labels, generation_requests, label_requests, synthetic_inputs
+from edgedistill.distill.teacher import ChatRequest, Teacher, make_teacher
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from distill.cache import ResponseCache
-from distill.evaluate import add_agreement, answer_requests, stratified, table_markdown
-from distill.generate import attach_labels, generation_requests, label_requests, synthetic_inputs
-from distill.teacher import ChatRequest, Teacher, make_teacher
 from edgedistill.errors import GateFailed
 from edgedistill.manifest import read_manifest, sha256_file, sha256_json, write_json_atomic, write_manifest
 from edgedistill.metrics import primary_metric, score_answers
@@ -116,7 +116,7 @@ def teacher_gate(spec: TaskSpec, teacher: Teacher, test: list, out: Path, skip_g
 
 
 def build_dataset(spec: TaskSpec, teacher: Teacher, seeds: list, test: list, cache: ResponseCache, data_dir: Path) -> tuple[list[dict], dict]:
-    from distill.validate import format_report_table, validate_rows
+    from edgedistill.distill.validate import format_report_table, validate_rows
 
     generator = make_teacher(spec.generation.generator, spec.base_dir, cache) if spec.generation.generator else teacher
     gen_reqs = generation_requests(spec, seeds)
@@ -178,8 +178,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def train_student(spec: TaskSpec, kept: list[dict], data_dir: Path, teacher: Teacher, out: Path) -> tuple[Path, Path, dict]:
-    from distill.models import count_params, ensure_hf_checkpoint, init_from_layers
-    from distill.train import train
+    from edgedistill.distill.models import count_params, ensure_hf_checkpoint, init_from_layers
+    from edgedistill.distill.train import train
 
     work = out / "work"
     teacher_dir = None
@@ -237,8 +237,8 @@ def train_student(spec: TaskSpec, kept: list[dict], data_dir: Path, teacher: Tea
 
 
 def evaluate_all(spec: TaskSpec, teacher: Teacher, test: list, student_dir: Path, base_dir: Path, out: Path) -> dict[str, dict]:
-    from distill.models import count_params
-    from distill.teacher import LocalHFTeacher
+    from edgedistill.distill.models import count_params
+    from edgedistill.distill.teacher import LocalHFTeacher
 
     inputs, golds = [r.input for r in test], [r.output for r in test]
     results: dict[str, dict] = {}

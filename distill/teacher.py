@@ -7,7 +7,7 @@ Three kinds behind one interface, :class:`Teacher`:
 - :class:`LocalHFTeacher`: a Hugging Face checkpoint run in-process (batched, CPU, float32);
 - :class:`LocalGGUFTeacher`: a GGUF file run with llama-cpp-python.
 
-Every answer goes through a :class:`~distill.cache.ResponseCache` first: a request already answered
+Every answer goes through a :class:`~edgedistill.distill.cache.ResponseCache` first: a request already answered
 (same model, endpoint, messages and decoding settings) is never sent again, so a killed run
 resumes where it stopped and pays nothing twice. The API key is read from the environment at
 construction and never written anywhere (cache rows, descriptions, messages).
@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from distill.cache import ResponseCache, cache_key
+from edgedistill.distill.cache import ResponseCache, cache_key
+
 from edgedistill.errors import UserError
 from edgedistill.spec import Prices, TeacherConfig, resolve_path
 

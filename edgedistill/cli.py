@@ -30,7 +30,7 @@ def distill(
     gate_only: Annotated[bool, typer.Option(help="Only evaluate the teacher on the test set, then stop.")] = False,
 ) -> None:
     """Teacher gate -> synthetic data -> validation -> student training -> evaluation."""
-    from distill.pipeline import run_distill
+    from edgedistill.distill.pipeline import run_distill
 
     run_distill(spec, out, skip_gate=skip_gate, gate_only=gate_only)
 
@@ -51,7 +51,7 @@ def compress(
     eval_limit: Annotated[int | None, typer.Option(help="Evaluate on at most this many test rows (stratified).")] = None,
 ) -> None:
     """Quantize a student into GGUF / ONNX / GPTQ artifacts, each measured against the FP student and gated."""
-    from compress.pipeline import run_compress
+    from edgedistill.compress.pipeline import run_compress
 
     run_compress(checkpoint, formats=formats, calibration=calibration, task=task, out=out, max_drop=max_drop,
                  keep_failed=keep_failed, eval_limit=eval_limit)
@@ -74,7 +74,7 @@ def serve(
     confidence: Annotated[bool | None, typer.Option("--confidence/--no-confidence", help="Score confidence per response.")] = None,
 ) -> None:
     """Serve an artifact behind an OpenAI-compatible API with per-request confidence and teacher fallback."""
-    from serve.cli import serve_command
+    from edgedistill.serve.cli import serve_command
 
     serve_command(
         artifact, teacher_url, teacher_model, teacher_api_key_env, threshold, host, port, api_key_env, config,
@@ -106,7 +106,7 @@ def bench(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Live progress display.")] = True,
 ) -> None:
     """Benchmark OpenAI-compatible endpoints: latency, throughput, cost, accuracy, cascade sweep, Pareto frontier."""
-    from bench.run import bench_command
+    from edgedistill.bench.run import bench_command
 
     bench_command(
         endpoint=endpoint, task=task, concurrency=concurrency, rate=rate, requests=requests, warmup=warmup, max_tokens=max_tokens,

@@ -40,7 +40,7 @@ STAGES = ("distill", "compress", "bench")
 
 
 def _prepare_tools(formats: str, errors: list[str]) -> None:
-    from compress.pipeline import prepare_tools
+    from edgedistill.compress.pipeline import prepare_tools
 
     try:
         prepare_tools(formats)
@@ -86,7 +86,7 @@ def run_all(spec_path: Path, out: Path | None = None, *, skip_gate: bool = False
     bench_dir = out / "bench"
 
     # 1. distill: gate, data, student, evaluation
-    from distill.pipeline import run_distill
+    from edgedistill.distill.pipeline import run_distill
 
     prep: list[threading.Thread] = []
     prep_errors: list[str] = []
@@ -106,7 +106,7 @@ def run_all(spec_path: Path, out: Path | None = None, *, skip_gate: bool = False
         console.print(f"[yellow]preparing compress's tools in the background failed ({e}); compress tries again")
 
     # 2. compress: every format, gated
-    from compress.pipeline import run_compress
+    from edgedistill.compress.pipeline import run_compress
 
     def do_compress() -> None:
         run_compress(student, calibration=data, task=spec_path, out=artifacts, strict=False)
@@ -192,8 +192,8 @@ def _safe(check) -> Any:
 
 
 def serve_and_bench(spec: TaskSpec, spec_path: Path, out: Path, artifacts: Path, bench_dir: Path) -> dict[str, Any]:
-    from bench.config import build_config
-    from bench.run import run_bench
+    from edgedistill.bench.config import build_config
+    from edgedistill.bench.run import run_bench
 
     b = spec.bench
     summary = json.loads((artifacts / "compress.json").read_text())
@@ -284,7 +284,7 @@ def _served_teacher(spec: TaskSpec, out: Path) -> Path:
 
 
 def _serve_cmd(artifact: Path, port: int, threads: str) -> list[str]:
-    return [sys.executable, "-m", "serve.cli", str(artifact), "--host", "127.0.0.1", "--port", str(port), "--n-threads", threads,
+    return [sys.executable, "-m", "edgedistill.serve.cli", str(artifact), "--host", "127.0.0.1", "--port", str(port), "--n-threads", threads,
             "--log-level", "warning"]
 
 

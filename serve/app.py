@@ -22,20 +22,15 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
-
-from edgedistill.prompts import parse_answer, student_messages, teacher_label_messages
-from serve import errors
-from serve.artifact import Artifact, load_artifact
-from serve.confidence import build_label_trie, calibrated, generation_scores, label_variants, temperature_for
-from serve.engine import Engine, GenParams, QueueFull, RequestHandle, SeqResult
-from serve.errors import APIError
-from serve.fallback import CircuitBreaker, Teacher, TeacherError
-from serve.metrics import Metrics
-from serve.settings import Settings
-from serve.types import (
+from edgedistill.serve import errors
+from edgedistill.serve.artifact import Artifact, load_artifact
+from edgedistill.serve.confidence import build_label_trie, calibrated, generation_scores, label_variants, temperature_for
+from edgedistill.serve.engine import Engine, GenParams, QueueFull, RequestHandle, SeqResult
+from edgedistill.serve.errors import APIError
+from edgedistill.serve.fallback import CircuitBreaker, Teacher, TeacherError
+from edgedistill.serve.metrics import Metrics
+from edgedistill.serve.settings import Settings
+from edgedistill.serve.types import (
     ChatCompletion,
     ChatCompletionRequest,
     Completion,
@@ -48,6 +43,11 @@ from serve.types import (
     Ready,
     StreamEvent,
 )
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from edgedistill.prompts import parse_answer, student_messages, teacher_label_messages
 
 log = logging.getLogger("edgedistill.serve")
 
@@ -314,7 +314,7 @@ async def student_predict(st: State, text: str, request: Request | None = None) 
 
 
 def _make_engine(artifact: Artifact, s: Settings) -> Engine:
-    from serve.backends import make_runner
+    from edgedistill.serve.backends import make_runner
 
     return Engine(make_runner(artifact, s), max_queue=s.max_queue)
 

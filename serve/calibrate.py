@@ -4,10 +4,10 @@ means about 90 % of the answers above it are right.
 
 The student answers every row through the same code path as ``/v1/predict`` (task template,
 greedy, answer parsing, raw label-set / token-quantile scores); temperature scaling is then fitted
-by maximum likelihood (``serve.confidence.fit_temperature``). Use a split the model was not trained
+by maximum likelihood (``edgedistill.serve.confidence.fit_temperature``). Use a split the model was not trained
 on and that is not the test set.
 
-    python -m serve.calibrate runs/banking77/artifact-gguf data/calibration.jsonl
+    python -m edgedistill.serve.calibrate runs/banking77/artifact-gguf data/calibration.jsonl
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _is_correct(task_type: str, value: Any, gold: Any) -> bool:
 
 async def collect(st, rows: list[dict[str, Any]]) -> tuple[list[list[float]], list[bool], list[float]]:
     """Raw scores, correctness and current confidence for each row that parsed (in slot-sized waves)."""
-    from serve.app import student_predict
+    from edgedistill.serve.app import student_predict
 
     task = st.artifact.task
     scores, correct, confs = [], [], []
@@ -57,8 +57,9 @@ async def collect(st, rows: list[dict[str, Any]]) -> tuple[list[list[float]], li
 
 
 def fit_calibration(st, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    from edgedistill.serve.confidence import calibrated, fit_temperature
+
     from edgedistill.metrics import expected_calibration_error
-    from serve.confidence import calibrated, fit_temperature
 
     scores, correct, before = asyncio.run(collect(st, rows))
     if len(scores) < 10:
@@ -84,11 +85,11 @@ def calibrate_artifact(
     artifact: Path, data: Path, limit: int | None = None, n_threads: int | None = None, write: bool = True
 ) -> dict:
     """Fit the temperature on ``data`` (CSV/JSONL with input and output) and store it in the manifest."""
+    from edgedistill.serve.app import create_app
+    from edgedistill.serve.settings import Settings
     from fastapi.testclient import TestClient
 
     from edgedistill.spec import read_rows
-    from serve.app import create_app
-    from serve.settings import Settings
 
     artifact = Path(artifact)
     if not (artifact / MANIFEST).exists():
@@ -110,7 +111,7 @@ def calibrate_artifact(
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m serve.calibrate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m edgedistill.serve.calibrate", description=__doc__.split("\n\n")[0])
     ap.add_argument("artifact", type=Path)
     ap.add_argument("data", type=Path, help="CSV or JSONL with input and output columns (a calibration split)")
     ap.add_argument("--limit", type=int)

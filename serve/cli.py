@@ -1,6 +1,6 @@
 """`edgedistill serve`: run the OpenAI-compatible server for an artifact folder or a .gguf file.
 
-``serve_command`` is the typed entry the CLI registry wires; ``python -m serve.cli`` runs the same
+``serve_command`` is the typed entry the CLI registry wires; ``python -m edgedistill.serve.cli`` runs the same
 function with argparse (used by the tests and by a slim install without typer).
 """
 
@@ -38,9 +38,8 @@ def serve_command(
     Flags left out come from EDGEDISTILL_* environment variables, then the --config file, then defaults.
     """
     import uvicorn
-
-    from serve.app import create_app
-    from serve.settings import Settings
+    from edgedistill.serve.app import create_app
+    from edgedistill.serve.settings import Settings
 
     settings = Settings.load(
         config,

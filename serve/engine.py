@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-
-from serve.confidence import LabelScorer
+from edgedistill.serve.confidence import LabelScorer
 
 log = logging.getLogger("edgedistill.serve")
 

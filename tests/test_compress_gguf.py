@@ -13,9 +13,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from edgedistill.compress import gguf
+from edgedistill.compress.formats import FormatSpec
 
-from compress import gguf
-from compress.formats import FormatSpec
 from edgedistill.errors import UserError
 from tests.conftest import build_tiny_llama
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from edgedistill.compress.calibration import prompt_ids
+from edgedistill.compress.formats import FormatSpec, parse_formats
 
-from compress.calibration import prompt_ids
-from compress.formats import FormatSpec, parse_formats
 from edgedistill.errors import UserError
 from tests.conftest import CHATML, CORPUS
 
@@ -37,7 +37,7 @@ def _calib_texts() -> list[str]:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tiny_model_dir):
     pytest.importorskip("compressed_tensors")
-    from compress import gptq
+    from edgedistill.compress import gptq
 
     root = tmp_path_factory.mktemp("gptq")
     out = root / "gptq-int4"
@@ -101,8 +101,7 @@ def test_checkpoint_is_4bit_packed_compressed_tensors(built, tiny_model_dir):
 
 def test_runtime_weights_are_the_packed_integers_times_scales(built, tiny_model_dir):
     import torch
-
-    from compress import gptq
+    from edgedistill.compress import gptq
 
     out, _ = built
     t = _tensors(out)
@@ -129,9 +128,8 @@ def test_runtime_weights_are_the_packed_integers_times_scales(built, tiny_model_
 
 def test_gptq_beats_round_to_nearest_on_calibration_texts(built, tiny_model_dir):
     import torch
+    from edgedistill.compress import gptq
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from compress import gptq
 
     out, _ = built
     ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
@@ -162,9 +160,8 @@ def test_gptq_beats_round_to_nearest_on_calibration_texts(built, tiny_model_dir)
 
 
 def test_runtime_generates_greedy_token_ids(built, tiny_model_dir):
+    from edgedistill.compress import gptq
     from transformers import AutoTokenizer
-
-    from compress import gptq
 
     out, _ = built
     tok = AutoTokenizer.from_pretrained(out)
@@ -185,7 +182,7 @@ def test_runtime_generates_greedy_token_ids(built, tiny_model_dir):
 def test_int8_and_default_group_size_fallback(tmp_path, tiny_model_dir):
     """gptq:int8 with no group size: 128 does not divide the tiny widths (32, 64), so 32 is used and noted."""
     pytest.importorskip("compressed_tensors")
-    from compress import gptq
+    from edgedistill.compress import gptq
 
     out = tmp_path / "gptq-int8"
     out.mkdir()
@@ -203,7 +200,7 @@ def test_int8_and_default_group_size_fallback(tmp_path, tiny_model_dir):
 
 
 def test_bad_options_fail_with_one_line(tmp_path, tiny_model_dir):
-    from compress import gptq
+    from edgedistill.compress import gptq
 
     with pytest.raises(UserError, match="unknown option 'groupsize'"):
         gptq.build(tiny_model_dir, parse_formats("gptq:int4:groupsize=64")[0], tmp_path, ["x"], tmp_path / "w")
@@ -220,7 +217,7 @@ def test_bad_options_fail_with_one_line(tmp_path, tiny_model_dir):
 
 def test_load_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
     pytest.importorskip("compressed_tensors")
-    from compress import gptq
+    from edgedistill.compress import gptq
 
     with pytest.raises(UserError, match="not a loadable compressed-tensors checkpoint"):
         gptq.load(tmp_path, {})

@@ -13,8 +13,9 @@ import pytest
 
 pytest.importorskip("onnxruntime_genai")
 
-from compress import onnx as connx
-from compress.formats import FormatSpec, parse_formats
+from edgedistill.compress import onnx as connx
+from edgedistill.compress.formats import FormatSpec, parse_formats
+
 from edgedistill.errors import UserError
 from tests.conftest import build_tiny_llama
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from edgedistill.compress import pipeline
+from edgedistill.compress.formats import Built, parse_formats
 
-from compress import pipeline
-from compress.formats import Built, parse_formats
 from edgedistill.errors import UserError
 from edgedistill.manifest import read_manifest
 
@@ -83,7 +83,7 @@ def run(student, monkeypatch, wrong_every, builds, **kw):
     ck, data, spec = student
     from transformers import AutoTokenizer
 
-    monkeypatch.setattr("compress.reference.HFRuntime", lambda folder: Oracle(AutoTokenizer.from_pretrained(folder)))
+    monkeypatch.setattr("edgedistill.compress.reference.HFRuntime", lambda folder: Oracle(AutoTokenizer.from_pretrained(folder)))
     monkeypatch.setattr(pipeline, "_module", lambda fmt: fake_family(ck, wrong_every, builds))
     return pipeline.run_compress(ck, formats="gguf:q8_0,gguf:q4_k_m", calibration=data, task=spec, **kw)
 

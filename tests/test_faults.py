@@ -31,16 +31,16 @@ from pathlib import Path
 import pytest
 import uvicorn
 import yaml
+from edgedistill.distill.cache import ResponseCache
+from edgedistill.serve.artifact import load_artifact
+from edgedistill.serve.fallback import CircuitBreaker, Teacher
+from edgedistill.serve.types import ChatCompletion, Completion, PredictResponse
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.testclient import TestClient
 
-from distill.cache import ResponseCache
 from edgedistill.errors import UserError
 from edgedistill.manifest import write_manifest
-from serve.artifact import load_artifact
-from serve.fallback import CircuitBreaker, Teacher
-from serve.types import ChatCompletion, Completion, PredictResponse
 from tests.serve_fakes import free_port
 from tests.test_cli import assert_one_line_error, run_cli
 from tests.test_serve_api import MODEL, chat_body, classification_task, make_app
@@ -325,9 +325,9 @@ def request_id(d: dict) -> str:
 GENERATE = """
 import sys
 from pathlib import Path
-from distill.cache import ResponseCache
-from distill.pipeline import build_dataset, teacher_gate
-from distill.teacher import make_teacher
+from edgedistill.distill.cache import ResponseCache
+from edgedistill.distill.pipeline import build_dataset, teacher_gate
+from edgedistill.distill.teacher import make_teacher
 from edgedistill.spec import load_spec
 
 # the first two steps of `edgedistill distill` (distill/pipeline.py run_distill), as it runs them
@@ -429,7 +429,7 @@ def test_generation_killed_with_sigkill_resumes_without_repeats_or_lost_rows(tmp
 TRAIN_CONFIG = {"method": "full", "epochs": 6, "batch_size": 2, "learning_rate": 5e-3, "warmup_ratio": 0.0, "save_steps": 2}
 TRAIN = f"""
 import sys
-from distill.train import train
+from edgedistill.distill.train import train
 from edgedistill.spec import TrainingConfig
 from tests.test_train import examples
 def log(entry):
@@ -442,9 +442,9 @@ train(sys.argv[1], sys.argv[2], examples(), TrainingConfig(**{TRAIN_CONFIG!r}), 
 @pytest.mark.slow
 def test_training_killed_with_sigkill_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path):
     torch = pytest.importorskip("torch")
+    from edgedistill.distill.train import train
     from safetensors.torch import load_file
 
-    from distill.train import train
     from edgedistill.spec import TrainingConfig
     from tests.test_train import examples
 

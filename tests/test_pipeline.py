@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from edgedistill.distill.pipeline import run_distill
 
-from distill.pipeline import run_distill
 from edgedistill.errors import GateFailed
 
 WORDS = {"card": "card_arrival", "rate": "exchange_rate", "pin": "change_pin"}

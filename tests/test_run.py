@@ -44,7 +44,7 @@ def prepared(monkeypatch):
         time.sleep(0.2)  # still running when distill returns: run_all must wait for it
         seen.append(formats)
 
-    monkeypatch.setattr("compress.pipeline.prepare_tools", fake_prepare)
+    monkeypatch.setattr("edgedistill.compress.pipeline.prepare_tools", fake_prepare)
     return seen
 
 
@@ -80,8 +80,8 @@ def calls(monkeypatch):
         write_json_atomic(bench_dir / "report.json", {"results": rows, "quality": {"cascade": {"accuracy": 0.9, "fallback_rate": 0.1}},
                                                       "cascade": {}})
 
-    monkeypatch.setattr("distill.pipeline.run_distill", fake_distill)
-    monkeypatch.setattr("compress.pipeline.run_compress", fake_compress)
+    monkeypatch.setattr("edgedistill.distill.pipeline.run_distill", fake_distill)
+    monkeypatch.setattr("edgedistill.compress.pipeline.run_compress", fake_compress)
     monkeypatch.setattr(run_mod, "serve_and_bench", fake_bench)
     return calls
 
@@ -121,7 +121,7 @@ def test_changed_stage_reruns_with_everything_after_it(spec_path, calls, tmp_pat
 
 def test_compress_tools_are_prepared_while_distill_runs(spec_path, calls, prepared, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    import compress.pipeline as cp
+    import edgedistill.compress.pipeline as cp
 
     fake = cp.run_compress
     ready_at_compress: list[int] = []
@@ -159,19 +159,19 @@ def test_damaged_output_reruns_the_stage(spec_path, calls, tmp_path):
 
 
 def test_interrupted_stage_reruns_and_force(spec_path, calls, tmp_path, monkeypatch):
-    import compress.pipeline
+    import edgedistill.compress.pipeline
 
     out = tmp_path / "out"
-    real = compress.pipeline.run_compress
+    real = edgedistill.compress.pipeline.run_compress
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("compress.pipeline.run_compress", interrupted)
+    monkeypatch.setattr("edgedistill.compress.pipeline.run_compress", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_mod.run_all(spec_path, out)
     assert json.loads((out / "run.json").read_text())["stages"]["compress"]["status"] == "running"
-    monkeypatch.setattr("compress.pipeline.run_compress", real)
+    monkeypatch.setattr("edgedistill.compress.pipeline.run_compress", real)
     calls.clear()
     run_mod.run_all(spec_path, out)
     assert calls == ["compress", "bench"]  # distill finished before the interruption: skipped

@@ -24,14 +24,14 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from edgedistill.distill.cache import ResponseCache
+from edgedistill.distill.pipeline import build_dataset, teacher_gate
+from edgedistill.distill.teacher import ChatRequest, OpenAITeacher, make_teacher
+from edgedistill.serve.settings import Settings
 from fastapi.testclient import TestClient
 
-from distill.cache import ResponseCache
-from distill.pipeline import build_dataset, teacher_gate
-from distill.teacher import ChatRequest, OpenAITeacher, make_teacher
 from edgedistill.errors import UserError
 from edgedistill.spec import load_spec
-from serve.settings import Settings
 from tests.test_faults import generation_spec
 from tests.test_load import serve_in_thread
 from tests.test_serve_api import MODEL, chat_body, classification_task, make_app
@@ -149,7 +149,7 @@ def test_key_comparison_is_constant_time(keyed, monkeypatch):
         calls.append((len(a), len(b)))
         return real(a, b)
 
-    monkeypatch.setattr("serve.app.hmac.compare_digest", spy)
+    monkeypatch.setattr("edgedistill.serve.app.hmac.compare_digest", spy)
     for token in ("", "x", KEY[:-1], KEY + "x", "y" * 5000, KEY):
         keyed.get("/v1/models", headers={"Authorization": f"Bearer {token}"})
     assert calls == [(32, 32)] * 6

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from edgedistill.serve.app import create_app
+from edgedistill.serve.artifact import Artifact, TaskView
+from edgedistill.serve.engine import Engine
+from edgedistill.serve.settings import Settings
 from fastapi.testclient import TestClient
 
-from serve.app import create_app
-from serve.artifact import Artifact, TaskView
-from serve.engine import Engine
-from serve.settings import Settings
 from tests.serve_fakes import FakeRunner, FakeTeacher, free_port
 
 MODEL = "fake-student"
@@ -391,7 +391,7 @@ def test_serve_imports_no_torch():
     import subprocess
     import sys
 
-    code = "import sys, serve.app, serve.cli, serve.backends, serve.engine_llama, serve.engine_onnx, serve.engine_hf; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    code = "import sys, edgedistill.serve.app, edgedistill.serve.cli, edgedistill.serve.backends, edgedistill.serve.engine_llama, edgedistill.serve.engine_onnx, edgedistill.serve.engine_hf; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from edgedistill.serve.app import create_app
+from edgedistill.serve.artifact import Artifact
+from edgedistill.serve.engine import Engine
+from edgedistill.serve.settings import Settings
 from fastapi.testclient import TestClient
-
-from serve.app import create_app
-from serve.artifact import Artifact
-from serve.engine import Engine
-from serve.settings import Settings
 
 pytest.importorskip("transformers")
 MODEL = "tiny-hf"
@@ -21,7 +20,7 @@ MODEL = "tiny-hf"
 
 @pytest.fixture(scope="module")
 def runner(tiny_model_dir):
-    from serve.engine_hf import HFRunner
+    from edgedistill.serve.engine_hf import HFRunner
 
     r = HFRunner(tiny_model_dir, n_slots=3, ctx_per_slot=128, n_batch=16, n_threads=1, device="cpu")
     yield r
@@ -96,10 +95,10 @@ def test_chunked_prefill_decode_and_crop_match_the_full_forward(runner, hf):
 
 
 def test_uncroppable_cache_prefills_the_kept_prefix_again(runner, hf, monkeypatch):
-    import serve.engine_hf
+    import edgedistill.serve.engine_hf
 
     model, _ = hf
-    monkeypatch.setattr(serve.engine_hf, "_exactly_croppable", lambda cache: False)  # as for sliding-window layers
+    monkeypatch.setattr(edgedistill.serve.engine_hf, "_exactly_croppable", lambda cache: False)  # as for sliding-window layers
     ids = list(range(50, 62))
     runner.seq_rm(1, 0)
     runner.decode(ids, list(range(12)), [1] * 12, [False] * 12)
@@ -149,7 +148,7 @@ def test_slots_are_independent_and_rows_keep_batch_order(runner, hf):
 
 
 def _app(tiny_dir: Path, **kw):
-    from serve.engine_hf import HFRunner
+    from edgedistill.serve.engine_hf import HFRunner
 
     s = Settings.load(artifact="unused", model_alias=MODEL, n_threads=1, threshold=0.0, max_tokens_limit=64)
     runner = HFRunner(tiny_dir, n_slots=3, ctx_per_slot=256, n_batch=32, n_threads=1, device="cpu", **kw)
@@ -191,10 +190,11 @@ def test_served_greedy_answers_are_transformers_greedy(tiny_model_dir, hf):
 
 @pytest.mark.slow
 def test_serves_a_gptq_artifact(tmp_path, tiny_model_dir):
-    """compress.gptq's artifact (compressed-tensors INT4) served: same greedy tokens as the gate's runtime."""
+    """edgedistill.compress.gptq's artifact (compressed-tensors INT4) served: same greedy tokens as the gate's runtime."""
     pytest.importorskip("compressed_tensors")
-    from compress import gptq
-    from compress.formats import parse_formats
+    from edgedistill.compress import gptq
+    from edgedistill.compress.formats import parse_formats
+
     from tests.conftest import CORPUS
 
     out = tmp_path / "gptq-int4"

@@ -42,7 +42,7 @@ class Server:
         cmd = [
             sys.executable,
             "-m",
-            "serve.cli",
+            "edgedistill.serve.cli",
             str(gguf),
             "--port",
             str(self.port),
@@ -160,11 +160,11 @@ def test_fallback_with_real_model(gguf):
 
 
 def test_predict_on_a_manifest_artifact(gguf, tmp_path):
+    from edgedistill.serve.app import create_app
+    from edgedistill.serve.settings import Settings
     from fastapi.testclient import TestClient
 
     from edgedistill.manifest import write_manifest
-    from serve.app import create_app
-    from serve.settings import Settings
 
     (tmp_path / "model.gguf").symlink_to(gguf)
     task = {

@@ -1,5 +1,5 @@
 """Serving an ONNX artifact: ``OnnxRunner`` (onnxruntime-genai, one Generator per slot) behind the
-real app and engine, on a tiny INT4 artifact made by ``compress.onnx``: greedy answers equal the
+real app and engine, on a tiny INT4 artifact made by ``edgedistill.compress.onnx``: greedy answers equal the
 artifact's own greedy decoding, alone, streamed, and with several requests sharing the slots."""
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import pytest
 
 pytest.importorskip("onnxruntime_genai")
 
-from compress import onnx as connx
-from compress.formats import FormatSpec
-from serve.app import create_app
-from serve.artifact import Artifact
-from serve.engine import Engine
-from serve.engine_onnx import OnnxRunner, token_pieces
-from serve.settings import Settings
+from edgedistill.compress import onnx as connx
+from edgedistill.compress.formats import FormatSpec
+from edgedistill.serve.app import create_app
+from edgedistill.serve.artifact import Artifact
+from edgedistill.serve.engine import Engine
+from edgedistill.serve.engine_onnx import OnnxRunner, token_pieces
+from edgedistill.serve.settings import Settings
+
 from tests.test_compress_onnx import build_onnx_llama, shared_work
 
 MODEL = "tiny-onnx"

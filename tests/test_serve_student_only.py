@@ -8,9 +8,9 @@ import json
 import re
 
 import pytest
+from edgedistill.serve.types import ChatCompletion, Completion, ModelList, PredictResponse
 from fastapi.testclient import TestClient
 
-from serve.types import ChatCompletion, Completion, ModelList, PredictResponse
 from tests.serve_fakes import FakeTeacher
 from tests.test_serve_api import MODEL, assert_openai_error, chat_body, classification_task, make_app
 

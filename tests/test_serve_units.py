@@ -6,13 +6,20 @@ import math
 
 import numpy as np
 import pytest
+from edgedistill.serve.artifact import load_artifact
+from edgedistill.serve.confidence import (
+    LabelScorer,
+    build_label_trie,
+    calibrated,
+    fit_temperature,
+    generation_scores,
+    temperature_for,
+)
+from edgedistill.serve.fallback import CircuitBreaker
+from edgedistill.serve.settings import Settings
 
 from edgedistill.errors import UserError
 from edgedistill.manifest import sha256_file, write_manifest
-from serve.artifact import load_artifact
-from serve.confidence import LabelScorer, build_label_trie, calibrated, fit_temperature, generation_scores, temperature_for
-from serve.fallback import CircuitBreaker
-from serve.settings import Settings
 
 
 def _logits(probs: dict[int, float], n: int = 10) -> tuple[np.ndarray, float]:
@@ -151,9 +158,9 @@ def test_load_artifact_refusals(tmp_path):
 
 
 def test_fit_calibration_on_a_fake_student():
+    from edgedistill.serve.calibrate import fit_calibration
     from fastapi.testclient import TestClient
 
-    from serve.calibrate import fit_calibration
     from tests.test_serve_api import classification_task, make_app
 
     # an over-confident student: peak 3 everywhere, right on "rate" inputs only
@@ -171,7 +178,7 @@ def test_fit_calibration_on_a_fake_student():
 
 
 def test_bench_summary_takes_medians_and_ratios():
-    from bench.serve_speed import summarize
+    from edgedistill.bench.serve_speed import summarize
 
     rows = [
         {"server": s, "concurrency": 4, "tokens_per_s": v}

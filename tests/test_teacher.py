@@ -17,15 +17,15 @@ from pathlib import Path
 from typing import Self
 
 import pytest
-
-from distill.cache import ResponseCache, cache_key
-from distill.teacher import (
+from edgedistill.distill.cache import ResponseCache, cache_key
+from edgedistill.distill.teacher import (
     ChatRequest,
     LocalGGUFTeacher,
     LocalHFTeacher,
     OpenAITeacher,
     make_teacher,
 )
+
 from edgedistill.errors import UserError
 from edgedistill.spec import Prices, TeacherConfig, resolve_path
 
@@ -291,8 +291,8 @@ def test_sigkill_midway_keeps_paid_answers(tmp_path):
         script = textwrap.dedent(
             f"""
             import sys
-            from distill.cache import ResponseCache
-            from distill.teacher import ChatRequest, OpenAITeacher
+            from edgedistill.distill.cache import ResponseCache
+            from edgedistill.distill.teacher import ChatRequest, OpenAITeacher
             reqs = [ChatRequest(messages=[{{"role": "user", "content": f"q{{i}}"}}]) for i in range(40)]
             t = OpenAITeacher({srv.base_url!r}, "big-model", None, 1, 5.0, 0, cache=ResponseCache({str(path)!r}))
             t.run_chat_many(reqs, on_result=lambda r: (print("done", flush=True)))

@@ -11,10 +11,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from edgedistill.distill.models import count_params, ensure_hf_checkpoint, gguf_to_hf, init_from_layers
+from edgedistill.distill.train import Collator, DistillTrainer, encode_example, kd_loss, train
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from distill.models import count_params, ensure_hf_checkpoint, gguf_to_hf, init_from_layers
-from distill.train import Collator, DistillTrainer, encode_example, kd_loss, train
 from edgedistill.errors import UserError
 from edgedistill.spec import LogitKDConfig, TrainingConfig, resolve_path
 
@@ -264,7 +264,7 @@ def test_bf16_teacher_still_distills(tiny_model_dir, teacher_dir, tok, tmp_path)
     ],
 )
 def test_native_bf16_reads_cpu_flags(tmp_path, monkeypatch, cpuinfo, native):
-    from distill.train import native_bf16, teacher_dtype
+    from edgedistill.distill.train import native_bf16, teacher_dtype
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     (tmp_path / "cpuinfo").write_text(cpuinfo)

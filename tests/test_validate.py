@@ -1,12 +1,12 @@
-"""distill.validate: each reject reason on a crafted row, none on clean rows, report arithmetic."""
+"""edgedistill.distill.validate: each reject reason on a crafted row, none on clean rows, report arithmetic."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
+from edgedistill.distill.validate import REASONS, format_report_table, jaccard, shingles, validate_rows
 
-from distill.validate import REASONS, format_report_table, jaccard, shingles, validate_rows
 from edgedistill.spec import TaskSpec
 
 LABELS = ["card_arrival", "exchange_rate", "top_up_failed"]

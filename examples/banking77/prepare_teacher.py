@@ -15,8 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from distill.models import count_params, gguf_to_hf
-from distill.train import train
+from edgedistill.distill.models import count_params, gguf_to_hf
+from edgedistill.distill.train import train
+
 from edgedistill.errors import UserError
 from edgedistill.manifest import sha256_file, sha256_json, write_manifest
 from edgedistill.prompts import format_answer, student_messages
