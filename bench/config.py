@@ -67,7 +67,7 @@ class Ceiling:
 class BenchConfig:
     endpoints: list[Endpoint]
     out: Path
-    task: Any = None  # edgedistill.spec.TaskSpec
+    spec: Any = None  # edgedistill.spec.TaskSpec: the test set, calibration columns, settings
     task_path: Path | None = None
     concurrency: list[int] = field(default_factory=lambda: [1, 4])
     rates: list[float] = field(default_factory=list)
@@ -84,6 +84,11 @@ class BenchConfig:
     timeout_s: float = 120.0
     seed: int = 0
     progress: bool = True
+
+    @property
+    def task(self) -> Any:
+        """The task core (edgedistill.task.Task) of --task: prompts and correctness; None without one."""
+        return self.spec.task if self.spec is not None else None
 
     def endpoint(self, name: str) -> Endpoint:
         return next(e for e in self.endpoints if e.name == name)
@@ -249,7 +254,7 @@ def build_config(
     return BenchConfig(
         endpoints=eps,
         out=Path(out),
-        task=spec,
+        spec=spec,
         task_path=Path(task) if task else None,
         concurrency=conc,
         rates=rates,

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from edgedistill.bench.client import Sample
 
-from edgedistill.metrics import agreement, exact_match, expected_calibration_error, primary_metric, reliability_bins, task_scores
-from edgedistill.prompts import parse_answer, student_messages, teacher_label_messages
+from edgedistill.metrics import agreement, expected_calibration_error, reliability_bins
+from edgedistill.task import Task
 
 GENERIC_PROMPTS = [
     f"Write a short story about {t}."
@@ -23,24 +23,24 @@ GENERIC_PROMPTS = [
 ]
 
 
-def messages_for(task: Any, text: str, teacher: bool) -> list[dict[str, str]]:
+def messages_for(task: Task, text: str, teacher: bool) -> list[dict[str, str]]:
     """The teacher is asked as ``distill`` asks it (labels listed); every other endpoint gets the
     student's template (what the student was trained on)."""
-    return teacher_label_messages(task, text) if teacher else student_messages(task, text)
+    return task.teacher_messages(text) if teacher else task.student_messages(text)
 
 
-def prompt_messages(task: Any, inputs: Sequence[str], i: int, teacher: bool) -> list[dict[str, str]]:
+def prompt_messages(task: Task | None, inputs: Sequence[str], i: int, teacher: bool) -> list[dict[str, str]]:
     """Request ``i``'s messages: the test rows in order, cycled; without a task, generic prompts."""
     if task is None:
         return [{"role": "user", "content": GENERIC_PROMPTS[i % len(GENERIC_PROMPTS)]}]
     return messages_for(task, inputs[i % len(inputs)], teacher)
 
 
-def parse(task: Any, s: Sample) -> Any:
+def parse(task: Task, s: Sample) -> Any:
     """The answer of a sample, parsed for the task (None: failed or invalid)."""
     if not s.ok:
         return None
-    value, err = parse_answer(task, s.text)
+    value, err = task.parse_answer(s.text)
     return None if err else value
 
 
@@ -54,12 +54,9 @@ def student_only(task: Any, s: Sample, predict: bool) -> Any:
     return s.value if predict else parse(task, s)
 
 
-def is_correct(task: Any, gold: Any, pred: Any) -> bool:
-    if pred is None:
-        return False
-    if primary_metric(task.type) == "accuracy":
-        return pred == gold
-    return exact_match([gold], [pred]) == 1.0
+def is_correct(task: Task, gold: Any, pred: Any) -> bool:
+    """The task's own rule (edgedistill.task.Task.is_correct), in bench's (gold, pred) order."""
+    return task.is_correct(pred, gold)
 
 
 @dataclass
@@ -86,7 +83,7 @@ class Answers:
 
 def scores(task: Any, golds: Sequence[Any], answers: Answers, teacher: Answers | None) -> dict[str, Any]:
     """Task metrics, agreement with the teacher, and the share the teacher answered (a cascade)."""
-    out: dict[str, Any] = dict(task_scores(task.type, golds, answers.preds, task.labels))
+    out: dict[str, Any] = dict(task.scores(golds, answers.preds))
     out["accuracy"] = out.get("accuracy", out.get("exact_match"))  # the one number tables and plots use
     out["errors"] = answers.errors
     out["agreement_with_teacher"] = round(agreement(answers.preds, teacher.preds), 4) if teacher is not None else None

@@ -74,7 +74,7 @@ def run_bench(cfg: BenchConfig, runner_factory=None) -> dict[str, Any]:
 def _test_rows(cfg: BenchConfig) -> list[Any]:
     if cfg.task is None:
         return []
-    rows = cfg.task.load_test_set()
+    rows = cfg.spec.load_test_set()
     return rows[: cfg.eval_limit] if cfg.eval_limit else rows
 
 
@@ -84,9 +84,9 @@ def _calibration_rows(cfg: BenchConfig) -> list[Any]:
     from edgedistill.spec import DataSource
 
     src = DataSource(
-        path=cfg.calibration.resolve(), input_field=cfg.task.test_set.input_field, output_field=cfg.task.test_set.output_field
+        path=cfg.calibration.resolve(), input_field=cfg.spec.test_set.input_field, output_field=cfg.spec.test_set.output_field
     )
-    return cfg.task.model_copy(update={"test_set": src}).load_test_set()
+    return cfg.spec.model_copy(update={"test_set": src}).load_test_set()
 
 
 # ---- HTTP: load levels and test-set passes ------------------------------------------------------

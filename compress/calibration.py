@@ -14,7 +14,6 @@ from typing import Any
 
 from edgedistill.errors import UserError
 from edgedistill.manifest import MANIFEST, read_manifest, sha256_json
-from edgedistill.prompts import format_answer, student_messages
 from edgedistill.spec import TaskSpec, read_rows
 
 
@@ -26,11 +25,11 @@ class Calibration:
 
     def texts(self, spec: TaskSpec, tokenizer: Any) -> list[str]:
         """Prompt + answer, as the student was trained on it (what quantizers should see)."""
-        return [render_chat(tokenizer, student_messages(spec, r["input"]), format_answer(spec, r["output"])) for r in self.rows]
+        return [render_chat(tokenizer, spec.task.student_messages(r["input"]), spec.task.format_answer(r["output"])) for r in self.rows]
 
     def prompts(self, spec: TaskSpec, tokenizer: Any, n: int) -> list[list[int]]:
         """Token ids of the first n prompts (no answer): the inputs of the token-agreement check."""
-        return [prompt_ids(tokenizer, student_messages(spec, r["input"])) for r in self.rows[:n]]
+        return [prompt_ids(tokenizer, spec.task.student_messages(r["input"])) for r in self.rows[:n]]
 
 
 def load_calibration(path: Path, samples: int, seed: int = 0) -> Calibration:

@@ -12,8 +12,6 @@ from typing import Any
 
 from edgedistill.compress.formats import Runtime
 
-from edgedistill.metrics import score_answers
-
 SPEED_TOKENS = 64
 
 
@@ -72,7 +70,7 @@ def measure(
     t = time.perf_counter()
     raw = answer_test_set(rt, tokenizer, spec, test_prompts, spec.generation.label_max_tokens)
     eval_s = time.perf_counter() - t
-    preds, scores = score_answers(spec, golds, raw)
+    preds, scores = spec.task.score_answers(golds, raw)
     tokens = greedy_tokens(rt, agree_prompts, agree_len, special)
     out: dict[str, Any] = {"scores": scores, "eval_s": round(eval_s, 2), "tokens_per_s": round(decode_tokens_per_s(rt, agree_prompts[0]), 1)}
     if ref_tokens is not None:

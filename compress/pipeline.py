@@ -34,7 +34,6 @@ from rich.table import Table
 from edgedistill.errors import UserError
 from edgedistill.manifest import MANIFEST, hash_files, read_manifest, sha256_json, write_json_atomic, write_manifest
 from edgedistill.metrics import primary_metric
-from edgedistill.prompts import student_messages
 from edgedistill.spec import TaskSpec, load_spec, spec_from_manifest
 
 console = Console(stderr=True)
@@ -88,7 +87,7 @@ def run_compress(
         from edgedistill.distill.evaluate import stratified
 
         test = stratified(test, spec, eval_limit)
-    test_prompts = [prompt_ids(tokenizer, student_messages(spec, r.input)) for r in test]
+    test_prompts = [prompt_ids(tokenizer, spec.task.student_messages(r.input)) for r in test]
     golds = [r.output for r in test]
     agree_prompts = calib.prompts(spec, tokenizer, spec.compress.agreement_prompts)
     console.print(

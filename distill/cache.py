@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from edgedistill.errors import UserError
+from edgedistill.manifest import compact_json
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -31,14 +32,9 @@ CREATE TABLE IF NOT EXISTS responses (
 """
 
 
-def canonical_json(obj: Any) -> str:
-    """JSON independent of dict key order and whitespace, so equal requests hash equally."""
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
-
-
 def cache_key(payload: dict[str, Any]) -> str:
     """sha256 (hex) of the canonical JSON of a full request payload (which must hold no secret)."""
-    return hashlib.sha256(canonical_json(payload).encode("utf-8")).hexdigest()
+    return hashlib.sha256(compact_json(payload).encode("utf-8")).hexdigest()
 
 
 class ResponseCache:
@@ -86,7 +82,7 @@ class ResponseCache:
         return None if row is None else json.loads(row[0])
 
     def put(self, key: str, request: dict[str, Any], response: dict[str, Any]) -> None:
-        req, resp = canonical_json(request), canonical_json(response)
+        req, resp = compact_json(request), compact_json(response)
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:

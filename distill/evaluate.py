@@ -9,7 +9,7 @@ from typing import Any
 from edgedistill.distill.teacher import ChatRequest
 
 from edgedistill.metrics import agreement, primary_metric
-from edgedistill.prompts import Messages, format_answer
+from edgedistill.task import Messages, Task
 
 
 def stratified(rows: list[Any], spec: Any, limit: int | None) -> list[Any]:
@@ -18,7 +18,7 @@ def stratified(rows: list[Any], spec: Any, limit: int | None) -> list[Any]:
         return rows
     by_label: dict[str, list[Any]] = defaultdict(list)
     for r in rows:
-        by_label[format_answer(spec, r.output)].append(r)
+        by_label[spec.task.format_answer(r.output)].append(r)
     out, queues = [], list(by_label.values())
     while len(out) < limit:
         for q in queues:
@@ -27,9 +27,10 @@ def stratified(rows: list[Any], spec: Any, limit: int | None) -> list[Any]:
     return out
 
 
-def answer_requests(spec: Any, inputs: list[str], messages_fn: Callable[[Any, str], Messages]) -> list[ChatRequest]:
-    """Greedy answer requests for each input, in the given prompt format (teacher's or student's)."""
-    return [ChatRequest(messages=messages_fn(spec, x), max_tokens=spec.generation.label_max_tokens, temperature=0.0) for x in inputs]
+def answer_requests(task: Task, inputs: list[str], messages_fn: Callable[[str], Messages]) -> list[ChatRequest]:
+    """Greedy answer requests for each input, in the given prompt format (``task.teacher_messages``
+    or ``task.student_messages``), within the task's output budget."""
+    return [ChatRequest(messages=messages_fn(x), max_tokens=task.label_max_tokens, temperature=0.0) for x in inputs]
 
 
 def add_agreement(scores: dict[str, Any], preds: list[Any], teacher_preds: list[Any]) -> None:

@@ -13,8 +13,6 @@ from typing import Any
 
 from edgedistill.distill.teacher import ChatRequest, ChatResult, Teacher
 
-from edgedistill.prompts import format_answer, parse_answer, teacher_label_messages
-
 REGISTERS = ["very casual", "formal and polite", "annoyed and impatient", "as a non-native English speaker", "terse, like a text message"]
 STRATEGY_HINTS = {
     "length": None,  # filled per request: very short vs long
@@ -56,7 +54,7 @@ def generation_requests(spec: Any, seeds: list[Any]) -> list[tuple[ChatRequest, 
     for i in range(n_requests):
         strategy = g.strategies[i % len(g.strategies)]
         hint, target = _hint(spec, strategy, i // len(g.strategies), rng)
-        pool = [s for s in seeds if target is None or format_answer(spec, s.output) == target] or list(seeds)
+        pool = [s for s in seeds if target is None or spec.task.format_answer(s.output) == target] or list(seeds)
         shots = rng.sample(pool, min(g.shots, len(pool)))
         examples = "\n".join(f"- {s.input}" for s in shots)
         messages = [
@@ -131,7 +129,7 @@ def synthetic_inputs(spec: Any, gen_reqs: list[tuple[ChatRequest, dict]], result
 def label_requests(spec: Any, rows: list[dict], sample: int = 0, temperature: float = 0.0) -> list[ChatRequest]:
     return [
         ChatRequest(
-            messages=teacher_label_messages(spec, r["input"]),
+            messages=spec.task.teacher_messages(r["input"]),
             max_tokens=spec.generation.label_max_tokens,
             temperature=temperature,
             seed=spec.generation.seed + sample,
@@ -144,7 +142,7 @@ def label_requests(spec: Any, rows: list[dict], sample: int = 0, temperature: fl
 def attach_labels(spec: Any, rows: list[dict], reqs: list[ChatRequest], results: list[ChatResult], teacher: Teacher, key: str = "output") -> None:
     """Put the teacher's parsed answer (None when unparseable) and its provenance on each row."""
     for row, req, res in zip(rows, reqs, results):
-        value, err = parse_answer(spec, res.text)
+        value, err = spec.task.parse_answer(res.text)
         prov = row.setdefault("provenance", {})
         if key == "output":
             row["raw_output"] = res.text

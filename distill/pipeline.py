@@ -25,8 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from edgedistill.errors import GateFailed
 from edgedistill.manifest import read_manifest, sha256_file, sha256_json, write_json_atomic, write_manifest
-from edgedistill.metrics import primary_metric, score_answers
-from edgedistill.prompts import format_answer, student_messages, teacher_label_messages
+from edgedistill.metrics import primary_metric
 from edgedistill.spec import TaskSpec, load_spec
 
 console = Console(stderr=True)
@@ -94,8 +93,8 @@ def run_with_progress(model: Teacher, reqs: list[ChatRequest], what: str) -> lis
 
 def teacher_gate(spec: TaskSpec, teacher: Teacher, test: list, out: Path, skip_gate: bool) -> dict[str, Any]:
     rows = stratified(test, spec, spec.teacher.gate.max_examples)
-    raw = [r.text for r in run_with_progress(teacher, answer_requests(spec, [r.input for r in rows], teacher_label_messages), "teacher gate")]
-    _, scores = score_answers(spec, [r.output for r in rows], raw)
+    raw = [r.text for r in run_with_progress(teacher, answer_requests(spec.task, [r.input for r in rows], spec.task.teacher_messages), "teacher gate")]
+    _, scores = spec.task.score_answers([r.output for r in rows], raw)
     metric = primary_metric(spec.type)
     gate = {"metric": metric, "score": scores[metric], "min_score": spec.teacher.gate.min_score, "scores": scores, "teacher": teacher.describe()}
     gate["passed"] = scores[metric] >= spec.teacher.gate.min_score
@@ -132,7 +131,7 @@ def build_dataset(spec: TaskSpec, teacher: Teacher, seeds: list, test: list, cac
         attach_labels(spec, to_label, reqs2, run_with_progress(teacher, reqs2, "self-consistency"), teacher, key="consistency_output")
 
     seed_rows = [
-        {"id": f"seed-{i}", "input": s.input, "output": s.output, "raw_output": format_answer(spec, s.output), "source": "seed", "provenance": {}}
+        {"id": f"seed-{i}", "input": s.input, "output": s.output, "raw_output": spec.task.format_answer(s.output), "source": "seed", "provenance": {}}
         for i, s in enumerate(seeds)
     ]
     rows = seed_rows + to_label
@@ -203,7 +202,7 @@ def train_student(spec: TaskSpec, kept: list[dict], data_dir: Path, teacher: Tea
             console.print("student: inputs unchanged, reusing the trained checkpoint")
             return student_dir, base_dir, old.get("training_result", {})
 
-    examples = [{"messages": student_messages(spec, r["input"]), "answer": format_answer(spec, r["output"])} for r in kept]
+    examples = [{"messages": spec.task.student_messages(r["input"]), "answer": spec.task.format_answer(r["output"])} for r in kept]
     use_kd = spec.training.logit_kd.enabled
     console.print(
         f"training student ({spec.training.method}, {len(examples)} rows, {spec.training.epochs:g} epochs"
@@ -242,15 +241,15 @@ def evaluate_all(spec: TaskSpec, teacher: Teacher, test: list, student_dir: Path
 
     inputs, golds = [r.input for r in test], [r.output for r in test]
     results: dict[str, dict] = {}
-    t_raw = [r.text for r in run_with_progress(teacher, answer_requests(spec, inputs, teacher_label_messages), "eval: teacher")]
-    t_preds, results["teacher"] = score_answers(spec, golds, t_raw)
+    t_raw = [r.text for r in run_with_progress(teacher, answer_requests(spec.task, inputs, spec.task.teacher_messages), "eval: teacher")]
+    t_preds, results["teacher"] = spec.task.score_answers(golds, t_raw)
     teacher_path = spec.resolve(spec.teacher.path) if spec.teacher.kind == "local" else None
     if teacher_path is not None and (teacher_path / "config.json").exists():
         results["teacher"]["params"] = count_params(teacher_path)
     for name, path in (("student", student_dir), ("undistilled student", base_dir)):
         model = LocalHFTeacher(path, cache=None, batch_size=spec.teacher.batch_size)
-        raw = [r.text for r in run_with_progress(model, answer_requests(spec, inputs, student_messages), f"eval: {name}")]
-        preds, results[name] = score_answers(spec, golds, raw)
+        raw = [r.text for r in run_with_progress(model, answer_requests(spec.task, inputs, spec.task.student_messages), f"eval: {name}")]
+        preds, results[name] = spec.task.score_answers(golds, raw)
         add_agreement(results[name], preds, t_preds)
         results[name]["params"] = count_params(path)
     eval_dir = out / "eval"

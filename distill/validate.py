@@ -38,8 +38,7 @@ from typing import Any
 
 from datasketch import MinHash, MinHashLSH
 
-from edgedistill.metrics import canonical_json, normalize_text
-from edgedistill.prompts import format_answer, parse_answer
+from edgedistill.metrics import normalize_text
 
 REASONS = ("parse", "too_short", "too_long", "contaminated", "exact_duplicate", "near_duplicate", "inconsistent")
 NUM_PERM = 128
@@ -172,17 +171,9 @@ def _check_parse(spec: Any, row: dict) -> tuple[Any, str | None]:
     if raw is None:  # a seed, or a row built without the teacher's text: check its output
         if row.get("output") is None:
             return None, "no answer"
-        raw = format_answer(spec, row["output"])
-    value, err = parse_answer(spec, raw)
+        raw = spec.task.format_answer(row["output"])
+    value, err = spec.task.parse_answer(raw)
     return value, err
-
-
-def _same_answer(spec: Any, a: Any, b: Any) -> bool:
-    if a is None or b is None:
-        return False
-    if spec.type in ("extraction", "tool_call"):
-        return canonical_json(a) == canonical_json(b)
-    return normalize_text(a) == normalize_text(b)
 
 
 def _consistency(spec: Any, row: dict, value: Any) -> str | None:
@@ -192,10 +183,10 @@ def _consistency(spec: Any, row: dict, value: Any) -> str | None:
     if other is None:
         return "second answer did not parse"
     if isinstance(other, str) and spec.type != "generation" and spec.type != "qa":
-        other, err = parse_answer(spec, other)
+        other, err = spec.task.parse_answer(other)
         if err:
             return f"second answer invalid ({err})"
-    if _same_answer(spec, value, other):
+    if spec.task.same_answer(value, other):
         return None
     return f"second answer {str(other)[:40]!r} != {str(value)[:40]!r}"
 

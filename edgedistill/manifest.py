@@ -39,6 +39,13 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def compact_json(obj: Any) -> str:
+    """JSON independent of dict key order and whitespace, so equal requests hash equally (the
+    teacher cache's keys). Not ``edgedistill.metrics.canonical_json``, which also folds case to
+    compare answers."""
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
 def sha256_json(obj: Any) -> str:
     """Hash of a JSON-able object, independent of key order."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()

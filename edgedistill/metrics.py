@@ -1,4 +1,4 @@
-"""Task metrics shared by ``distill eval``, ``serve`` and ``bench``. Torch-free (numpy only).
+"""Task metrics shared by ``distill eval``, ``compress``, ``serve`` and ``bench``. Torch-free (numpy only).
 
 Conventions, the same in every function:
 
@@ -129,19 +129,21 @@ def macro_f1(golds: Sequence[Any], preds: Sequence[Any], labels: Sequence[Any] |
 
 
 # --- structured outputs ------------------------------------------------------------------------
+def answer_matches(gold: Any, pred: Any) -> bool:
+    """One prediction equals its gold answer after normalisation (``None`` never does): dicts
+    compare regardless of key order, string values stripped and casefolded; plain text answers use
+    :func:`normalize_text`. ``edgedistill.task.Task.is_correct`` is this rule per task type."""
+    if pred is None:
+        return False
+    if isinstance(gold, str) and isinstance(pred, str):
+        return normalize_text(gold) == normalize_text(pred)
+    return canonical_json(gold) == canonical_json(pred)
+
+
 def exact_match(golds: Sequence[Any], preds: Sequence[Any]) -> float:
-    """Fraction of predictions equal to gold after normalisation: dicts compare regardless of key
-    order, string values are stripped and casefolded; plain text answers use :func:`normalize_text`."""
+    """Fraction of predictions that :func:`answer_matches` their gold answer."""
     n = _check(golds, preds)
-    hits = 0
-    for g, p in zip(golds, preds):
-        if p is None:
-            continue
-        if isinstance(g, str) and isinstance(p, str):
-            hits += normalize_text(g) == normalize_text(p)
-        else:
-            hits += canonical_json(g) == canonical_json(p)
-    return _ratio(hits, n)
+    return _ratio(sum(answer_matches(g, p) for g, p in zip(golds, preds)), n)
 
 
 def _slots(value: Any, prefix: str = "") -> set[tuple[str, str]]:
@@ -256,17 +258,3 @@ def expected_calibration_error(confidences: Sequence[float], correct: Sequence[A
     bins = reliability_bins(confidences, correct, n_bins)
     total = sum(b["count"] for b in bins)
     return _ratio(sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins), total)
-
-
-def score_answers(spec: Any, golds: list[Any], raw: list[str]) -> tuple[list[Any], dict[str, Any]]:
-    """Parse raw answers and compute the task's metrics; invalid answers count as wrong."""
-    from edgedistill.prompts import parse_answer
-
-    preds, invalid = [], 0
-    for text in raw:
-        value, err = parse_answer(spec, text)
-        invalid += err is not None
-        preds.append(None if err else value)
-    scores = task_scores(spec.type, golds, preds, labels=spec.labels)
-    scores["invalid_answers"] = invalid
-    return preds, scores

@@ -22,8 +22,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgedistill.errors import UserError
+from edgedistill.task import Task, TaskType
 
-TaskType = Literal["classification", "extraction", "qa", "tool_call", "generation"]
 STRATEGIES = ("length", "coverage", "complexity", "register", "noise", "edge_case")
 
 
@@ -226,6 +226,19 @@ class TaskSpec(_Model):
         if self.training.logit_kd.enabled and self.teacher.kind != "local":
             raise ValueError("training.logit_kd needs a local teacher (an API gives no full logits)")
         return self
+
+    @property
+    def task(self) -> Task:
+        """The task core of this spec: prompts, answer parsing, correctness (what manifests store)."""
+        return Task(
+            name=self.name,
+            type=self.type,
+            instructions=self.instructions,
+            labels=self.labels,
+            output_schema=self.output_schema,
+            list_labels=self.teacher.list_labels,
+            label_max_tokens=self.generation.label_max_tokens,
+        )
 
     # --- paths -------------------------------------------------------------------------------
     def resolve(self, p: str | Path) -> Path:

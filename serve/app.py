@@ -47,8 +47,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from edgedistill.prompts import parse_answer, student_messages, teacher_label_messages
-
 log = logging.getLogger("edgedistill.serve")
 
 ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/predict", "/v1/models", "/health", "/ready", "/metrics"}
@@ -256,13 +254,13 @@ def create_app(
                 data = await st.teacher.post(  # type: ignore[union-attr]
                     "/chat/completions",
                     {
-                        "messages": teacher_label_messages(task, req.input),
+                        "messages": task.teacher_messages(req.input),
                         "max_tokens": max(ans.max_tokens, 64),
                         "temperature": 0,
                     },
                 )
                 ttext = (data["choices"][0].get("message") or {}).get("content")  # a string: Teacher.post checked it
-                tvalue, terr = parse_answer(task, ttext)
+                tvalue, terr = task.parse_answer(ttext)
                 if terr and not err:
                     raise TeacherError(f"invalid_answer ({terr})")
                 value, err, d.answered_by, teacher_usage = tvalue, terr, "teacher", _valid_usage(data.get("usage"))
@@ -297,13 +295,13 @@ async def student_predict(st: State, text: str, request: Request | None = None) 
     """The student's answer to one task input: task template, greedy, parse, calibrated confidence."""
     task = st.artifact.task  # type: ignore[union-attr]
     runner = st.engine.runner
-    prompt = runner.tokenize(runner.render_chat(student_messages(task, text)), special=True, add_bos=True)
+    prompt = runner.tokenize(runner.render_chat(task.student_messages(text)), special=True, add_bos=True)
     limit = task.label_max_tokens if task.type == "classification" else st.settings.default_max_tokens
     max_tokens = _max_tokens(st, limit, len(prompt), param="input")
     params = GenParams(max_tokens=max_tokens, temperature=0.0, confidence=True, label_trie=st.label_trie)
     res = (await _run(st, request, [prompt], [params]))[0]
     _record_ttft(st, "/v1/predict", res)
-    value, err = parse_answer(task, res.text)
+    value, err = task.parse_answer(res.text)
     kind = "classification" if task.type == "classification" else "generation"
     if res.label_scorer is not None:
         scores = res.label_scorer.scores(task.labels.index(value) if not err else None)

@@ -12,55 +12,9 @@ from typing import Any
 
 from edgedistill.errors import UserError
 from edgedistill.manifest import MANIFEST, read_manifest
+from edgedistill.task import Task
 
 BACKENDS = {"gguf": "llama.cpp", "onnx": "onnxruntime", "hf": "transformers", "gptq": "transformers"}
-
-
-@dataclass
-class TeacherView:
-    list_labels: bool = True
-
-
-@dataclass
-class TaskView:
-    """The fields of a task spec the server needs to build prompts and parse answers.
-
-    Not ``edgedistill.spec.TaskSpec``: a manifest's task holds paths relative to the machine that
-    built it (seeds, test set), which need not exist where the artifact is served.
-    """
-
-    name: str
-    type: str
-    instructions: str
-    labels: list[str] | None = None
-    output_schema: dict[str, Any] | None = None
-    teacher: TeacherView = field(default_factory=TeacherView)
-    label_max_tokens: int = 32
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TaskView:
-        if not isinstance(d, dict):
-            raise UserError("the manifest's task must be a mapping (a task spec); rebuild the artifact")
-        labels = d.get("labels")
-        if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)):
-            raise UserError("the manifest's task labels must be a list of strings; rebuild the artifact")
-        try:
-            teacher = d.get("teacher") or {}
-            gen = d.get("generation") or {}
-            view = cls(
-                name=str(d.get("name") or "task"),
-                type=str(d["type"]),
-                instructions=str(d["instructions"]),
-                labels=list(d["labels"]) if d.get("labels") else None,
-                output_schema=d.get("output_schema"),
-                teacher=TeacherView(list_labels=bool(teacher.get("list_labels", True))),
-                label_max_tokens=int(gen.get("label_max_tokens", 32)),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"the manifest's task is incomplete ({e}); rebuild the artifact") from None
-        if view.type == "classification" and not view.labels:
-            raise UserError("the manifest's classification task has no labels; rebuild the artifact")
-        return view
 
 
 @dataclass
@@ -68,7 +22,7 @@ class Artifact:
     name: str
     format: str
     model_path: Path
-    task: TaskView | None = None
+    task: Task | None = None
     calibration: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] | None = None
 
@@ -109,7 +63,7 @@ def load_artifact(path: str | Path) -> Artifact:
         if needed not in files:
             raise UserError(f"{p}: a {fmt} artifact whose manifest does not list {needed}; rebuild the artifact")
         model = p
-    task = TaskView.from_dict(manifest["task"]) if manifest.get("task") else None
+    task = Task.from_manifest(manifest["task"]) if manifest.get("task") else None
     calibration = manifest.get("calibration") or {}
     if not isinstance(calibration, dict):
         raise UserError(f"{p}: manifest calibration must be a mapping like {{'temperature': 1.3}}")

@@ -24,21 +24,6 @@ from edgedistill.errors import UserError
 from edgedistill.manifest import MANIFEST, read_manifest, sha256_file, write_json_atomic
 
 
-def _is_correct(task_type: str, value: Any, gold: Any) -> bool:
-    from edgedistill.metrics import canonical_json, normalize_text
-
-    if task_type == "classification":
-        return value == gold
-    if task_type in ("extraction", "tool_call"):
-        if isinstance(gold, str):
-            try:
-                gold = json.loads(gold)
-            except json.JSONDecodeError:
-                return False
-        return canonical_json(value) == canonical_json(gold)
-    return normalize_text(value) == normalize_text(gold)
-
-
 async def collect(st, rows: list[dict[str, Any]]) -> tuple[list[list[float]], list[bool], list[float]]:
     """Raw scores, correctness and current confidence for each row that parsed (in slot-sized waves)."""
     from edgedistill.serve.app import student_predict
@@ -51,7 +36,7 @@ async def collect(st, rows: list[dict[str, Any]]) -> tuple[list[list[float]], li
         for r, a in zip(rows[i : i + wave], answers):
             if a.error is None:  # unparseable answers get confidence 0 whatever T is
                 scores.append(a.scores)
-                correct.append(_is_correct(task.type, a.value, r["output"]))
+                correct.append(task.is_correct(a.value, r["output"]))
                 confs.append(a.confidence)
     return scores, correct, confs
 

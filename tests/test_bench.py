@@ -25,11 +25,12 @@ from edgedistill.bench.pareto import frontier
 from edgedistill.bench.quality import split_halves
 from edgedistill.bench.run import run_bench
 from edgedistill.serve.app import create_app
-from edgedistill.serve.artifact import Artifact, TaskView
+from edgedistill.serve.artifact import Artifact
 from edgedistill.serve.engine import Engine
 from edgedistill.serve.settings import Settings
 
 from edgedistill.errors import UserError
+from edgedistill.task import Task
 from tests.serve_fakes import FakeRunner, FakeTeacher, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ REPLY = "Hello from the student."  # FakeRunner's default: 23 bytes = 23 tokens,
 # ---- servers -----------------------------------------------------------------------------------
 
 
-def make_app(alias: str, script=None, task: TaskView | None = None, runner: FakeRunner | None = None, **overrides):
+def make_app(alias: str, script=None, task: Task | None = None, runner: FakeRunner | None = None, **overrides):
     runner = runner or (FakeRunner(script, n_slots=4) if script else FakeRunner(n_slots=4))
     s = Settings.load(artifact="unused.gguf", model_alias=alias, **{"n_threads": 1, **overrides})
     art = Artifact(name=alias, format="gguf", model_path=Path("unused.gguf"), task=task) if task else None
@@ -104,8 +105,8 @@ def teacher_script(prompt: str) -> tuple[str, float]:
     return (row[1] if row else "?"), 20.0
 
 
-def task_view() -> TaskView:
-    return TaskView(name="intents", type="classification", instructions="Classify the banking query.", labels=LABELS)
+def task_view() -> Task:
+    return Task(name="intents", type="classification", instructions="Classify the banking query.", labels=LABELS)
 
 
 def write_task(tmp_path: Path) -> Path:

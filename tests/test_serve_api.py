@@ -10,11 +10,12 @@ from pathlib import Path
 import httpx
 import pytest
 from edgedistill.serve.app import create_app
-from edgedistill.serve.artifact import Artifact, TaskView
+from edgedistill.serve.artifact import Artifact
 from edgedistill.serve.engine import Engine
 from edgedistill.serve.settings import Settings
 from fastapi.testclient import TestClient
 
+from edgedistill.task import Task
 from tests.serve_fakes import FakeRunner, FakeTeacher, free_port
 
 MODEL = "fake-student"
@@ -313,7 +314,7 @@ def test_stream_with_fallback_holds_then_streams_teacher():
 
 
 def classification_task():
-    return TaskView(name="intents", type="classification", instructions="Classify the banking query.", labels=LABELS)
+    return Task(name="intents", type="classification", instructions="Classify the banking query.", labels=LABELS)
 
 
 def test_predict_classification_confidence_and_fallback():

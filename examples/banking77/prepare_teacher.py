@@ -20,7 +20,6 @@ from edgedistill.distill.train import train
 
 from edgedistill.errors import UserError
 from edgedistill.manifest import sha256_file, sha256_json, write_manifest
-from edgedistill.prompts import format_answer, student_messages
 from edgedistill.spec import TrainingConfig, load_spec, read_rows, resolve_path
 
 HERE = Path(__file__).resolve().parent
@@ -41,7 +40,7 @@ def main() -> None:
     spec = load_spec(args.spec)
     train_csv = spec.resolve(spec.pool.path)  # the train split (the pool's file); dev is never read here
     rows = [r for r in read_rows(train_csv, "pool.path", ["text", "category"], None) if r["category"] in spec.labels]
-    examples = [{"messages": student_messages(spec, r["text"]), "answer": format_answer(spec, r["category"])} for r in rows]
+    examples = [{"messages": spec.task.student_messages(r["text"]), "answer": spec.task.format_answer(r["category"])} for r in rows]
 
     gguf = resolve_path(BASE_GGUF, Path("."))
     base = gguf_to_hf(gguf, args.out.parent / "base_hf")

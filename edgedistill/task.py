@@ -1,0 +1,182 @@
+"""The task core: what a task is, how its prompts are rendered, how an answer is parsed and judged.
+
+One typed, torch-free :class:`Task` that every stage uses: the task spec contains it
+(``TaskSpec.task``), every artifact's manifest stores it (as the spec's fields, ``"task"``), and
+serve and bench load it from there (:meth:`Task.from_manifest`). The rules live here once:
+
+* the student's prompt (what it is trained on and served with) and the teacher's labelling prompt
+  (which may list the labels or the schema, because an API model has not been trained on the task);
+* the assistant text of a gold answer (:meth:`Task.format_answer`) and the parse of a model's
+  answer (:meth:`Task.parse_answer`);
+* :meth:`Task.is_correct` (an answer against a gold one) and :meth:`Task.same_answer` (two model
+  answers, e.g. self-consistency), and the task's metrics (:meth:`Task.score_answers`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edgedistill.errors import UserError
+from edgedistill.metrics import CLASSIFICATION, STRUCTURED, answer_matches, task_scores
+
+TaskType = Literal["classification", "extraction", "qa", "tool_call", "generation"]
+Messages = list[dict[str, str]]
+
+_JSON_OBJ = re.compile(r"\{.*\}", re.DOTALL)
+
+
+class Task(BaseModel):
+    """The fields of a task every stage needs to prompt a model and judge its answer."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = "task"
+    type: TaskType
+    instructions: str = Field(min_length=1)
+    labels: list[str] | None = None
+    output_schema: dict[str, Any] | None = None
+    list_labels: bool = Field(True, description="The teacher's prompt lists the labels (the spec's teacher.list_labels).")
+    label_max_tokens: int = Field(32, ge=1, description="The output budget of one answer (the spec's generation.label_max_tokens).")
+
+    @classmethod
+    def from_manifest(cls, d: Any) -> Task:
+        """The task of an artifact's manifest (the task spec's fields, as ``compress`` stores them).
+
+        Not ``TaskSpec``: a manifest's task holds paths relative to the machine that built it
+        (seeds, test set), which need not exist where the artifact is served."""
+        if not isinstance(d, dict):
+            raise UserError("the manifest's task must be a mapping (a task spec); rebuild the artifact")
+        labels = d.get("labels")
+        if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)):
+            raise UserError("the manifest's task labels must be a list of strings; rebuild the artifact")
+        try:
+            teacher = d.get("teacher") or {}
+            gen = d.get("generation") or {}
+            task = cls(
+                name=str(d.get("name") or "task"),
+                type=str(d["type"]),
+                instructions=str(d["instructions"]),
+                labels=list(d["labels"]) if d.get("labels") else None,
+                output_schema=d.get("output_schema"),
+                list_labels=bool(teacher.get("list_labels", True)),
+                label_max_tokens=int(gen.get("label_max_tokens", 32)),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"the manifest's task is incomplete ({_first_line(e)}); rebuild the artifact") from None
+        if task.type == CLASSIFICATION and not task.labels:
+            raise UserError("the manifest's classification task has no labels; rebuild the artifact")
+        return task
+
+    @property
+    def structured(self) -> bool:
+        """The answer is a JSON object (extraction, tool_call)."""
+        return self.type in STRUCTURED
+
+    # --- prompts -------------------------------------------------------------------------------
+    def student_messages(self, text: str) -> Messages:
+        """Chat messages the student sees for one input (training adds the assistant turn)."""
+        return [{"role": "system", "content": self.instructions.strip()}, {"role": "user", "content": text}]
+
+    def teacher_messages(self, text: str) -> Messages:
+        """Chat messages asking the teacher to answer one input."""
+        system = self.instructions.strip()
+        if self.type == CLASSIFICATION and self.list_labels:
+            system += "\nAnswer with exactly one label from this list and nothing else: " + ", ".join(self.labels or [])
+        elif self.structured and self.output_schema:
+            system += "\nAnswer with one JSON object matching this JSON schema and nothing else:\n" + json.dumps(self.output_schema)
+        return [{"role": "system", "content": system}, {"role": "user", "content": text}]
+
+    def format_answer(self, output: Any) -> str:
+        """The assistant text for a gold/teacher answer (JSON for structured tasks)."""
+        if self.structured:
+            return json.dumps(output, ensure_ascii=False, sort_keys=True)
+        return str(output).strip()
+
+    # --- answers -------------------------------------------------------------------------------
+    def parse_answer(self, text: str) -> tuple[Any, str | None]:
+        """Parse a model's answer. Returns (value, error); error is None when the answer is valid.
+
+        Classification: the label, matched exactly after trimming whitespace/quotes/trailing
+        punctuation, then case-insensitively. Extraction/tool_call: the first JSON object, checked
+        against the schema. qa/generation: the trimmed text.
+        """
+        text = (text or "").strip()
+        if self.type == CLASSIFICATION:
+            labels = self.labels or []
+            cand = text.splitlines()[0].strip().strip("\"'`").rstrip(".").strip() if text else ""
+            if cand in labels:
+                return cand, None
+            lower = {lab.lower(): lab for lab in labels}
+            if cand.lower() in lower:
+                return lower[cand.lower()], None
+            return cand, "not_a_label"
+        if self.structured:
+            m = _JSON_OBJ.search(text)
+            if not m:
+                return None, "not_json"
+            try:
+                value = json.loads(m.group(0))
+            except json.JSONDecodeError:
+                return None, "not_json"
+            return value, check_schema(value, self.output_schema or {})
+        return text, (None if text else "empty")
+
+    def is_correct(self, pred: Any, gold: Any) -> bool:
+        """The one rule for "this answer is right", in every stage.
+
+        ``None`` (no valid answer) is wrong. Classification: the same label. Extraction/tool_call:
+        the same object up to key order, string case and whitespace, ``2 == 2.0`` (a gold given as
+        a JSON string is parsed). qa/generation: the same text after ``normalize_text``."""
+        if pred is None:
+            return False
+        if self.type == CLASSIFICATION:
+            return pred == gold
+        if self.structured and isinstance(gold, str):
+            try:
+                gold = json.loads(gold)
+            except json.JSONDecodeError:
+                return False
+        return answer_matches(gold, pred)
+
+    def same_answer(self, a: Any, b: Any) -> bool:
+        """Two model answers agree (self-consistency): the correctness rule, with neither missing."""
+        return a is not None and b is not None and self.is_correct(a, b)
+
+    def scores(self, golds: list[Any], preds: list[Any]) -> dict[str, Any]:
+        """The task type's metrics (edgedistill.metrics.task_scores) over parsed answers."""
+        return task_scores(self.type, golds, preds, labels=self.labels)
+
+    def score_answers(self, golds: list[Any], raw: list[str]) -> tuple[list[Any], dict[str, Any]]:
+        """Parse raw answers and compute the task's metrics; invalid answers count as wrong."""
+        preds, invalid = [], 0
+        for text in raw:
+            value, err = self.parse_answer(text)
+            invalid += err is not None
+            preds.append(None if err else value)
+        scores = self.scores(golds, preds)
+        scores["invalid_answers"] = invalid
+        return preds, scores
+
+
+def check_schema(value: Any, schema: dict[str, Any]) -> str | None:
+    """Validate with jsonschema when installed; the error is a short reason code."""
+    try:
+        import jsonschema
+    except ImportError:  # serve's slim install: keep the cheap structural check
+        if not isinstance(value, dict):
+            return "schema"
+        missing = [k for k in schema.get("required", []) if k not in value]
+        return "schema" if missing else None
+    try:
+        jsonschema.validate(value, schema)
+    except jsonschema.ValidationError:
+        return "schema"
+    return None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
