@@ -168,13 +168,57 @@ def build_config(
     task: Path | None = None,
     concurrency: str | None = "1,4",
     rate: str | None = None,
+    price: list[str] | None = None,
+    api_key_env: list[str] | None = None,
+    ceiling: list[str] | None = None,
+    **settings: Any,
+) -> BenchConfig:
+    """The CLI's flags (see ``edgedistill bench --help``) as typed objects, then :func:`make_config`."""
+    if not endpoint:
+        raise UserError("give at least one --endpoint NAME=URL, e.g. --endpoint ours=http://127.0.0.1:8000/v1")
+    eps = [parse_endpoint(e) for e in endpoint]
+    by_name = _by_name(eps)
+    for name, val in _pairs("--price", price or [], "ours=0.10/h or teacher=0.15,0.60"):
+        _known(by_name, "--price", name).price = parse_price(val, name)
+    for name, var in _pairs("--api-key-env", api_key_env or [], "teacher=OPENAI_API_KEY"):
+        key = os.environ.get(var)
+        if not key:
+            raise UserError(f"--api-key-env {name}={var}: the environment variable {var} is not set")
+        _known(by_name, "--api-key-env", name).api_key = key
+    ceilings = []
+    for names_text, path in _pairs("--ceiling", ceiling or [], "ours=model.gguf"):
+        ceilings.append(Ceiling([n.strip() for n in names_text.split(",") if n.strip()], path))
+    conc = parse_list("--concurrency", concurrency, int)
+    rates = parse_list("--rate", rate, float)
+    return make_config(eps, out=out, task=task, concurrency=conc, rates=rates, ceilings=ceilings, **settings)
+
+
+def _by_name(eps: list[Endpoint]) -> dict[str, Endpoint]:
+    names = [e.name for e in eps]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise UserError(f"--endpoint: the name {dup!r} is used twice; give each endpoint its own name")
+    return {e.name: e for e in eps}
+
+
+def _known(by_name: dict[str, Endpoint], flag: str, name: str) -> Endpoint:
+    if name not in by_name:
+        raise UserError(f"{flag}: {name!r} is not an endpoint name (endpoints: {', '.join(by_name)})")
+    return by_name[name]
+
+
+def make_config(
+    endpoints: list[Endpoint],
+    *,
+    out: Path,
+    task: Path | None = None,
+    concurrency: list[int] | None = None,
+    rates: list[float] | None = None,
     requests: int = 32,
     warmup: int = 2,
     max_tokens: int | None = None,
-    price: list[str] | None = None,
     teacher: str | None = None,
-    api_key_env: list[str] | None = None,
-    ceiling: list[str] | None = None,
+    ceilings: list[Ceiling] | None = None,
     threads: int | None = None,
     calibration: Path | None = None,
     target: float = 0.99,
@@ -184,39 +228,18 @@ def build_config(
     seed: int = 0,
     progress: bool = True,
 ) -> BenchConfig:
-    """Check and combine the CLI's flags (see ``edgedistill bench --help``)."""
-    if not endpoint:
+    """Check and combine typed settings (what ``edgedistill run`` builds; the CLI's flags come through
+    :func:`build_config`). Errors name the CLI flag a user would change."""
+    if not endpoints:
         raise UserError("give at least one --endpoint NAME=URL, e.g. --endpoint ours=http://127.0.0.1:8000/v1")
-    eps = [parse_endpoint(e) for e in endpoint]
-    names = [e.name for e in eps]
-    dup = next((n for n in names if names.count(n) > 1), None)
-    if dup:
-        raise UserError(f"--endpoint: the name {dup!r} is used twice; give each endpoint its own name")
-    by_name = {e.name: e for e in eps}
-
-    def known(flag: str, name: str) -> Endpoint:
-        if name not in by_name:
-            raise UserError(f"{flag}: {name!r} is not an endpoint name (endpoints: {', '.join(names)})")
-        return by_name[name]
-
-    for name, val in _pairs("--price", price or [], "ours=0.10/h or teacher=0.15,0.60"):
-        known("--price", name).price = parse_price(val, name)
-    for name, var in _pairs("--api-key-env", api_key_env or [], "teacher=OPENAI_API_KEY"):
-        key = os.environ.get(var)
-        if not key:
-            raise UserError(f"--api-key-env {name}={var}: the environment variable {var} is not set")
-        known("--api-key-env", name).api_key = key
+    by_name = _by_name(endpoints)
     if teacher is not None:
-        known("--teacher", teacher)
-    ceilings = []
-    for names_text, path in _pairs("--ceiling", ceiling or [], "ours=model.gguf"):
-        cnames = [n.strip() for n in names_text.split(",") if n.strip()]
-        for n in cnames:
-            known("--ceiling", n)
-        ceilings.append(Ceiling(cnames, path))
-
-    conc = parse_list("--concurrency", concurrency, int)
-    rates = parse_list("--rate", rate, float)
+        _known(by_name, "--teacher", teacher)
+    ceilings = list(ceilings or [])
+    for c in ceilings:
+        for n in c.names:
+            _known(by_name, "--ceiling", n)
+    conc, rates = list(concurrency or []), list(rates or [])
     if not conc and not rates:
         raise UserError("nothing to measure: give --concurrency (e.g. 1,4,8) and/or --rate (requests/s, e.g. 2,5)")
     if requests < 1:
@@ -252,7 +275,7 @@ def build_config(
         else:
             max_tokens = spec.generation.label_max_tokens if spec.type == "classification" else spec.generation.max_tokens
     return BenchConfig(
-        endpoints=eps,
+        endpoints=list(endpoints),
         out=Path(out),
         spec=spec,
         task_path=Path(task) if task else None,

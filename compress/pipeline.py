@@ -20,6 +20,7 @@ Layout of OUT (default: ``<checkpoint>/../artifacts``)::
 from __future__ import annotations
 
 import importlib
+import json
 import shutil
 import time
 from pathlib import Path
@@ -44,6 +45,17 @@ class CompressGateFailed(UserError):
     """An artifact lost more accuracy than the spec allows."""
 
     exit_code = 3
+
+
+def passed_artifacts(summary: dict[str, Any] | Path) -> list[dict[str, Any]]:
+    """The artifacts that passed the quality gate, from ``run_compress``'s summary or the folder it
+    wrote (``compress.json``): what serve and bench take next. Each row has name, format, path, bits."""
+    if isinstance(summary, Path):
+        path = summary / "compress.json"
+        if not path.exists():
+            raise UserError(f"{path} is missing; run `edgedistill compress` first")
+        summary = json.loads(path.read_text())
+    return [row for row in summary["artifacts"] if row.get("passed")]
 
 
 def run_compress(

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from edgedistill.run import stages as run_mod
 
-from edgedistill import run as run_mod
 from edgedistill.errors import UserError
 from edgedistill.manifest import write_json_atomic, write_manifest
 
@@ -71,9 +71,11 @@ def calls(monkeypatch):
         rows = [{"name": "gguf-q4_k_m", "format": "gguf", "bits": 4, "path": str(art), "size_mb": 1.0, "accuracy": 0.88,
                  "drop": 0.02, "token_agreement": 0.9, "tokens_per_s": 100.0, "passed": True}]
         write_json_atomic(out / "compress.json", {"artifacts": rows})
+        return {"artifacts": rows}
 
-    def fake_bench(spec, spec_path, out, artifacts, bench_dir):
+    def fake_bench(spec, spec_path, out, passed, bench_dir):
         calls.append("bench")
+        assert [r["name"] for r in passed] == ["gguf-q4_k_m"]  # what compress passed, also when it was skipped
         lat = {"p50": 10.0, "p90": 12.0, "p99": 15.0}
         rows = [{"name": n, "concurrency": 1, "output_tokens_per_s": 50.0, "latency_ms": lat, "cost_per_1k_usd": c}
                 for n, c in (("gguf-q4_k_m", 0.001), ("teacher", 0.1), ("cascade", 0.01))]
