@@ -96,9 +96,7 @@ def run_compress(
     calib_texts = calib.texts(spec, tokenizer)
     test = spec.load_test_set()
     if eval_limit:
-        from edgedistill.distill.evaluate import stratified
-
-        test = stratified(test, spec, eval_limit)
+        test = spec.task.stratified(test, eval_limit)
     test_prompts = [prompt_ids(tokenizer, spec.task.student_messages(r.input)) for r in test]
     golds = [r.output for r in test]
     agree_prompts = calib.prompts(spec, tokenizer, spec.compress.agreement_prompts)

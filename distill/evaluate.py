@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -10,21 +9,6 @@ from edgedistill.distill.teacher import ChatRequest
 
 from edgedistill.metrics import agreement, primary_metric
 from edgedistill.task import Messages, Task
-
-
-def stratified(rows: list[Any], spec: Any, limit: int | None) -> list[Any]:
-    """First `limit` rows in round-robin label order, so a small gate still sees every label."""
-    if not limit or limit >= len(rows):
-        return rows
-    by_label: dict[str, list[Any]] = defaultdict(list)
-    for r in rows:
-        by_label[spec.task.format_answer(r.output)].append(r)
-    out, queues = [], list(by_label.values())
-    while len(out) < limit:
-        for q in queues:
-            if q and len(out) < limit:
-                out.append(q.pop(0))
-    return out
 
 
 def answer_requests(task: Task, inputs: list[str], messages_fn: Callable[[str], Messages]) -> list[ChatRequest]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edgedistill.distill.cache import ResponseCache
-from edgedistill.distill.evaluate import add_agreement, answer_requests, stratified, table_markdown
+from edgedistill.distill.evaluate import add_agreement, answer_requests, table_markdown
 from edgedistill.distill.generate import attach_labels, generation_requests, label_requests, synthetic_inputs
 from edgedistill.distill.teacher import ChatRequest, Teacher, make_teacher
 from rich.console import Console
@@ -92,7 +92,7 @@ def run_with_progress(model: Teacher, reqs: list[ChatRequest], what: str) -> lis
 
 
 def teacher_gate(spec: TaskSpec, teacher: Teacher, test: list, out: Path, skip_gate: bool) -> dict[str, Any]:
-    rows = stratified(test, spec, spec.teacher.gate.max_examples)
+    rows = spec.task.stratified(test, spec.teacher.gate.max_examples)
     raw = [r.text for r in run_with_progress(teacher, answer_requests(spec.task, [r.input for r in rows], spec.task.teacher_messages), "teacher gate")]
     _, scores = spec.task.score_answers([r.output for r in rows], raw)
     metric = primary_metric(spec.type)

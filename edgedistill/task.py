@@ -96,6 +96,21 @@ class Task(BaseModel):
             return json.dumps(output, ensure_ascii=False, sort_keys=True)
         return str(output).strip()
 
+    def stratified(self, rows: list[Any], limit: int | None) -> list[Any]:
+        """The first ``limit`` rows (``Example``s) in round-robin answer order, so a small evaluation
+        (the teacher gate, ``--eval-limit``) still sees every label."""
+        if not limit or limit >= len(rows):
+            return rows
+        by_answer: dict[str, list[Any]] = {}
+        for r in rows:
+            by_answer.setdefault(self.format_answer(r.output), []).append(r)
+        out, queues = [], list(by_answer.values())
+        while len(out) < limit:
+            for q in queues:
+                if q and len(out) < limit:
+                    out.append(q.pop(0))
+        return out
+
     # --- answers -------------------------------------------------------------------------------
     def parse_answer(self, text: str) -> tuple[Any, str | None]:
         """Parse a model's answer. Returns (value, error); error is None when the answer is valid.

@@ -73,3 +73,12 @@ def test_parse_and_score_answers():
     assert ext.parse_answer('sure: {"people": 4}') == ({"people": 4}, None)
     assert ext.parse_answer('{"time": "now"}')[1] == "schema" and ext.parse_answer("{oops")[1] == "not_json"
     assert ext.format_answer({"time": "x", "people": 1}) == '{"people": 1, "time": "x"}'
+
+
+def test_stratified_sees_every_label_first():
+    from edgedistill.spec import Example
+
+    cls = Task(type="classification", instructions="x", labels=["a", "b", "c"])
+    rows = [Example(input=f"q{i}", output=lab) for i, lab in enumerate("aaaabbc")]
+    assert [r.output for r in cls.stratified(rows, 4)] == ["a", "b", "c", "a"]
+    assert cls.stratified(rows, None) == rows and cls.stratified(rows, 99) == rows
