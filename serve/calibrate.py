@@ -26,7 +26,7 @@ from edgedistill.manifest import MANIFEST, read_manifest, sha256_file, write_jso
 
 async def collect(st, rows: list[dict[str, Any]]) -> tuple[list[list[float]], list[bool], list[float]]:
     """Raw scores, correctness and current confidence for each row that parsed (in slot-sized waves)."""
-    from edgedistill.serve.app import student_predict
+    from edgedistill.serve.cascade import student_predict
 
     task = st.artifact.task
     scores, correct, confs = [], [], []

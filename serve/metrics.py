@@ -1,6 +1,9 @@
-"""Prometheus metrics on a per-app registry (two apps in one process do not collide)."""
+"""Prometheus metrics on a per-app registry (two apps in one process do not collide), and the
+updates the request path makes to them (tokens and answers counted, time to first token, gauges)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
@@ -39,3 +42,28 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def record_ttft(self, route: str, first_token_s: float | None) -> None:
+        if first_token_s is not None:
+            self.ttft.labels(route).observe(first_token_s)
+
+    def count_answer(
+        self, answered_by: str, prompt_tokens: int, completion_tokens: int, teacher_usage: dict[str, Any] | None
+    ) -> None:
+        """Tokens the student processed; tokens of the answer served, by who answered (a teacher's from
+        the usage it reported, none when it reported none); the answer."""
+        self.student_tokens.labels("prompt").inc(prompt_tokens)
+        self.student_tokens.labels("completion").inc(completion_tokens)
+        if answered_by == "teacher":
+            if teacher_usage is not None:
+                self.tokens.labels("prompt", "teacher").inc(teacher_usage["prompt_tokens"])
+                self.tokens.labels("completion", "teacher").inc(teacher_usage["completion_tokens"])
+        else:
+            self.tokens.labels("prompt", "student").inc(prompt_tokens)
+            self.tokens.labels("completion", "student").inc(completion_tokens)
+        self.answered.labels(answered_by).inc()
+
+    def set_gauges(self, waiting: int, active: int, breaker_open: bool) -> None:
+        self.queue_depth.set(waiting)
+        self.active.set(active)
+        self.breaker_open.set(1 if breaker_open else 0)

@@ -6,8 +6,9 @@ silently. A field we know is checked strictly (pydantic strict mode: ``"5"`` or 
 number): a wrong type is a 400 naming the field. Features we cannot honour (tools, image parts, JSON
 mode) are a clear 400, never a silent no-op.
 
-The response models only document the answers in the OpenAPI schema (the routes build plain dicts):
-the schema fuzz test (tests/test_fuzz.py) checks every response against them.
+The response models are what the routes build and return (stream chunks aside), so the OpenAPI
+document shows the real answers; the schema fuzz test (tests/test_fuzz.py) checks every response
+against them.
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ class PredictRequest(_Req):
     )
 
 
-# ---- responses (OpenAPI documentation only) -----------------------------------------------------
+# ---- responses (built by the routes, documented in OpenAPI) --------------------------------------------------
 
 
 class _Resp(BaseModel):

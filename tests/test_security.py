@@ -149,7 +149,7 @@ def test_key_comparison_is_constant_time(keyed, monkeypatch):
         calls.append((len(a), len(b)))
         return real(a, b)
 
-    monkeypatch.setattr("edgedistill.serve.app.hmac.compare_digest", spy)
+    monkeypatch.setattr("edgedistill.serve.middleware.hmac.compare_digest", spy)
     for token in ("", "x", KEY[:-1], KEY + "x", "y" * 5000, KEY):
         keyed.get("/v1/models", headers={"Authorization": f"Bearer {token}"})
     assert calls == [(32, 32)] * 6

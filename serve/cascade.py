@@ -1,0 +1,269 @@
+"""The cascade: who answers one request. The request's policy (threshold, fallback on/off), the
+student's calibrated confidence, the decision, the teacher call and why it was made.
+
+Chat, completions, ``/v1/predict`` and the calibration all go through here: ``decision`` is the
+rule, ``consult_teacher`` the one place the teacher is asked (a teacher failure is never an error:
+the student's answer is served, flagged with ``teacher_error``), ``student_predict`` the student's
+answer to a task input with its raw and calibrated confidence.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from edgedistill.serve.confidence import calibrated, generation_scores, temperature_for
+from edgedistill.serve.engine import GenParams, SeqResult
+from edgedistill.serve.errors import APIError
+from edgedistill.serve.fallback import TeacherError
+from edgedistill.serve.state import State
+from edgedistill.serve.submission import run
+from edgedistill.serve.types import EdgedistillInfo
+from edgedistill.serve.validation import max_tokens as _max_tokens
+from fastapi import Request
+
+# ---- the request's policy -------------------------------------------------------------------------
+
+THRESHOLD_HEADER = "X-Edgedistill-Threshold"
+FALLBACK_HEADER = "X-Edgedistill-Fallback"
+THRESHOLD_PATTERN = r"^(0(\.[0-9]+)?|1(\.0+)?)$"  # a decimal from 0 to 1: 0, 0.9, 1, 1.0 (no sign, exponent or spaces)
+_THRESHOLD_RE = re.compile(THRESHOLD_PATTERN)
+POLICY_HEADERS = [
+    {
+        "name": THRESHOLD_HEADER,
+        "in": "header",
+        "required": False,
+        "description": "This request's threshold (a decimal from 0 to 1, e.g. 0.9) instead of the server's: a calibrated "
+        "confidence below it (or any, at 1) makes the answer one for the teacher.",
+        "schema": {"type": "string", "pattern": THRESHOLD_PATTERN},
+    },
+    {
+        "name": FALLBACK_HEADER,
+        "in": "header",
+        "required": False,
+        "description": "`off`: the student answers, the teacher is never called (student-only mode); `fallback_reason` "
+        "still says why the answer would have gone to the teacher. `on` (default): the server's rule.",
+        "schema": {"type": "string", "enum": ["on", "off"]},
+    },
+]
+_POLICY_NAMES = {THRESHOLD_HEADER.lower(): THRESHOLD_HEADER, FALLBACK_HEADER.lower(): FALLBACK_HEADER}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Who may answer one request: its threshold, and whether the teacher may be asked at all.
+    From the request (``X-Edgedistill-Threshold`` / ``X-Edgedistill-Fallback`` headers; on
+    /v1/predict also the ``threshold`` / ``fallback`` body fields, which win), else the server's."""
+
+    threshold: float
+    fallback: bool = True
+
+    def reason(self, confidence: float | None) -> str | None:
+        """Why this answer is one for the teacher (the server's rule), whether or not it is asked."""
+        if confidence is None:
+            return None
+        return "low_confidence" if self.threshold >= 1.0 or confidence < self.threshold else None
+
+
+def request_policy(st: State, request: Request) -> Policy:
+    """The request's policy from its headers, else the server's. Any other ``X-Edgedistill-*``
+    header is a 400: a typo (``X-Edgedistill-Treshold``) must not silently call the teacher."""
+    seen: dict[str, str] = {}
+    for raw_name, raw_value in request.headers.raw:
+        name = raw_name.decode("latin-1").lower()
+        if not name.startswith("x-edgedistill-"):
+            continue
+        if name not in _POLICY_NAMES:
+            raise APIError(
+                400,
+                f"unknown header {raw_name.decode('latin-1')[:60]!r} (a typo?); this server reads {THRESHOLD_HEADER} and "
+                f"{FALLBACK_HEADER}",
+                code="invalid_value",
+                param=raw_name.decode("latin-1")[:60],
+            )
+        if name in seen:
+            raise APIError(
+                400, f"{_POLICY_NAMES[name]}: given twice; send it once", code="invalid_value", param=_POLICY_NAMES[name]
+            )
+        seen[name] = raw_value.decode("latin-1")
+    threshold, fallback = st.settings.threshold, True
+    if (v := seen.get(THRESHOLD_HEADER.lower())) is not None:
+        if not _THRESHOLD_RE.fullmatch(v):
+            raise APIError(
+                400,
+                f"{THRESHOLD_HEADER}: must be a decimal number from 0 to 1 such as 0.9 (got {v[:40]!r})",
+                code="invalid_value",
+                param=THRESHOLD_HEADER,
+            )
+        threshold = float(v)
+    if (v := seen.get(FALLBACK_HEADER.lower())) is not None:
+        if v not in ("on", "off"):
+            raise APIError(
+                400, f"{FALLBACK_HEADER}: must be on or off (got {v[:40]!r})", code="invalid_value", param=FALLBACK_HEADER
+            )
+        fallback = v == "on"
+    return Policy(threshold, fallback)
+
+
+def holds_stream(st: State, policy: Policy) -> bool:
+    """Stream only after the confidence decision: the teacher may still be the one to answer."""
+    return (
+        st.teacher is not None
+        and policy.fallback
+        and policy.threshold > 0
+        and st.settings.stream_hold_for_fallback
+        and st.settings.confidence
+    )
+
+
+# ---- the decision ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Decision:
+    threshold: float
+    fallback: bool  # the teacher could answer: one is configured, the fallback is on, the answer is not streamed live
+    answered_by: str = "student"
+    confidence: float | None = None
+    fallback_reason: str | None = None
+    teacher_error: str | None = None
+    teacher_data: dict[str, Any] | None = None
+
+    def info(self) -> EdgedistillInfo:
+        return EdgedistillInfo(
+            answered_by=self.answered_by,
+            confidence=None if self.confidence is None else round(self.confidence, 6),
+            threshold=self.threshold,
+            fallback=self.fallback,
+            fallback_reason=self.fallback_reason,
+            teacher_error=self.teacher_error,
+        )
+
+    def headers(self) -> dict[str, str]:
+        h = {"X-Answered-By": self.answered_by}
+        if self.confidence is not None:
+            h["X-Edgedistill-Confidence"] = f"{self.confidence:.4f}"
+        return h
+
+
+def decision(st: State, policy: Policy, confidence: float | None, live: bool = False) -> Decision:
+    """The decision before any teacher call: the rule's verdict, and whether the teacher may be asked."""
+    return Decision(
+        threshold=policy.threshold,
+        fallback=st.teacher is not None and policy.fallback and not live,
+        confidence=confidence,
+        fallback_reason=policy.reason(confidence),
+    )
+
+
+async def consult_teacher(
+    st: State, d: Decision, route: str, body: dict[str, Any], check: Callable[[dict[str, Any]], None] | None = None
+) -> None:
+    """Ask the teacher when ``d`` sends the answer to it and it may answer; ``check`` may refuse its
+    answer (a ``TeacherError``). Sets ``d.answered_by`` and ``d.teacher_data``, or ``d.teacher_error``."""
+    if not (d.fallback_reason and d.fallback):
+        return
+    try:
+        data = await st.teacher.post(route, body)  # type: ignore[union-attr]
+        if check is not None:
+            check(data)
+        d.teacher_data, d.answered_by = data, "teacher"
+        st.metrics.fallbacks.labels(d.fallback_reason, "teacher").inc()
+    except TeacherError as e:
+        d.teacher_error = str(e)
+        st.metrics.fallbacks.labels(d.fallback_reason, "teacher_failed").inc()
+
+
+def valid_usage(usage: Any) -> dict[str, Any] | None:
+    """A teacher's usage we can pass on and count (its three counts non-negative integers), else nothing."""
+    keys = ("prompt_tokens", "completion_tokens", "total_tokens")
+    return usage if isinstance(usage, dict) and all(type(usage.get(k)) is int and usage[k] >= 0 for k in keys) else None
+
+
+# ---- chat and completions -------------------------------------------------------------------------
+
+
+def generation_confidence(st: State, results: list[SeqResult]) -> float | None:
+    """The calibrated confidence of a generated answer: its least confident choice (None: switched off)."""
+    if not st.settings.confidence:
+        return None
+    t = temperature_for(st.calibration, "generation")
+    return min(calibrated(generation_scores(r.token_probs, st.settings.confidence_quantile), t) for r in results)
+
+
+async def decide(st: State, kind: str, body: dict[str, Any], conf: float | None, policy: Policy) -> Decision:
+    """Chat/completions: the decision, and the teacher's answer to the same request body when it is asked."""
+    d = decision(st, policy, conf)
+    await consult_teacher(st, d, "/chat/completions" if kind == "chat" else "/completions", body)
+    return d
+
+
+# ---- task inputs (/v1/predict, calibration) -------------------------------------------------------
+
+
+@dataclass
+class StudentAnswer:
+    value: Any
+    error: str | None
+    confidence: float
+    scores: list[float]  # uncalibrated log-masses, [answer, competitors...] (what fit_temperature takes)
+    result: SeqResult
+    max_tokens: int
+
+
+async def student_predict(st: State, text: str, request: Request | None = None) -> StudentAnswer:
+    """The student's answer to one task input: task template, greedy, parse, calibrated confidence."""
+    task = st.artifact.task  # type: ignore[union-attr]
+    runner = st.engine.runner
+    prompt = runner.tokenize(runner.render_chat(task.student_messages(text)), special=True, add_bos=True)
+    limit = task.label_max_tokens if task.type == "classification" else st.settings.default_max_tokens
+    max_tokens = _max_tokens(st, limit, len(prompt), param="input")
+    params = GenParams(max_tokens=max_tokens, temperature=0.0, confidence=True, label_trie=st.label_trie)
+    res = (await run(st, request, [prompt], [params]))[0]
+    st.metrics.record_ttft("/v1/predict", res.first_token_s)
+    value, err = task.parse_answer(res.text)
+    kind = "classification" if task.type == "classification" else "generation"
+    if res.label_scorer is not None:
+        scores = res.label_scorer.scores(task.labels.index(value) if not err else None)
+    else:
+        scores = generation_scores(res.token_probs, st.settings.confidence_quantile)
+    conf = 0.0 if err else calibrated(scores, temperature_for(st.calibration, kind))
+    return StudentAnswer(value, err, conf, scores, res, max_tokens)
+
+
+@dataclass
+class TaskAnswer:
+    """The answer served for one task input: the parsed value (the teacher's when it answered)."""
+
+    value: Any
+    error: str | None
+    student: StudentAnswer
+    decision: Decision
+    teacher_usage: dict[str, Any] | None = None
+
+
+async def predict(st: State, text: str, policy: Policy, request: Request | None = None) -> TaskAnswer:
+    """The student's answer; the teacher's when the student is unsure or its answer is invalid for
+    the task (whatever the threshold), unless the policy keeps the teacher out."""
+    task = st.artifact.task  # type: ignore[union-attr]
+    ans = await student_predict(st, text, request)
+    st.metrics.confidence.labels("/v1/predict").observe(ans.confidence)
+    d = decision(st, policy, ans.confidence)
+    d.fallback_reason = ans.error or d.fallback_reason  # an invalid answer goes to the teacher whatever the threshold
+    parsed: dict[str, Any] = {}
+
+    def check(data: dict[str, Any]) -> None:
+        ttext = (data["choices"][0].get("message") or {}).get("content")  # a string: Teacher.post checked it
+        tvalue, terr = task.parse_answer(ttext)
+        if terr and not ans.error:
+            raise TeacherError(f"invalid_answer ({terr})")
+        parsed["answer"] = (tvalue, terr)
+
+    body = {"messages": task.teacher_messages(text), "max_tokens": max(ans.max_tokens, 64), "temperature": 0}
+    await consult_teacher(st, d, "/chat/completions", body, check)
+    if d.answered_by == "teacher":
+        value, err = parsed["answer"]
+        return TaskAnswer(value, err, ans, d, valid_usage(d.teacher_data.get("usage")))  # type: ignore[union-attr]
+    return TaskAnswer(ans.value, ans.error, ans, d)

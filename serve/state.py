@@ -1,0 +1,77 @@
+"""What a running server holds (``State``) and how it is built from settings (``build_state``):
+the engine (loaded from the artifact unless given), the teacher, the metrics, the label trie.
+
+The app (``app.create_app``) and the calibration (``calibrate``) both build it here; neither needs
+the other.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgedistill.serve.artifact import Artifact, load_artifact
+from edgedistill.serve.confidence import build_label_trie, label_variants
+from edgedistill.serve.engine import Engine
+from edgedistill.serve.fallback import CircuitBreaker, Teacher
+from edgedistill.serve.metrics import Metrics
+from edgedistill.serve.settings import Settings
+
+
+@dataclass
+class State:
+    settings: Settings
+    engine: Engine
+    model_id: str
+    artifact: Artifact | None
+    teacher: Teacher | None
+    metrics: Metrics
+    api_key: str | None
+    created: int = field(default_factory=lambda: int(time.time()))
+    label_trie: dict | None = None
+    avg_latency_s: float = 1.0
+
+    @property
+    def calibration(self) -> dict[str, Any]:
+        """The artifact's fitted calibration (empty: temperature 1)."""
+        return self.artifact.calibration if self.artifact else {}
+
+
+def build_state(
+    settings: Settings,
+    engine: Engine | None = None,
+    artifact: Artifact | None = None,
+    teacher: Teacher | None = None,
+    api_key: str | None = None,
+) -> State:
+    """Without ``engine``, load ``settings.artifact`` with the backend its format names. A missing
+    teacher key variable fails before minutes of model loading."""
+    teacher_key = settings.read_teacher_key() if teacher is None and settings.teacher_url else None
+    if engine is None:
+        artifact = artifact or load_artifact(settings.artifact)
+        engine = _make_engine(artifact, settings)
+    if teacher is None and settings.teacher_url:
+        teacher = Teacher(
+            settings.teacher_url,
+            settings.teacher_model or "",
+            api_key=teacher_key,
+            timeout_s=settings.teacher_timeout_s,
+            breaker=CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s),
+        )
+    model_id = settings.model_alias or (artifact.name if artifact else "student")
+    st = State(settings, engine, model_id, artifact, teacher, Metrics(), api_key)
+    task = artifact.task if artifact else None
+    if task is not None and task.type == "classification" and task.labels:
+        st.label_trie = build_label_trie(
+            (i, engine.runner.tokenize(v, special=False, add_bos=False))
+            for i, lab in enumerate(task.labels)
+            for v in label_variants(lab)
+        )
+    return st
+
+
+def _make_engine(artifact: Artifact, s: Settings) -> Engine:
+    from edgedistill.serve.backends import make_runner
+
+    return Engine(make_runner(artifact, s), max_queue=s.max_queue)
