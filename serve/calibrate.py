@@ -2,8 +2,9 @@
 the artifact's manifest (``"calibration": {"temperature": T, ...}``), so that a threshold of 0.9
 means about 90 % of the answers above it are right.
 
-The student answers every row through the same code path as ``/v1/predict`` (task template,
-greedy, answer parsing, raw label-set / token-quantile scores); temperature scaling is then fitted
+The student answers every row through the cascade's ``student_predict``, the code path of
+``/v1/predict`` (task template, greedy, answer parsing, raw label-set / token-quantile scores), on
+a server state built without the HTTP app; temperature scaling is then fitted
 by maximum likelihood (``edgedistill.serve.confidence.fit_temperature``). Use a split the model was not trained
 on and that is not the test set.
 
@@ -20,11 +21,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edgedistill.serve.state import State
+
 from edgedistill.errors import UserError
 from edgedistill.manifest import MANIFEST, read_manifest, sha256_file, write_json_atomic
 
 
-async def collect(st, rows: list[dict[str, Any]]) -> tuple[list[list[float]], list[bool], list[float]]:
+async def collect(st: State, rows: list[dict[str, Any]]) -> tuple[list[list[float]], list[bool], list[float]]:
     """Raw scores, correctness and current confidence for each row that parsed (in slot-sized waves)."""
     from edgedistill.serve.cascade import student_predict
 
@@ -41,7 +44,7 @@ async def collect(st, rows: list[dict[str, Any]]) -> tuple[list[list[float]], li
     return scores, correct, confs
 
 
-def fit_calibration(st, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def fit_calibration(st: State, rows: list[dict[str, Any]]) -> dict[str, Any]:
     from edgedistill.serve.confidence import calibrated, fit_temperature
 
     from edgedistill.metrics import expected_calibration_error
@@ -70,9 +73,8 @@ def calibrate_artifact(
     artifact: Path, data: Path, limit: int | None = None, n_threads: int | None = None, write: bool = True
 ) -> dict:
     """Fit the temperature on ``data`` (CSV/JSONL with input and output) and store it in the manifest."""
-    from edgedistill.serve.app import create_app
     from edgedistill.serve.settings import Settings
-    from fastapi.testclient import TestClient
+    from edgedistill.serve.state import build_state
 
     from edgedistill.spec import read_rows
 
@@ -80,13 +82,16 @@ def calibrate_artifact(
     if not (artifact / MANIFEST).exists():
         raise UserError(f"{artifact}: calibration is stored in an artifact folder's {MANIFEST}; a bare .gguf has none")
     rows = read_rows(Path(data), "calibration", ["input", "output"], limit)
-    app = create_app(Settings.load(artifact=str(artifact), threshold=0.0, n_threads=n_threads, model_alias=None))
-    st = app.state.st
-    if st.artifact.task is None:
-        raise UserError(f"{artifact}: the manifest has no task, so there is no answer to check; nothing to calibrate")
-    st.artifact.calibration = {}  # score with T = 1 (the raw scores are what is fitted)
-    with TestClient(app):  # runs the app's lifespan: the engine is closed afterwards
+    st = build_state(Settings.load(artifact=str(artifact), threshold=0.0, n_threads=n_threads, model_alias=None))
+    try:
+        if st.artifact.task is None:
+            raise UserError(f"{artifact}: the manifest has no task, so there is no answer to check; nothing to calibrate")
+        st.artifact.calibration = {}  # score with T = 1 (the raw scores are what is fitted)
         cal = fit_calibration(st, rows)
+    finally:
+        if st.teacher is not None:
+            asyncio.run(st.teacher.close())
+        st.engine.close()
     cal["data_sha256"] = sha256_file(Path(data))
     if write:
         manifest = read_manifest(artifact)

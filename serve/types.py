@@ -189,7 +189,7 @@ class PredictRequest(_Req):
     )
 
 
-# ---- responses (built by the routes, documented in OpenAPI) --------------------------------------------------
+# ---- responses (built by the routes, documented in OpenAPI) ----------------------------------
 
 
 class _Resp(BaseModel):

@@ -177,6 +177,46 @@ def test_fit_calibration_on_a_fake_student():
     assert cal["ece_after"] <= cal["ece_before"] + 1e-9
 
 
+def test_calibrate_artifact_builds_its_state_without_the_app(tmp_path, monkeypatch):
+    """calibrate_artifact: the server state from settings (no HTTP app), the fit written to the
+    manifest, the engine closed afterwards."""
+    import json
+    from pathlib import Path
+
+    from edgedistill.serve import state as state_mod
+    from edgedistill.serve.artifact import Artifact
+    from edgedistill.serve.calibrate import calibrate_artifact
+    from edgedistill.serve.engine import Engine
+
+    from edgedistill.manifest import read_manifest
+    from tests.serve_fakes import FakeRunner
+    from tests.test_serve_api import classification_task
+
+    def script(p):
+        return ("exchange_rate", 3.0) if "rate" in p else ("card_arrival", 3.0)
+
+    engines = []
+
+    def make_engine(artifact, settings):
+        engines.append(Engine(FakeRunner(script), max_queue=settings.max_queue))
+        return engines[-1]
+
+    art = tmp_path / "art"
+    art.mkdir()
+    write_manifest(art, kind="artifact", format="gguf", stage="compress")
+    fake = Artifact(name="fake", format="gguf", model_path=Path("unused.gguf"), task=classification_task(), calibration={})
+    monkeypatch.setattr(state_mod, "load_artifact", lambda path: fake)
+    monkeypatch.setattr(state_mod, "_make_engine", make_engine)
+    rows = [{"input": f"rate question {i}", "output": "exchange_rate"} for i in range(10)]
+    rows += [{"input": f"card question {i}", "output": "card_linking" if i % 2 else "card_arrival"} for i in range(20)]
+    data = tmp_path / "cal.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cal = calibrate_artifact(art, data, n_threads=1)
+    assert cal["n"] == 30 and cal["accuracy"] == pytest.approx(20 / 30, abs=1e-3)
+    assert read_manifest(art)["calibration"] == cal
+    assert len(engines) == 1 and not engines[0]._thread.is_alive()
+
+
 def test_bench_summary_takes_medians_and_ratios():
     from edgedistill.bench.serve_speed import summarize
 
