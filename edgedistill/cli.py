@@ -57,29 +57,11 @@ def compress(
                  keep_failed=keep_failed, eval_limit=eval_limit)
 
 
-@app.command()
-def serve(
-    artifact: Annotated[str, typer.Argument(help="Artifact folder (with manifest.json) or a .gguf file.")],
-    teacher_url: Annotated[str | None, typer.Option(help="Teacher's OpenAI-compatible base URL, e.g. http://127.0.0.1:8080/v1.")] = None,
-    teacher_model: Annotated[str | None, typer.Option(help="Teacher model name.")] = None,
-    teacher_api_key_env: Annotated[str | None, typer.Option(help="Name of the env var holding the teacher's API key.")] = None,
-    threshold: Annotated[float | None, typer.Option(help="Calibrated confidence below which the teacher answers (default 0.9).")] = None,
-    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
-    api_key_env: Annotated[str | None, typer.Option(help="Name of the env var holding the bearer key clients must send.")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML/JSON settings file (flags > EDGEDISTILL_* env > file).")] = None,
-    n_threads: Annotated[int | None, typer.Option(help="CPU threads for llama.cpp.")] = None,
-    n_slots: Annotated[int | None, typer.Option(help="Sequences decoded together (continuous batching).")] = None,
-    n_gpu_layers: Annotated[int | None, typer.Option(help="Layers offloaded to the GPU; -1 for all.")] = None,
-    confidence: Annotated[bool | None, typer.Option("--confidence/--no-confidence", help="Score confidence per response.")] = None,
-) -> None:
-    """Serve an artifact behind an OpenAI-compatible API with per-request confidence and teacher fallback."""
-    from edgedistill.serve.cli import serve_command
+# serve: every option comes from edgedistill.serve.settings.Settings (one declaration for this command,
+# `python -m edgedistill.serve.cli`, the EDGEDISTILL_* variables and the config file)
+from edgedistill.serve.cli import serve_cli
 
-    serve_command(
-        artifact, teacher_url, teacher_model, teacher_api_key_env, threshold, host, port, api_key_env, config,
-        n_threads=n_threads, n_slots=n_slots, n_gpu_layers=n_gpu_layers, confidence=confidence,
-    )
+app.command(name="serve")(serve_cli)
 
 
 @app.command()

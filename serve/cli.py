@@ -1,67 +1,41 @@
 """`edgedistill serve`: run the OpenAI-compatible server for an artifact folder or a .gguf file.
 
-``serve_command`` is the typed entry the CLI registry wires; ``python -m edgedistill.serve.cli`` runs the same
-function with argparse (used by the tests and by a slim install without typer).
+The options are generated from ``serve.settings.Settings`` (its fields, descriptions, defaults and
+environment variables): ``serve_cli`` is the typer command that ``edgedistill serve`` registers,
+and ``python -m edgedistill.serve.cli`` runs the same command (``edgedistill run`` starts servers
+that way). ``serve_command`` is the plain function both call.
 """
 
 from __future__ import annotations
 
-import argparse
+import inspect
 import logging
 import sys
+import types
+import typing
 from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from edgedistill.serve.settings import Settings
 
 from edgedistill.errors import UserError
 
+HELP = "Serve an artifact behind an OpenAI-compatible API with per-request confidence and teacher fallback."
+FLAG_ALIASES: dict[str, list[str]] = {}  # field -> old spellings a renamed flag keeps (none renamed so far)
+CONFIG_HELP = "YAML/JSON settings file (flags > EDGEDISTILL_* env > file). (env: EDGEDISTILL_CONFIG)"
 
-def serve_command(
-    artifact: str,
-    teacher_url: str | None = None,
-    teacher_model: str | None = None,
-    teacher_api_key_env: str | None = None,
-    threshold: float | None = None,
-    host: str | None = None,
-    port: int | None = None,
-    api_key_env: str | None = None,
-    config: Path | None = None,
-    n_threads: int | None = None,
-    n_slots: int | None = None,
-    ctx_per_slot: int | None = None,
-    n_gpu_layers: int | None = None,
-    max_queue: int | None = None,
-    confidence: bool | None = None,
-    model_alias: str | None = None,
-    log_level: str = "info",
-) -> None:
-    """Serve an artifact behind an OpenAI-compatible API with per-request confidence and teacher fallback.
 
-    Flags left out come from EDGEDISTILL_* environment variables, then the --config file, then defaults.
-    """
+def serve_command(artifact: str, config: Path | None = None, **flags: Any) -> None:
+    """Serve ``artifact`` with the settings ``flags`` (``Settings`` fields; None: not given).
+    Flags left out come from EDGEDISTILL_* environment variables, then the config file, then defaults."""
     import uvicorn
     from edgedistill.serve.app import create_app
-    from edgedistill.serve.settings import Settings
 
-    settings = Settings.load(
-        config,
-        artifact=artifact,
-        teacher_url=teacher_url,
-        teacher_model=teacher_model,
-        teacher_api_key_env=teacher_api_key_env,
-        threshold=threshold,
-        host=host,
-        port=port,
-        api_key_env=api_key_env,
-        n_threads=n_threads,
-        n_slots=n_slots,
-        ctx_per_slot=ctx_per_slot,
-        n_gpu_layers=n_gpu_layers,
-        max_queue=max_queue,
-        confidence=confidence,
-        model_alias=model_alias,
-    )
+    settings = Settings.load(config, artifact=artifact, **flags)
     if not settings.artifact:
         raise UserError("serve needs an artifact: a folder with manifest.json or a .gguf file")
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     st = app.state.st
     teacher = (
@@ -73,31 +47,56 @@ def serve_command(
         f"serving {st.model_id} ({st.artifact.backend if st.artifact else '?'}) on http://{settings.host}:{settings.port}/v1 -- {teacher}",
         file=sys.stderr,
     )
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=5)
+
+
+def _scalar(annotation: Any) -> type:
+    """``str | None`` -> str: the type the flag parses (pydantic checks ranges and the rest)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return annotation
+
+
+def _help(name: str, field) -> str:
+    default = field.get_default(call_default_factory=True)
+    shown = "" if default in (None, "") else f"; default: {default}"
+    return f"{field.description or ''} (env: EDGEDISTILL_{name.upper()}{shown})"
+
+
+def _parameters() -> list[inspect.Parameter]:
+    fields = Settings.model_fields
+    art = Annotated[str, typer.Argument(help=fields["artifact"].description, show_default=False)]
+    params = [inspect.Parameter("artifact", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=art)]
+    for name, field in fields.items():
+        if name == "artifact":
+            continue
+        kind = _scalar(field.annotation)
+        flag = name.replace("_", "-")
+        decls = [f"--{flag}/--no-{flag}"] if kind is bool else [f"--{flag}"]
+        decls += FLAG_ALIASES.get(name, [])
+        option = typer.Option(*decls, help=_help(name, field), show_default=False)
+        params.append(
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option])
+        )
+    config = Annotated[Path | None, typer.Option("--config", help=CONFIG_HELP, show_default=False)]
+    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=config))
+    return params
+
+
+def serve_cli(**kwargs: Any) -> None:
+    serve_command(**kwargs)
+
+
+serve_cli.__doc__ = HELP + "\n\nFlags left out come from EDGEDISTILL_* environment variables, then the --config file, then defaults."
+serve_cli.__signature__ = inspect.Signature(_parameters())  # type: ignore[attr-defined]
+serve_cli.__annotations__ = {p.name: p.annotation for p in serve_cli.__signature__.parameters.values()}  # type: ignore[attr-defined]
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="edgedistill serve", description=serve_command.__doc__)
-    ap.add_argument("artifact", help="artifact folder (manifest.json) or .gguf file")
-    ap.add_argument("--teacher-url")
-    ap.add_argument("--teacher-model")
-    ap.add_argument("--teacher-api-key-env")
-    ap.add_argument("--threshold", type=float)
-    ap.add_argument("--host")
-    ap.add_argument("--port", type=int)
-    ap.add_argument("--api-key-env")
-    ap.add_argument("--config", type=Path)
-    ap.add_argument("--n-threads", type=int)
-    ap.add_argument("--n-slots", type=int)
-    ap.add_argument("--ctx-per-slot", type=int)
-    ap.add_argument("--n-gpu-layers", type=int)
-    ap.add_argument("--max-queue", type=int)
-    ap.add_argument("--no-confidence", dest="confidence", action="store_false", default=None)
-    ap.add_argument("--model-alias")
-    ap.add_argument("--log-level", default="info")
-    args = ap.parse_args(argv)
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command(name="serve")(serve_cli)
     try:
-        serve_command(**vars(args))
+        app(args=argv, prog_name="edgedistill serve")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

@@ -1,6 +1,10 @@
 """Server settings: command-line flags > environment variables (``EDGEDISTILL_*``) > a YAML/JSON
 config file (``--config`` or ``EDGEDISTILL_CONFIG``) > defaults.
 
+``Settings`` is the one declaration of the serve flags: each field is the flag ``--<name>`` (with
+dashes; a bool is ``--<name>/--no-<name>``), the environment variable ``EDGEDISTILL_<NAME>`` and,
+by its description, the help text (``serve.cli`` builds both entry points' options from it).
+
 Secrets are never settings: ``api_key_env`` and ``teacher_api_key_env`` name the environment
 variables that hold the keys, so a config file can be committed and a manifest never stores a key.
 """
@@ -55,8 +59,9 @@ class Settings(BaseSettings):
     artifact: str = Field("", description="Artifact folder (with manifest.json) or a .gguf file.")
     model_alias: str | None = Field(None, description="Model id served in /v1/models (default: the artifact's name).")
     host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 exposes the server to the network.")
-    port: int = Field(8000, ge=0, le=65535)
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
     api_key_env: str | None = Field(None, description="Environment variable holding the bearer key clients must send.")
+    log_level: str = Field("info", description="Log level of the server: critical, error, warning, info, debug or trace.")
 
     # teacher fallback
     teacher_url: str | None = Field(

@@ -228,3 +228,31 @@ def test_bench_summary_takes_medians_and_ratios():
     assert (
         out["ours"]["tokens_per_s"] == 100 and out["ours"]["vs_llama_server"] == 1.0 and out["ours"]["rounds"] == [90, 110, 100]
     )
+
+
+def test_serve_flags_come_from_the_settings_on_both_entry_points(monkeypatch):
+    """`edgedistill serve` and `python -m edgedistill.serve.cli` take one flag per Settings field
+    (and --config), with today's spellings; what they parse reaches serve_command as settings."""
+    import typer
+    from edgedistill.serve import cli as serve_cli_mod
+    from typer.testing import CliRunner
+
+    from edgedistill.cli import app as main_app
+
+    seen = []
+    monkeypatch.setattr(serve_cli_mod, "serve_command", lambda **kw: seen.append(kw))
+    main_cmd = typer.main.get_command(main_app).commands["serve"]
+    flags = {o for p in main_cmd.params for o in (*p.opts, *p.secondary_opts)}
+    wanted = {"--" + n.replace("_", "-") for n in Settings.model_fields if n != "artifact"} | {"--config", "--no-confidence"}
+    old = {"--teacher-url", "--teacher-model", "--teacher-api-key-env", "--threshold", "--host", "--port", "--api-key-env",
+           "--n-threads", "--n-slots", "--ctx-per-slot", "--n-gpu-layers", "--max-queue", "--model-alias", "--log-level"}
+    assert wanted | old <= flags
+    args = ["art.gguf", "--max-queue", "3", "--no-confidence", "--log-level", "warning", "--threshold", "0.5"]
+    r = CliRunner().invoke(main_app, ["serve", *args])
+    assert r.exit_code == 0, r.output
+    with pytest.raises(SystemExit) as ex:
+        serve_cli_mod.main(args)
+    assert ex.value.code == 0
+    assert seen[0] == seen[1]
+    got = {k: v for k, v in seen[0].items() if v is not None}
+    assert got == {"artifact": "art.gguf", "max_queue": 3, "confidence": False, "log_level": "warning", "threshold": 0.5}
