@@ -3,7 +3,7 @@
 The endpoints' prompts are prefilled, one sequence per slot, then ``concurrency`` sequences are
 decoded together, greedy, for a fixed number of steps (end-of-generation ignored so every level
 decodes the same number of tokens), on llama-cpp-python's low-level batch API through
-``edgedistill.serve.engine_llama.LlamaRunner`` -- the same calls the server makes, without HTTP, queueing,
+``edgedistill.runtimes.llama.LlamaRunner`` -- the same calls the server makes, without HTTP, queueing,
 sampling options or confidence. Only the decode steps are timed (prefill is reported apart).
 ``llama_cpp`` is imported only here, and only when a ceiling is asked for.
 """
@@ -82,7 +82,7 @@ def gguf_runner(path: str, n_slots: int, threads: int, ctx_per_slot: int = 1024)
     p = resolve_path(path, Path("."))
     if not p.is_file():
         raise UserError(f"--ceiling: {p} is not a file; give the GGUF the endpoint serves")
-    from edgedistill.serve.engine_llama import LlamaRunner  # imports llama_cpp
+    from edgedistill.runtimes.llama import LlamaRunner  # imports llama_cpp
 
     return LlamaRunner(p, n_slots=n_slots, ctx_per_slot=ctx_per_slot, n_batch=512, n_threads=threads)
 

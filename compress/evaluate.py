@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from edgedistill.compress.formats import Runtime
+from edgedistill.runtimes.base import Runtime
 
 SPEED_TOKENS = 64
 

@@ -6,24 +6,24 @@ A format module exposes two functions:
   files inside the (empty) folder ``out``; ``calib`` holds the task's calibration texts (chat-rendered
   prompt + answer) for methods that need data (importance matrix, GPTQ); ``work`` is a scratch folder
   shared by the formats of one run (e.g. the F16 GGUF both GGUF variants are quantized from).
-- ``load(folder, manifest) -> Runtime``: open the artifact with its own runtime (llama.cpp, ONNX
-  Runtime, transformers) for the quality gate and the speed check.
+- ``load(folder, manifest) -> Runtime``: open the artifact with its own runtime (``edgedistill.runtimes``:
+  llama.cpp, ONNX Runtime, transformers) for the quality gate and the speed check.
+
+Which module builds which family, and the bits of each variant, come from ``edgedistill.runtimes.registry``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
+
+from edgedistill.runtimes.registry import FORMATS
 
 from edgedistill.errors import UserError
 from edgedistill.spec import DEFAULT_FORMATS
 
-# family -> variant -> bits
-KNOWN: dict[str, dict[str, int]] = {
-    "gguf": {"f16": 16, "q8_0": 8, "q6_k": 6, "q5_k_m": 5, "q4_k_m": 4, "q4_0": 4},
-    "onnx": {"fp32": 32, "int8": 8, "int4": 4},
-    "gptq": {"int4": 4, "int8": 8},
-}
+# family -> variant -> bits: the formats compress builds
+KNOWN: dict[str, dict[str, int]] = {name: dict(f.variants) for name, f in FORMATS.items() if f.builder}
 
 
 @dataclass(frozen=True)
@@ -85,10 +85,3 @@ class Built:
     settings: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-
-class Runtime(Protocol):
-    """An artifact opened by its own runtime; greedy decoding over token ids of the source tokenizer."""
-
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, *, ignore_eos: bool = False) -> list[int]: ...
-
-    def close(self) -> None: ...

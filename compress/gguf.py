@@ -31,6 +31,7 @@ from pathlib import Path
 
 from edgedistill.compress import toolenv
 from edgedistill.compress.formats import Built, FormatSpec
+from edgedistill.runtimes.llama import LlamaCppRuntime
 
 from edgedistill.errors import UserError
 
@@ -428,83 +429,8 @@ def compute_imatrix(binary: Path, f16: Path, f16_key: str, src: Path, calib: lis
 # --- load ------------------------------------------------------------------------------------
 
 
-class LlamaCppRuntime:
-    """Greedy decoding on llama.cpp's low-level API: one sequence, only the last position's logits."""
-
-    def __init__(self, path: Path, *, n_ctx: int = 4096, n_batch: int = 512, n_threads: int | None = None):
-        import llama_cpp
-        from llama_cpp import _internals, _logger
-
-        self._ll = llama_cpp
-        _logger.set_verbose(False)
-        llama_cpp.llama_backend_init()
-        mp = llama_cpp.llama_model_default_params()
-        mp.n_gpu_layers = 0
-        try:
-            self.model = _internals.LlamaModel(path_model=str(path), params=mp, verbose=False)
-        except ValueError as e:
-            raise UserError(f"llama.cpp could not load {path} ({e}); rebuild the artifact") from None
-        cp = llama_cpp.llama_context_default_params()
-        cp.n_ctx = min(n_ctx, self.model.n_ctx_train()) if self.model.n_ctx_train() > 0 else n_ctx
-        cp.n_batch = cp.n_ubatch = n_batch
-        cp.n_seq_max = 1
-        cp.n_threads = cp.n_threads_batch = n_threads or _threads()
-        cp.no_perf = True
-        self.ctx = _internals.LlamaContext(model=self.model, params=cp, verbose=False)
-        self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx.ctx))
-        self.n_batch = n_batch
-        self.n_vocab = self.model.n_vocab()
-        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-        vocab = llama_cpp.llama_model_get_vocab(self.model.model)
-        self.eog = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t))
-
-    def _decode(self, tokens: list[int], start: int, last_logits: bool) -> None:
-        b = self._batch
-        b.n_tokens = len(tokens)
-        for i, t in enumerate(tokens):
-            b.token[i], b.pos[i], b.n_seq_id[i] = t, start + i, 1
-            b.seq_id[i][0] = 0
-            b.logits[i] = last_logits and i == len(tokens) - 1
-        if (rc := self._ll.llama_decode(self.ctx.ctx, b)) != 0:
-            raise RuntimeError(f"llama_decode returned {rc}")
-
-    def _argmax(self) -> int:
-        import numpy as np
-
-        logits = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self.ctx.ctx, -1), shape=(self.n_vocab,))
-        return int(logits.argmax())
-
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, *, ignore_eos: bool = False) -> list[int]:
-        if not prompt_ids:
-            raise ValueError("prompt_ids is empty")
-        if len(prompt_ids) + max_new_tokens > self.n_ctx:
-            raise ValueError(f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new_tokens}) exceed the context ({self.n_ctx})")
-        self._ll.llama_memory_clear(self.ctx.memory, True)
-        for s in range(0, len(prompt_ids), self.n_batch):
-            chunk = prompt_ids[s : s + self.n_batch]
-            self._decode(chunk, s, last_logits=s + len(chunk) == len(prompt_ids))
-        out: list[int] = []
-        pos = len(prompt_ids)
-        while len(out) < max_new_tokens:
-            t = self._argmax()
-            if t in self.eog and not ignore_eos:
-                break
-            out.append(t)
-            if len(out) == max_new_tokens:
-                break
-            self._decode([t], pos, last_logits=True)
-            pos += 1
-        return out
-
-    def close(self) -> None:
-        if self._batch is not None:
-            self._ll.llama_batch_free(self._batch)
-            self._batch = None
-            self.ctx.close()
-            self.model.close()
-
-
 def load(folder: Path, manifest: dict) -> LlamaCppRuntime:
+    """Open a GGUF artifact with the llama.cpp runtime (greedy decoding for the gate and the speed check)."""
     path = Path(folder) / manifest["model_file"]
     if not path.is_file():
         raise UserError(f"{folder}: model file {manifest['model_file']} is missing; rebuild the artifact")

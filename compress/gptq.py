@@ -43,7 +43,7 @@ from typing import Any
 
 from edgedistill.compress import toolenv
 from edgedistill.compress.formats import Built, FormatSpec
-from edgedistill.compress.reference import HFRuntime
+from edgedistill.runtimes.hf import HFRuntime
 
 from edgedistill.errors import UserError
 

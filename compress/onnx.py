@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 from edgedistill.compress import toolenv
 from edgedistill.compress.formats import Built, FormatSpec
+from edgedistill.runtimes.onnx import OnnxGenaiRuntime
 
 from edgedistill.errors import UserError
 from edgedistill.manifest import sha256_file
@@ -503,45 +504,6 @@ def _threads() -> int:
 
 
 # --- load -------------------------------------------------------------------------------------
-
-
-class OnnxGenaiRuntime:
-    """An ONNX artifact under onnxruntime-genai: greedy decoding over the source tokenizer's ids."""
-
-    def __init__(self, folder: Path):
-        try:
-            import onnxruntime_genai as og
-        except ImportError:
-            raise UserError("loading an ONNX artifact needs onnxruntime-genai: pip install 'edgedistill[onnx]'") from None
-        self._og = og
-        try:
-            self.model = og.Model(str(folder))
-        except RuntimeError as e:  # what onnxruntime-genai raises for a missing or broken file
-            raise UserError(f"onnxruntime-genai could not load {folder} ({str(e).strip()[:200]}); rebuild the artifact") from None
-        cfg = json.loads((Path(folder) / "genai_config.json").read_text())
-        self.context_length = int(cfg["model"].get("context_length") or cfg["search"].get("max_length") or 0)
-
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, *, ignore_eos: bool = False) -> list[int]:
-        if not prompt_ids or max_new_tokens <= 0:
-            return []
-        total = len(prompt_ids) + max_new_tokens
-        if self.context_length and total > self.context_length:
-            raise UserError(f"prompt ({len(prompt_ids)}) + {max_new_tokens} new tokens exceed the model's context ({self.context_length})")
-        params = self._og.GeneratorParams(self.model)
-        opts: dict[str, Any] = {"max_length": total, "do_sample": False}
-        if ignore_eos:
-            opts["min_length"] = total  # EOS is masked until max_length
-        params.set_search_options(**opts)
-        gen = self._og.Generator(self.model, params)
-        gen.append_tokens(list(map(int, prompt_ids)))
-        out: list[int] = []
-        while len(out) < max_new_tokens and not gen.is_done():
-            gen.generate_next_token()
-            out.append(int(gen.get_next_tokens()[0]))
-        return out
-
-    def close(self) -> None:
-        self.model = None
 
 
 def load(folder: Path, manifest: dict) -> OnnxGenaiRuntime:

@@ -19,7 +19,6 @@ Layout of OUT (default: ``<checkpoint>/../artifacts``)::
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 import time
@@ -29,6 +28,7 @@ from typing import Any
 from edgedistill.compress.calibration import load_calibration, prompt_ids
 from edgedistill.compress.evaluate import measure
 from edgedistill.compress.formats import Built, FormatSpec, parse_formats
+from edgedistill.runtimes.registry import builder
 from rich.console import Console
 from rich.table import Table
 
@@ -180,7 +180,7 @@ def _reference(ckpt, tokenizer, spec, test_prompts, golds, agree_prompts, path: 
         old = json.loads(path.read_text(encoding="utf-8"))
         if old.get("key") == key:
             return old
-    from edgedistill.compress.reference import HFRuntime
+    from edgedistill.runtimes.hf import HFRuntime
 
     console.print("measuring the FP student (transformers) ...")
     rt = HFRuntime(ckpt)
@@ -201,13 +201,14 @@ def prepare_tools(formats: str) -> None:
     venvs, llama.cpp's sources); quick when they exist. Failures surface again, in one line, when
     compress builds."""
     for family in dict.fromkeys(f.family for f in parse_formats(formats)):
-        prepare = getattr(importlib.import_module(f"compress.{family}"), "prepare", None)
+        prepare = getattr(builder(family), "prepare", None)
         if prepare is not None:
             prepare()
 
 
 def _module(fmt: FormatSpec):
-    return importlib.import_module(f"compress.{fmt.family}")
+    """The format's module (``build``, ``load``; see ``compress.formats``), from the runtimes' registry."""
+    return builder(fmt.family)
 
 
 def _build(fmt, ckpt, out, work, spec: TaskSpec, calib_texts, calib, source_hash, ck_manifest) -> tuple[Path, dict, bool]:

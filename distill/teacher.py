@@ -492,34 +492,11 @@ def _file_fingerprint(files: list[Path], root: Path) -> str:
 _MODEL_FILE_SUFFIXES = {".json", ".safetensors", ".bin", ".model", ".txt", ".jinja", ".tiktoken", ".pt", ".pth", ".py"}
 
 
-def _truncate_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
-    if not stop:
-        return text, False
-    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-def _stop_criteria(tok: Any, stops: list[str], prompt_len: int) -> Any:
-    """Stop a row once its generated text (the prompt excluded) contains a stop string."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    window = max(len(s) for s in stops) + 8  # tokens: enough to hold any stop string
-
-    class _StopStrings(StoppingCriteria):
-        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            rows = input_ids[:, prompt_len:][:, -window:].tolist()
-            done = [any(s in tok.decode(r, skip_special_tokens=True) for s in stops if s) for r in rows]
-            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-    return StoppingCriteriaList([_StopStrings()])
-
-
 class LocalHFTeacher(Teacher):
     """A Hugging Face causal LM checkpoint run in-process: float32, eval mode, CPU.
 
     Requests are grouped by decoding settings and generated ``batch_size`` at a time with left
-    padding: greedy when temperature is 0, sampled otherwise (seeded per batch from the
+    padding (``edgedistill.runtimes.hf.generate_batch``): greedy when temperature is 0, sampled otherwise (seeded per batch from the
     requests' cache keys, which include their seeds and sample indices, so runs are repeatable).
     Prompts longer than ``max_length`` tokens keep their last ``max_length`` tokens.
     ``.model`` and ``.tokenizer`` load on first use and can be reused (logit distillation); the
@@ -566,22 +543,20 @@ class LocalHFTeacher(Teacher):
             if self._model is not None:
                 return
             try:
-                import torch
-                from transformers import AutoModelForCausalLM, AutoTokenizer
+                import torch  # noqa: F401
+                from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
             except ImportError as e:
                 raise UserError(
                     f"a local HF teacher needs torch and transformers ({e.name} is missing); pip install 'edgedistill[distill]'"
                 ) from None
+            from edgedistill.runtimes.hf import load_causal_lm
+
             try:
-                tok = AutoTokenizer.from_pretrained(self.path)
-                model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32)
+                tok, model = load_causal_lm(self.path)
             except (OSError, ValueError, KeyError) as e:
                 raise UserError(
                     f"cannot load the teacher checkpoint {self.path} ({_one_line(e, 160)}); check teacher.path"
                 ) from None
-            if tok.pad_token is None:
-                tok.pad_token = tok.eos_token
-            model.to("cpu").eval()
             self._tokenizer, self._model = tok, model
 
     @property
@@ -601,77 +576,26 @@ class LocalHFTeacher(Teacher):
         # a base model without a chat template: a plain transcript ending in the assistant's turn
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
-    def _eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        for src in (getattr(self.model.generation_config, "eos_token_id", None), self.tokenizer.eos_token_id):
-            if isinstance(src, int):
-                ids.add(src)
-            elif src:
-                ids.update(int(x) for x in src)
-        return ids
-
     def _generate_batch(self, batch: list[tuple[str, ChatRequest]]) -> list[dict[str, Any]]:
         """Blocking: generate one batch (all with the same decoding settings)."""
-        import torch
+        from edgedistill.runtimes.hf import generate_batch
 
-        tok, model = self.tokenizer, self.model
         req = batch[0][1]
-        texts = [self.prompt_text(r.messages) for _, r in batch]
-        old_side = tok.truncation_side
-        tok.truncation_side = "left"  # an overlong prompt keeps its end (the generation prompt)
-        try:
-            enc = tok(
-                texts,
-                add_special_tokens=False,
-                padding=True,
-                padding_side="left",
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            )
-        finally:
-            tok.truncation_side = old_side
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": req.max_tokens,
-            "pad_token_id": tok.pad_token_id,
-        }
-        if req.temperature > 0:
-            seed_src = "".join(k for k, _ in batch).encode()
-            torch.manual_seed(int(hashlib.sha256(seed_src).hexdigest()[:15], 16))
-            kwargs.update(do_sample=True, temperature=req.temperature, top_p=req.top_p, top_k=0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if req.stop:
-            # not generate(stop_strings=...): that also matches text of the prompt's tail
-            kwargs["stopping_criteria"] = _stop_criteria(tok, list(req.stop), enc["input_ids"].shape[1])
-        with torch.inference_mode():
-            out = model.generate(**enc, **kwargs)
-        gen = out[:, enc["input_ids"].shape[1] :]
-        eos = self._eos_ids()
-        results = []
-        for row, mask in zip(gen.tolist(), enc["attention_mask"].tolist()):
-            n, hit_eos = len(row), False
-            for i, t in enumerate(row):
-                if t in eos:
-                    n, hit_eos = i, True
-                    break
-            ids = row[:n]
-            if not hit_eos and tok.pad_token_id is not None:
-                # generate() pads rows that finished early (e.g. on a stop string)
-                while ids and ids[-1] == tok.pad_token_id:
-                    ids.pop()
-            text = tok.decode(ids, skip_special_tokens=True)
-            text, hit_stop = _truncate_at_stop(text, req.stop)
-            results.append(
-                {
-                    "text": text,
-                    "prompt_tokens": int(sum(mask)),
-                    "completion_tokens": len(ids) + (1 if hit_eos else 0),
-                    "finish_reason": "stop" if (hit_eos or hit_stop) else "length",
-                    "cost_usd": 0.0,
-                }
-            )
-        return results
+        seed = None
+        if req.temperature > 0:  # seeded per batch from the requests' cache keys (their seeds and sample indices)
+            seed = int(hashlib.sha256("".join(k for k, _ in batch).encode()).hexdigest()[:15], 16)
+        rows = generate_batch(
+            self.model,
+            self.tokenizer,
+            [self.prompt_text(r.messages) for _, r in batch],
+            max_length=self.max_length,
+            max_new_tokens=req.max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            stop=req.stop,
+            seed=seed,
+        )
+        return [{**asdict(row), "cost_usd": 0.0} for row in rows]
 
     async def _run_uncached(self, todo: list[tuple[str, ChatRequest]], emit: Callable[[str, dict[str, Any]], None]) -> None:
         await asyncio.to_thread(self._load)
@@ -690,7 +614,8 @@ class LocalHFTeacher(Teacher):
 
 
 class LocalGGUFTeacher(Teacher):
-    """A GGUF model run with llama-cpp-python, one request at a time in a worker thread."""
+    """A GGUF model run with llama-cpp-python (``edgedistill.runtimes.llama.LlamaChat``), one request at a
+    time in a worker thread."""
 
     kind = "local-gguf"
 
@@ -728,11 +653,13 @@ class LocalGGUFTeacher(Teacher):
         with self._load_lock:
             if self._llm is None:
                 try:
-                    from llama_cpp import Llama
+                    import llama_cpp  # noqa: F401
                 except ImportError:
                     raise UserError("a .gguf teacher needs llama-cpp-python; pip install 'edgedistill[llama]'") from None
+                from edgedistill.runtimes.llama import LlamaChat
+
                 try:
-                    self._llm = Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.n_threads, verbose=False)
+                    self._llm = LlamaChat(self.path, n_ctx=self.n_ctx, n_threads=self.n_threads)
                 except (ValueError, RuntimeError, OSError) as e:
                     raise UserError(
                         f"cannot load the GGUF teacher {self.path} ({_one_line(e, 160)}); check teacher.path"
@@ -740,17 +667,15 @@ class LocalGGUFTeacher(Teacher):
         return self._llm
 
     def _complete(self, req: ChatRequest) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {
-            "messages": req.messages,
-            "max_tokens": req.max_tokens,
-            "temperature": req.temperature,
-            "top_p": req.top_p,
-            "stop": list(req.stop) if req.stop else [],
-        }
-        if req.seed is not None:
-            kwargs["seed"] = req.seed
         try:
-            out = self.llm.create_chat_completion(**kwargs)
+            out = self.llm.complete(
+                req.messages,
+                max_tokens=req.max_tokens,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                stop=list(req.stop) if req.stop else [],
+                seed=req.seed,
+            )
         except ValueError as e:  # e.g. the prompt does not fit n_ctx
             raise UserError(
                 f"GGUF teacher {self.path.name} failed on a request ({_one_line(e, 160)}); shorten inputs or raise n_ctx"

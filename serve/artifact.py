@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgedistill.runtimes.registry import FORMATS
+
 from edgedistill.errors import UserError
 from edgedistill.manifest import MANIFEST, read_manifest
 from edgedistill.task import Task
 
-BACKENDS = {"gguf": "llama.cpp", "onnx": "onnxruntime", "hf": "transformers", "gptq": "transformers"}
+BACKENDS = {name: f.backend for name, f in FORMATS.items()}
 
 
 @dataclass

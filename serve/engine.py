@@ -9,7 +9,8 @@ tokens travel back through per-request asyncio queues fed with ``loop.call_soon_
 keeps its KV cache after a request, so the next prompt with the same prefix (a system prompt, the
 task template) only prefills what differs.
 
-The model itself is behind ``Runner`` (llama.cpp in ``engine_llama``; a numpy fake in the tests).
+The model itself is behind ``Runner`` (``edgedistill.runtimes.base``; opened by ``runtimes.registry``; a numpy
+fake in the tests).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
+from edgedistill.runtimes.base import Runner
 from edgedistill.serve.confidence import LabelScorer
 
 log = logging.getLogger("edgedistill.serve")
@@ -32,25 +34,6 @@ log = logging.getLogger("edgedistill.serve")
 
 class QueueFull(Exception):
     """More requests are waiting than the server admits; answer 429."""
-
-
-class Runner(Protocol):
-    n_vocab: int
-    n_slots: int
-    ctx_per_slot: int
-    n_batch: int
-    eog_tokens: frozenset[int]
-    pieces: list[bytes]
-
-    def tokenize(self, text: str, *, special: bool, add_bos: bool) -> list[int]: ...
-
-    def render_chat(self, messages: list[dict[str, str]]) -> str: ...
-
-    def seq_rm(self, seq: int, p0: int) -> None: ...
-
-    def decode(self, tokens: list[int], pos: list[int], seqs: list[int], outputs: list[bool]) -> np.ndarray: ...
-
-    def close(self) -> None: ...
 
 
 @dataclass

@@ -72,6 +72,6 @@ def build_state(
 
 
 def _make_engine(artifact: Artifact, s: Settings) -> Engine:
-    from edgedistill.serve.backends import make_runner
+    from edgedistill.runtimes.registry import make_runner
 
     return Engine(make_runner(artifact, s), max_queue=s.max_queue)

@@ -83,7 +83,7 @@ def run(student, monkeypatch, wrong_every, builds, **kw):
     ck, data, spec = student
     from transformers import AutoTokenizer
 
-    monkeypatch.setattr("edgedistill.compress.reference.HFRuntime", lambda folder: Oracle(AutoTokenizer.from_pretrained(folder)))
+    monkeypatch.setattr("edgedistill.runtimes.hf.HFRuntime", lambda folder: Oracle(AutoTokenizer.from_pretrained(folder)))
     monkeypatch.setattr(pipeline, "_module", lambda fmt: fake_family(ck, wrong_every, builds))
     return pipeline.run_compress(ck, formats="gguf:q8_0,gguf:q4_k_m", calibration=data, task=spec, **kw)
 

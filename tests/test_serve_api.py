@@ -392,7 +392,7 @@ def test_serve_imports_no_torch():
     import subprocess
     import sys
 
-    code = "import sys, edgedistill.serve.app, edgedistill.serve.cli, edgedistill.serve.backends, edgedistill.serve.engine_llama, edgedistill.serve.engine_onnx, edgedistill.serve.engine_hf; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    code = "import sys, edgedistill.serve.app, edgedistill.serve.cli, edgedistill.runtimes, edgedistill.runtimes.registry, edgedistill.runtimes.llama, edgedistill.runtimes.onnx, edgedistill.runtimes.hf, edgedistill.runtimes.vocab, edgedistill.runtimes.chat, edgedistill.runtimes.base; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

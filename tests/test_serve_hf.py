@@ -20,7 +20,7 @@ MODEL = "tiny-hf"
 
 @pytest.fixture(scope="module")
 def runner(tiny_model_dir):
-    from edgedistill.serve.engine_hf import HFRunner
+    from edgedistill.runtimes.hf import HFRunner
 
     r = HFRunner(tiny_model_dir, n_slots=3, ctx_per_slot=128, n_batch=16, n_threads=1, device="cpu")
     yield r
@@ -95,10 +95,10 @@ def test_chunked_prefill_decode_and_crop_match_the_full_forward(runner, hf):
 
 
 def test_uncroppable_cache_prefills_the_kept_prefix_again(runner, hf, monkeypatch):
-    import edgedistill.serve.engine_hf
+    import edgedistill.runtimes.hf
 
     model, _ = hf
-    monkeypatch.setattr(edgedistill.serve.engine_hf, "_exactly_croppable", lambda cache: False)  # as for sliding-window layers
+    monkeypatch.setattr(edgedistill.runtimes.hf, "_exactly_croppable", lambda cache: False)  # as for sliding-window layers
     ids = list(range(50, 62))
     runner.seq_rm(1, 0)
     runner.decode(ids, list(range(12)), [1] * 12, [False] * 12)
@@ -148,7 +148,7 @@ def test_slots_are_independent_and_rows_keep_batch_order(runner, hf):
 
 
 def _app(tiny_dir: Path, **kw):
-    from edgedistill.serve.engine_hf import HFRunner
+    from edgedistill.runtimes.hf import HFRunner
 
     s = Settings.load(artifact="unused", model_alias=MODEL, n_threads=1, threshold=0.0, max_tokens_limit=64)
     runner = HFRunner(tiny_dir, n_slots=3, ctx_per_slot=256, n_batch=32, n_threads=1, device="cpu", **kw)

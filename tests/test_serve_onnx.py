@@ -15,10 +15,10 @@ pytest.importorskip("onnxruntime_genai")
 
 from edgedistill.compress import onnx as connx
 from edgedistill.compress.formats import FormatSpec
+from edgedistill.runtimes.onnx import OnnxRunner, token_pieces
 from edgedistill.serve.app import create_app
 from edgedistill.serve.artifact import Artifact
 from edgedistill.serve.engine import Engine
-from edgedistill.serve.engine_onnx import OnnxRunner, token_pieces
 from edgedistill.serve.settings import Settings
 
 from tests.test_compress_onnx import build_onnx_llama, shared_work

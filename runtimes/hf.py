@@ -1,33 +1,37 @@
-"""transformers runner for the engine: HF checkpoints and GPTQ (compressed-tensors) artifacts.
+"""transformers runtime: HF checkpoints and GPTQ (compressed-tensors) artifacts.
 
-The same ``Runner`` contract as ``engine_llama``: each slot is one sequence with its own KV cache
-(a ``DynamicCache``; ``seq_rm`` crops it, or, for sliding-window caches that cannot go back, starts
-it again and prefills the kept prefix with the next step), and ``decode`` returns only the logits
-rows asked for.
-The engine's batch may hold tokens of several slots; this runner runs them slot after slot (one
-forward per slot per step) rather than padding them into one batch: simple and exact, and on a GPU
-a small model's step is launch-bound anyway. FP16 on a GPU, FP32 on CPU. A compressed-tensors
-checkpoint is dequantized on load (transformers has no INT4 kernels), so a GPTQ artifact is served
-with FP16/FP32 weights here; for INT4 speed and memory, serve it with vLLM.
+Three ways to run one, each what its stage needs (kept apart: their arithmetic differs):
 
-Needs torch and transformers (``pip install 'edgedistill[distill,hf]'``), imported when a runner is made.
+- :class:`HFRunner`, serve's ``Runner`` (the same contract as ``runtimes.llama``): each slot is one
+  sequence with its own KV cache (a ``DynamicCache``; ``seq_rm`` crops it, or, for sliding-window
+  caches that cannot go back, starts it again and prefills the kept prefix with the next step), and
+  ``decode`` returns only the logits rows asked for. The engine's batch may hold tokens of several
+  slots; this runner runs them slot after slot (one forward per slot per step) rather than padding
+  them into one batch: simple and exact, and on a GPU a small model's step is launch-bound anyway.
+  FP16 on a GPU, FP32 on CPU. A compressed-tensors checkpoint is dequantized on load (transformers
+  has no INT4 kernels), so a GPTQ artifact is served with FP16/FP32 weights here; for INT4 speed
+  and memory, serve it with vLLM.
+- :class:`HFRuntime`, compress's greedy ``Runtime``: the FP student every artifact is measured
+  against (float32 on CPU, ``generate`` one prompt at a time like the other runtimes).
+- :func:`generate_batch`, batched ``generate`` with left padding (the local HF teacher labelling
+  thousands of rows; :func:`load_causal_lm` opens the checkpoint for it, float32 on CPU).
+
+Needs torch and transformers (``pip install 'edgedistill[distill,hf]'``), imported when one of them is used.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgedistill.serve.engine_llama import CHATML
-from edgedistill.serve.vocab import BYTE_TOKEN, byte_decoder
+from edgedistill.runtimes.chat import CHATML
+from edgedistill.runtimes.vocab import BYTE_TOKEN, EOG_NAMES, byte_decoder
 
 from edgedistill.errors import UserError
-
-# end-of-turn tokens some chat templates use besides the tokenizer's eos (llama.cpp treats them as end-of-generation too)
-EOG_NAMES = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "</s>")
 
 
 class HFRunner:
@@ -255,3 +259,177 @@ def _adds_bos(tok: Any) -> bool:
         return False
     ids = tok("a", add_special_tokens=True)["input_ids"]
     return bool(ids) and ids[0] == tok.bos_token_id
+
+
+# --- greedy decoding, one prompt at a time (compress's FP reference) --------------------------
+
+
+class HFRuntime:
+    """Greedy decoding of an HF checkpoint on CPU (float32), one prompt at a time like the others."""
+
+    device = "cpu"
+
+    def __init__(self, folder: Path):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self._torch = torch
+        self._set_model(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval())
+
+    def _set_model(self, model) -> None:
+        self.model = model
+        eos = self.model.generation_config.eos_token_id
+        self.eos = eos if isinstance(eos, int) else (eos[0] if eos else None)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, *, ignore_eos: bool = False) -> list[int]:
+        torch = self._torch
+        with torch.inference_mode():
+            ids = torch.tensor([prompt_ids], device=self.device)
+            out = self.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens if ignore_eos else 0,
+                do_sample=False,
+                pad_token_id=self.eos,
+            )
+        return out[0, len(prompt_ids) :].tolist()
+
+    def close(self) -> None:
+        self.model = None
+
+
+# --- batched generation (the local HF teacher) -------------------------------------------------
+
+
+@dataclass
+class Generation:
+    """One row of a batch: the answer text (cut at a stop string) and what it took."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int  # the generated tokens kept, plus the end-of-sequence token when there was one
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+def load_causal_lm(path: Path) -> tuple[Any, Any]:
+    """(tokenizer, model) of an HF checkpoint for :func:`generate_batch`: float32, eval mode, CPU; a
+    tokenizer without a pad token pads with EOS. Errors are transformers' own (OSError, ValueError, KeyError)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.to("cpu").eval()
+    return tok, model
+
+
+def eos_ids(model: Any, tok: Any) -> set[int]:
+    """The generation config's and the tokenizer's EOS ids (what ends a row of :func:`generate_batch`)."""
+    ids: set[int] = set()
+    for src in (getattr(model.generation_config, "eos_token_id", None), tok.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(int(x) for x in src)
+    return ids
+
+
+def truncate_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
+    if not stop:
+        return text, False
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def stop_criteria(tok: Any, stops: list[str], prompt_len: int) -> Any:
+    """Stop a row once its generated text (the prompt excluded) contains a stop string."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    window = max(len(s) for s in stops) + 8  # tokens: enough to hold any stop string
+
+    class _StopStrings(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            rows = input_ids[:, prompt_len:][:, -window:].tolist()
+            done = [any(s in tok.decode(r, skip_special_tokens=True) for s in stops if s) for r in rows]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([_StopStrings()])
+
+
+def generate_batch(
+    model: Any,
+    tok: Any,
+    texts: list[str],
+    *,
+    max_length: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    stop: list[str] | None,
+    seed: int | None,
+) -> list[Generation]:
+    """Blocking: generate one batch of prompt texts with the same decoding settings, left-padded.
+
+    Greedy when temperature is 0, sampled otherwise (``torch.manual_seed(seed)`` first). Prompts
+    longer than ``max_length`` tokens keep their last ``max_length`` tokens.
+    """
+    import torch
+
+    old_side = tok.truncation_side
+    tok.truncation_side = "left"  # an overlong prompt keeps its end (the generation prompt)
+    try:
+        enc = tok(
+            texts,
+            add_special_tokens=False,
+            padding=True,
+            padding_side="left",
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+    finally:
+        tok.truncation_side = old_side
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "pad_token_id": tok.pad_token_id,
+    }
+    if temperature > 0:
+        if seed is not None:
+            torch.manual_seed(seed)
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if stop:
+        # not generate(stop_strings=...): that also matches text of the prompt's tail
+        kwargs["stopping_criteria"] = stop_criteria(tok, list(stop), enc["input_ids"].shape[1])
+    with torch.inference_mode():
+        out = model.generate(**enc, **kwargs)
+    gen = out[:, enc["input_ids"].shape[1] :]
+    eos = eos_ids(model, tok)
+    results = []
+    for row, mask in zip(gen.tolist(), enc["attention_mask"].tolist()):
+        n, hit_eos = len(row), False
+        for i, t in enumerate(row):
+            if t in eos:
+                n, hit_eos = i, True
+                break
+        ids = row[:n]
+        if not hit_eos and tok.pad_token_id is not None:
+            # generate() pads rows that finished early (e.g. on a stop string)
+            while ids and ids[-1] == tok.pad_token_id:
+                ids.pop()
+        text = tok.decode(ids, skip_special_tokens=True)
+        text, hit_stop = truncate_at_stop(text, stop)
+        results.append(
+            Generation(
+                text=text,
+                prompt_tokens=int(sum(mask)),
+                completion_tokens=len(ids) + (1 if hit_eos else 0),
+                finish_reason="stop" if (hit_eos or hit_stop) else "length",
+            )
+        )
+    return results

@@ -1,10 +1,17 @@
-"""Token text -> bytes helpers shared by the runners that rebuild pieces from a vocabulary
-(transformers and ONNX Runtime GenAI); llama.cpp gives pieces itself."""
+"""Vocabulary facts shared by the runtimes: the end-of-generation token names, and token text -> bytes
+helpers for the runners that rebuild pieces from a vocabulary (transformers and ONNX Runtime GenAI;
+llama.cpp gives pieces itself)."""
 
 from __future__ import annotations
 
 import re
 from functools import cache
+
+# end-of-turn / end-of-text tokens by name that end a generation besides the configured EOS ids
+# (llama.cpp recognises these as end-of-generation too)
+EOG_NAMES = frozenset(
+    {"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|end|>", "</s>", "<end_of_turn>"}
+)
 
 # SentencePiece-style raw-byte tokens
 BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")

@@ -1,6 +1,6 @@
-"""onnxruntime-genai runner for the engine (ONNX artifacts from ``edgedistill compress``), torch-free.
+"""ONNX Runtime GenAI runtime (ONNX artifacts from ``edgedistill compress``), torch-free.
 
-One ``og.Generator`` per slot: each holds its own KV cache (``max_length = ctx_per_slot``), so a slot
+:class:`OnnxRunner` is serve's ``Runner``: one ``og.Generator`` per slot: each holds its own KV cache (``max_length = ctx_per_slot``), so a slot
 keeps its cache between requests like a llama.cpp sequence does, ``seq_rm`` is ``rewind_to`` and a
 prompt can be fed in chunks. ``decode`` runs the slots of a batch one after another (the Generator
 API has no cross-generator batch); onnxruntime-genai's own ``Engine`` does batch, but it samples
@@ -8,7 +8,10 @@ inside, and our engine needs the logits (confidence, logprobs, label scoring).
 
 Tokens come from onnxruntime-genai's tokenizer; the bytes of each token (what streaming decodes
 incrementally) are read from ``tokenizer.json``; the chat template from the artifact's
-``chat_template.jinja`` / ``tokenizer_config.json``, rendered with jinja2 as in ``engine_llama``.
+``chat_template.jinja`` / ``tokenizer_config.json``, rendered with jinja2 as in ``runtimes.llama``.
+
+:class:`OnnxGenaiRuntime` is compress's greedy ``Runtime`` (quality gate, speed check): one generator
+per prompt, onnxruntime-genai's own greedy search.
 """
 
 from __future__ import annotations
@@ -18,13 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgedistill.serve.engine_llama import CHATML, _compile_template, _raise
-from edgedistill.serve.vocab import BYTE_TOKEN, byte_decoder
+from edgedistill.runtimes.chat import CHATML, compile_template, raise_exception
+from edgedistill.runtimes.vocab import BYTE_TOKEN, EOG_NAMES, byte_decoder
 
 from edgedistill.errors import UserError
-
-# end-of-generation tokens by name, as llama.cpp recognises them (besides the configured EOS ids)
-EOG_NAMES = {"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|end|>", "</s>", "<end_of_turn>"}
 
 
 class OnnxRunner:
@@ -64,7 +64,7 @@ class OnnxRunner:
         self._bos_added = bos is not None and len(probe) > 1 and probe[0] == bos
         self._bos = bos
         template = _chat_template(model_dir, tok_cfg)
-        self._template = _compile_template(template or CHATML)
+        self._template = compile_template(template or CHATML)
         self._bos_text = _token_text(tok_cfg.get("bos_token"))
         self._eos_text = _token_text(tok_cfg.get("eos_token"))
         self.description = f"onnxruntime-genai {getattr(og, '__version__', '?')}: {model_dir.name}"
@@ -85,7 +85,7 @@ class OnnxRunner:
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         return self._template.render(
-            messages=messages, add_generation_prompt=True, bos_token=self._bos_text, eos_token=self._eos_text, raise_exception=_raise
+            messages=messages, add_generation_prompt=True, bos_token=self._bos_text, eos_token=self._eos_text, raise_exception=raise_exception
         )
 
     def seq_rm(self, seq: int, p0: int) -> None:
@@ -189,3 +189,42 @@ def token_pieces(tok_json: dict[str, Any], n_vocab: int) -> tuple[list[bytes], d
         else:
             pieces[i] = str(a["content"]).encode("utf-8")
     return pieces, special
+
+
+class OnnxGenaiRuntime:
+    """An ONNX artifact under onnxruntime-genai: greedy decoding over the source tokenizer's ids."""
+
+    def __init__(self, folder: Path):
+        try:
+            import onnxruntime_genai as og
+        except ImportError:
+            raise UserError("loading an ONNX artifact needs onnxruntime-genai: pip install 'edgedistill[onnx]'") from None
+        self._og = og
+        try:
+            self.model = og.Model(str(folder))
+        except RuntimeError as e:  # what onnxruntime-genai raises for a missing or broken file
+            raise UserError(f"onnxruntime-genai could not load {folder} ({str(e).strip()[:200]}); rebuild the artifact") from None
+        cfg = json.loads((Path(folder) / "genai_config.json").read_text())
+        self.context_length = int(cfg["model"].get("context_length") or cfg["search"].get("max_length") or 0)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, *, ignore_eos: bool = False) -> list[int]:
+        if not prompt_ids or max_new_tokens <= 0:
+            return []
+        total = len(prompt_ids) + max_new_tokens
+        if self.context_length and total > self.context_length:
+            raise UserError(f"prompt ({len(prompt_ids)}) + {max_new_tokens} new tokens exceed the model's context ({self.context_length})")
+        params = self._og.GeneratorParams(self.model)
+        opts: dict[str, Any] = {"max_length": total, "do_sample": False}
+        if ignore_eos:
+            opts["min_length"] = total  # EOS is masked until max_length
+        params.set_search_options(**opts)
+        gen = self._og.Generator(self.model, params)
+        gen.append_tokens(list(map(int, prompt_ids)))
+        out: list[int] = []
+        while len(out) < max_new_tokens and not gen.is_done():
+            gen.generate_next_token()
+            out.append(int(gen.get_next_tokens()[0]))
+        return out
+
+    def close(self) -> None:
+        self.model = None

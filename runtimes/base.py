@@ -1,0 +1,41 @@
+"""The two contracts a runtime fulfils.
+
+- :class:`Runner`: what serve's engine (and bench's ceiling) drives: a fixed set of slots, each one
+  sequence with its own KV cache; ``decode`` runs tokens of several slots and returns only the
+  logits rows asked for.
+- :class:`Runtime`: what compress's quality gate and speed check drive: greedy decoding over token
+  ids of the source tokenizer, one prompt at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class Runner(Protocol):
+    n_vocab: int
+    n_slots: int
+    ctx_per_slot: int
+    n_batch: int
+    eog_tokens: frozenset[int]
+    pieces: list[bytes]
+
+    def tokenize(self, text: str, *, special: bool, add_bos: bool) -> list[int]: ...
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str: ...
+
+    def seq_rm(self, seq: int, p0: int) -> None: ...
+
+    def decode(self, tokens: list[int], pos: list[int], seqs: list[int], outputs: list[bool]) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+class Runtime(Protocol):
+    """An artifact opened by its own runtime; greedy decoding over token ids of the source tokenizer."""
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, *, ignore_eos: bool = False) -> list[int]: ...
+
+    def close(self) -> None: ...
