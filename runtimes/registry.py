@@ -50,11 +50,6 @@ FORMATS: dict[str, ModelFormat] = {
 }
 
 
-def backend(fmt: str) -> str:
-    """The serve backend of a manifest format (an unknown format names itself)."""
-    return FORMATS[fmt].backend if fmt in FORMATS else fmt
-
-
 def builder(family: str) -> Any:
     """The compress module that builds ``family`` (imports compress)."""
     spec = FORMATS.get(family)
