@@ -496,8 +496,9 @@ class LocalHFTeacher(Teacher):
     """A Hugging Face causal LM checkpoint run in-process: float32, eval mode, CPU.
 
     Requests are grouped by decoding settings and generated ``batch_size`` at a time with left
-    padding (``edgedistill.runtimes.hf.generate_batch``): greedy when temperature is 0, sampled otherwise (seeded per batch from the
-    requests' cache keys, which include their seeds and sample indices, so runs are repeatable).
+    padding (``edgedistill.runtimes.hf.generate_batch``): greedy when temperature is 0, sampled
+    otherwise (seeded per batch from the requests' cache keys, which include their seeds and sample
+    indices, so runs are repeatable).
     Prompts longer than ``max_length`` tokens keep their last ``max_length`` tokens.
     ``.model`` and ``.tokenizer`` load on first use and can be reused (logit distillation); the
     tokenizer's own padding/truncation sides are left as the checkpoint set them.
