@@ -27,6 +27,7 @@ WORKDIR /app
 COPY --from=llama-wheel /wheels /wheels
 COPY pyproject.toml README.md ./
 COPY edgedistill ./edgedistill
+COPY runtimes ./runtimes
 COPY serve ./serve
 COPY distill/__init__.py ./distill/__init__.py
 COPY compress/__init__.py ./compress/__init__.py
