@@ -32,6 +32,7 @@ COPY serve ./serve
 COPY distill/__init__.py ./distill/__init__.py
 COPY compress/__init__.py ./compress/__init__.py
 COPY bench/__init__.py ./bench/__init__.py
+COPY run/__init__.py ./run/__init__.py
 RUN pip install --no-cache-dir /wheels/llama_cpp_python-*.whl ".[serve,onnx]" \
  && rm -rf /wheels
 USER 10001
