@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgedistill.runtimes.hf import render_chat
+
 from edgedistill.errors import UserError
 from edgedistill.manifest import MANIFEST, read_manifest, sha256_json
 from edgedistill.spec import TaskSpec, read_rows
@@ -49,12 +51,6 @@ def load_calibration(path: Path, samples: int, seed: int = 0) -> Calibration:
     random.Random(seed).shuffle(rows)
     rows = rows[:samples]
     return Calibration(rows=rows, path=file, data_hash=sha256_json(rows))
-
-
-def render_chat(tokenizer: Any, messages: list[dict[str, str]], answer: str | None = None) -> str:
-    if answer is None:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False)
 
 
 def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:

@@ -571,11 +571,10 @@ class LocalHFTeacher(Teacher):
         return self._tokenizer
 
     def prompt_text(self, messages: list[dict[str, Any]]) -> str:
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        from edgedistill.runtimes.hf import render_chat
+
         # a base model without a chat template: a plain transcript ending in the assistant's turn
-        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return render_chat(self.tokenizer, messages, no_template="transcript")
 
     def _generate_batch(self, batch: list[tuple[str, ChatRequest]]) -> list[dict[str, Any]]:
         """Blocking: generate one batch (all with the same decoding settings)."""

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from edgedistill.runtimes.hf import render_chat
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
@@ -34,19 +35,12 @@ FINGERPRINT = "fingerprint.json"
 
 
 # --- data -----------------------------------------------------------------------------------
-def _render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        name = getattr(tokenizer, "name_or_path", "") or "the model"
-        raise UserError(f"tokenizer of {name} has no chat template; use an instruct/chat model as the student")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
 def answer_text(tokenizer: Any, messages: list[dict], answer: str) -> tuple[str, str]:
     """(prompt, answer part): the rendered prompt with the generation prompt, and what the chat
     template puts after it for the assistant turn: the answer followed by the end-of-turn marker
     (e.g. ``answer<|im_end|>`` for ChatML), trailing whitespace stripped."""
-    prompt = _render(tokenizer, messages, add_generation_prompt=True)
-    full = _render(tokenizer, [*messages, {"role": "assistant", "content": answer}], add_generation_prompt=False)
+    prompt = render_chat(tokenizer, messages)
+    full = render_chat(tokenizer, messages, answer)
     if full.startswith(prompt) and answer.strip() in full[len(prompt) :]:
         tail = full[len(prompt) :].rstrip()
     else:  # a template whose prompt is not a prefix of the conversation: answer + EOS

@@ -34,6 +34,26 @@ from edgedistill.runtimes.vocab import BYTE_TOKEN, EOG_NAMES, byte_decoder
 from edgedistill.errors import UserError
 
 
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], answer: str | None = None, *, no_template: str = "error") -> str:
+    """The one rendering of a conversation with a transformers tokenizer's chat template: the prompt
+    ending in the assistant's turn, or (``answer``) the conversation with the assistant's answer.
+
+    A tokenizer without a template: ``"error"`` (training and compress need the student's own),
+    ``"chatml"`` (serve: as llama.cpp does), ``"transcript"`` (a base teacher: ``role: text`` lines)."""
+    if answer is not None:
+        messages = [*messages, {"role": "assistant", "content": answer}]
+    template = None
+    if not getattr(tokenizer, "chat_template", None):
+        if no_template == "transcript":
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+            return text if answer is not None else text + "assistant:"
+        if no_template != "chatml":
+            name = getattr(tokenizer, "name_or_path", "") or "the model"
+            raise UserError(f"tokenizer of {name} has no chat template; use an instruct/chat model as the student")
+        template = CHATML
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=answer is None)
+
+
 class HFRunner:
     def __init__(
         self,
@@ -100,8 +120,7 @@ class HFRunner:
         return ids
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
-        template = None if self.tok.chat_template else CHATML
-        return self.tok.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+        return render_chat(self.tok, messages, no_template="chatml")
 
     def seq_rm(self, seq: int, p0: int) -> None:
         cache = self._caches[seq]

@@ -53,3 +53,23 @@ def test_make_runner_picks_the_format_runtime(monkeypatch, fmt, cls, gpu):
 def test_compress_format_table_imports_no_builder():
     code = "import sys, edgedistill.compress.formats; assert not any(m.startswith(('edgedistill.compress.gguf', 'edgedistill.compress.onnx', 'edgedistill.compress.gptq', 'torch')) for m in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_one_chat_rendering_for_every_stage(tiny_tokenizer_dir):
+    """runtimes.hf.render_chat: what training, compress, the local teacher and serve's HF runner render."""
+    pytest.importorskip("transformers")
+    from edgedistill.runtimes.hf import render_chat
+    from transformers import AutoTokenizer
+
+    from edgedistill.errors import UserError
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    msgs = [{"role": "system", "content": "Classify."}, {"role": "user", "content": "hi"}]
+    prompt, full = render_chat(tok, msgs), render_chat(tok, msgs, "card_arrival")
+    assert prompt == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert full.startswith(prompt) and "card_arrival" in full[len(prompt):]
+    tok.chat_template = None  # a base model
+    with pytest.raises(UserError, match="no chat template"):
+        render_chat(tok, msgs)
+    assert render_chat(tok, msgs, no_template="transcript") == "system: Classify.\nuser: hi\nassistant:"
+    assert render_chat(tok, msgs, no_template="chatml").endswith("<|im_start|>assistant\n")
