@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("onnxruntime_genai")
 
 from edgedistill.compress import onnx as connx
+from edgedistill.compress import onnx_gptq
 from edgedistill.compress.formats import FormatSpec, parse_formats
 
 from edgedistill.errors import UserError
@@ -151,8 +152,8 @@ def test_packed_weights_are_what_onnxruntime_dequantizes(bits, k):
     rng = np.random.default_rng(bits + k)
     n, block = 40, 32
     w = rng.normal(size=(n, k)).astype(np.float32)
-    codes, scales, zeros = connx._rtn(w, bits, block)
-    packed, zp = connx._pack(codes, zeros, bits, block)
+    codes, scales, zeros = onnx_gptq.rtn(w, bits, block)
+    packed, zp = onnx_gptq.pack(codes, zeros, bits, block)
     deq = ((codes.reshape(n, -1, block).astype(np.float32) - zeros[..., None]) * scales[..., None]).reshape(n, -1)[:, :k]
     assert np.abs(deq - w).max() <= scales.max() / 2 + 1e-6  # rounding error of round-to-nearest
     inits = [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "S"), numpy_helper.from_array(zp, "Z"),
@@ -186,13 +187,13 @@ def test_gptq_beats_round_to_nearest_on_the_layer_output():
     x = (rng.normal(size=(2048, k)) @ mix * rng.uniform(0.2, 3, size=k)).astype(np.float32)  # correlated, uneven inputs
     w = rng.normal(size=(n, k)).astype(np.float32)
     h = 2 * (x.T.astype(np.float64) @ x) / len(x)
-    hinv = connx._inverse_cholesky(connx._padded_hessian(h, 32))
+    hinv = onnx_gptq.inverse_cholesky(onnx_gptq.padded_hessian(h, 32))
 
     def err(codes, scales, zeros):
         deq = ((codes.reshape(n, -1, 32).astype(np.float32) - zeros[..., None]) * scales[..., None]).reshape(n, k)
         return float(np.mean((x @ w.T - x @ deq.T) ** 2))
 
-    assert err(*connx._gptq(w, hinv, 4, 32)) < 0.8 * err(*connx._rtn(w, 4, 32))
+    assert err(*onnx_gptq.gptq(w, hinv, 4, 32)) < 0.8 * err(*onnx_gptq.rtn(w, 4, 32))
 
 
 def test_bad_checkpoints_and_options_are_user_errors(tmp_path, src):
