@@ -27,7 +27,8 @@ from edgedistill.serve.artifact import Artifact, load_artifact
 from edgedistill.serve.confidence import build_label_trie, calibrated, generation_scores, label_variants, temperature_for
 from edgedistill.serve.engine import Engine, GenParams, QueueFull, RequestHandle, SeqResult
 from edgedistill.serve.errors import APIError
-from edgedistill.serve.fallback import CircuitBreaker, Teacher, TeacherError
+from edgedistill.serve.fallback import CircuitBreaker, TeacherError
+from edgedistill.serve.fallback import FallbackTeacher as Teacher
 from edgedistill.serve.metrics import Metrics
 from edgedistill.serve.settings import Settings
 from edgedistill.serve.types import (
