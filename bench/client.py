@@ -5,6 +5,10 @@ text (TTFT), the time of every later text chunk (inter-token latency), the end o
 (end-to-end latency), the token counts from the final usage chunk when the server sends one, and
 the ``edgedistill`` object an edgedistill server adds to its last chunk. A server that ignores
 ``stream`` and answers one JSON body is measured too (its TTFT is then its latency).
+
+Requests go through :class:`~edgedistill.openai_client.OpenAIClient` over the caller's
+``httpx.AsyncClient`` (its pool and timeouts), without retries; each chunk's arrival time is the
+client's ``time.perf_counter()`` stamp.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import httpx
 from edgedistill.bench.config import Endpoint
 
 from edgedistill.errors import UserError
+from edgedistill.openai_client import OpenAIClient, OpenAIError
 
 
 @dataclass
@@ -74,17 +79,29 @@ class Sample:
         return (self.end - self.first_token) / (self.output_tokens - 1)
 
 
-def headers(ep: Endpoint) -> dict[str, str]:
-    return {"Authorization": f"Bearer {ep.api_key}"} if ep.api_key else {}
+def _api(client: httpx.AsyncClient, ep: Endpoint) -> OpenAIClient:
+    """The endpoint's API over the caller's pool; an answer is a 200, as the samples count it."""
+    return OpenAIClient(ep.url, ep.api_key, http=client, ok_statuses={200}, clock=time.perf_counter)
+
+
+def _sample_error(e: OpenAIError) -> str:
+    """A sample's ``error``: timeout, http_<status>, connection:<httpx error>, stream_error, bad_response."""
+    if e.reason == "unreachable":
+        return f"connection:{e.cause}"
+    if e.reason in ("bad_json", "bad_response"):
+        return "bad_response"
+    return e.reason
 
 
 async def discover(client: httpx.AsyncClient, ep: Endpoint) -> Endpoint:
     """Fill in the model name (GET /models unless NAME=URL#model) and whether it is an edgedistill server."""
     try:
-        r = await client.get(ep.url + "/models", headers=headers(ep), timeout=30)
-        data = r.json().get("data") if r.status_code == 200 else None
-        error = None if data else f"HTTP {r.status_code}"
-    except (httpx.HTTPError, ValueError, AttributeError) as e:
+        data = (await _api(client, ep).get_json("/models", timeout_s=30)).get("data")
+        error = None if data else "HTTP 200"
+    except OpenAIError as e:
+        data = None
+        error = f"HTTP {e.status}" if e.reason.startswith("http_") else f"{e.cause}: {e.detail}"
+    except AttributeError as e:
         data, error = None, f"{type(e).__name__}: {e}"
     if data:
         entry = next((d for d in data if d.get("id") == ep.model), data[0]) if ep.model else data[0]
@@ -156,35 +173,19 @@ async def chat(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    api = _api(client, ep)
     s = Sample(index=index, start=time.perf_counter(), prompt_chars=sum(len(m["content"]) for m in messages))
     parts: list[str] = []
     try:
-        hdrs = {**headers(ep), **(STUDENT_ONLY if student_only else {})}
-        async with client.stream("POST", ep.url + "/chat/completions", json=body, headers=hdrs) as r:
-            s.answered_by = r.headers.get("x-answered-by")
-            if r.status_code != 200:
-                await r.aread()
-                s.error = f"http_{r.status_code}"
-            elif r.headers.get("content-type", "").startswith("application/json"):  # the server ignored "stream"
-                obj = json.loads(await r.aread())
-                _on_chunk(s, obj, time.perf_counter(), parts)
-            else:
-                async for line in r.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    obj = json.loads(data)
-                    if "error" in obj:
-                        s.error = "stream_error"
-                        break
-                    _on_chunk(s, obj, time.perf_counter(), parts)
-    except httpx.TimeoutException:
-        s.error = "timeout"
-    except httpx.HTTPError as e:
-        s.error = f"connection:{type(e).__name__}"
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError):
+        async with api.stream("/chat/completions", body, headers=STUDENT_ONLY if student_only else None) as stream:
+            s.answered_by = stream.headers.get("x-answered-by")
+            async for chunk in stream:
+                _on_chunk(s, chunk.data, chunk.received_at, parts)
+    except OpenAIError as e:
+        if e.headers is not None:  # the server answered, with a status that is not 200
+            s.answered_by = e.headers.get("x-answered-by")
+        s.error = _sample_error(e)
+    except (TypeError, AttributeError):
         s.error = "bad_response"
     s.end = time.perf_counter()
     s.text = "".join(parts)
@@ -207,21 +208,16 @@ async def predict(
         body["threshold"] = threshold
     if fallback is not None:
         body["fallback"] = fallback
+    api = _api(client, ep)
     s = Sample(index=index, start=time.perf_counter(), prompt_chars=len(text))
     try:
-        r = await client.post(ep.url + "/predict", json=body, headers=headers(ep))
-        if r.status_code != 200:
-            s.error = f"http_{r.status_code}"
-        else:
-            obj = r.json()
-            _read_edgedistill(s, obj)
-            s.value = None if obj.get("error") else obj.get("output")
-            s.text = obj.get("output") if isinstance(obj.get("output"), str) else json.dumps(obj.get("output"))
-    except httpx.TimeoutException:
-        s.error = "timeout"
-    except httpx.HTTPError as e:
-        s.error = f"connection:{type(e).__name__}"
-    except (ValueError, AttributeError):
+        obj = await api.post_json("/predict", body)
+        _read_edgedistill(s, obj)
+        s.value = None if obj.get("error") else obj.get("output")
+        s.text = obj.get("output") if isinstance(obj.get("output"), str) else json.dumps(obj.get("output"))
+    except OpenAIError as e:
+        s.error = _sample_error(e)
+    except AttributeError:
         s.error = "bad_response"
     s.end = time.perf_counter()
     return s

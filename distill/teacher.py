@@ -18,13 +18,10 @@ torch/transformers/llama_cpp are imported lazily, inside the local teachers.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import hashlib
 import json
 import os
-import random
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +30,7 @@ from typing import Any
 from edgedistill.distill.cache import ResponseCache, cache_key
 
 from edgedistill.errors import UserError
+from edgedistill.openai_client import OpenAIClient, OpenAIError
 from edgedistill.spec import Prices, TeacherConfig, resolve_path
 
 CACHE_VERSION = 1
@@ -243,14 +241,14 @@ async def _gather_fail_fast(coros: list[Any]) -> None:
 
 
 # --- OpenAI-compatible API -------------------------------------------------------------------
-_RETRY_STATUS = {408, 409, 425, 429}
+_MALFORMED_FIX = "check that teacher.base_url points at an OpenAI-compatible API (it usually ends in /v1)"
 
 
 class OpenAITeacher(Teacher):
     """A model behind an OpenAI-compatible ``POST {base_url}/chat/completions``.
 
-    At most ``max_concurrency`` requests in flight; 429, 5xx, timeouts and connection errors are
-    retried up to ``max_retries`` times with exponential backoff and jitter
+    Requests go through :class:`~edgedistill.openai_client.OpenAIClient`: at most ``max_concurrency``
+    in flight; 408/409/425/429, 5xx, timeouts and connection errors are retried up to ``max_retries`` times with exponential backoff and jitter
     (``retry_base_delay_s * 2**attempt``, capped at ``retry_max_delay_s``), honouring Retry-After
     (capped the same way). Any other failure is a one-line :class:`UserError`.
     """
@@ -315,28 +313,6 @@ class OpenAITeacher(Teacher):
         return prompt_tokens * self.prices.input_per_1m / 1e6 + completion_tokens * self.prices.output_per_1m / 1e6
 
     # --- internals ---------------------------------------------------------------------------
-    def _scrub(self, text: str) -> str:
-        if self._api_key:
-            text = text.replace(self._api_key, "***")
-        return text
-
-    def _server_message(self, resp: Any) -> str:
-        """The error message a server put in its body (OpenAI schema or plain text), one line."""
-        msg: Any = None
-        try:
-            body = resp.json()
-        except ValueError:
-            body = None
-        if isinstance(body, dict):
-            err = body.get("error", body.get("detail", body.get("message")))
-            if isinstance(err, dict):
-                msg = err.get("message") or err.get("msg") or err
-            else:
-                msg = err
-        if msg is None:
-            msg = resp.text
-        return self._scrub(_one_line(msg or "no message"))
-
     def _body(self, req: ChatRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model,
@@ -351,43 +327,15 @@ class OpenAITeacher(Teacher):
             body["stop"] = list(req.stop)
         return body
 
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return min(max(retry_after, 0.0), self.retry_max_delay_s)
-        delay = self.retry_base_delay_s * (2**attempt)
-        delay *= 1.0 + random.random() * 0.5  # jitter: keep many workers from retrying in lockstep
-        return min(delay, self.retry_max_delay_s)
-
-    @staticmethod
-    def _retry_after(resp: Any) -> float | None:
-        value = resp.headers.get("retry-after")
-        if not value:
-            return None
-        try:
-            return float(value)
-        except ValueError:
-            pass
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        return max(0.0, when.timestamp() - time.time())
-
-    def _parse(self, resp: Any) -> dict[str, Any]:
+    def _parse(self, body: Any) -> dict[str, Any]:
         bad = f"teacher at {self.base_url} returned a malformed response"
-        fix = "check that teacher.base_url points at an OpenAI-compatible API (it usually ends in /v1)"
-        try:
-            body = resp.json()
-        except ValueError:
-            snippet = self._scrub(_one_line(resp.text, 60))
-            raise UserError(f"{bad} (not JSON: {snippet!r}); {fix}") from None
         try:
             choice = body["choices"][0]
             content = choice["message"].get("content")
         except (KeyError, IndexError, TypeError, AttributeError):
-            raise UserError(f"{bad} (no choices[0].message); {fix}") from None
+            raise UserError(f"{bad} (no choices[0].message); {_MALFORMED_FIX}") from None
         if content is not None and not isinstance(content, str):
-            raise UserError(f"{bad} (message.content is not text); {fix}")
+            raise UserError(f"{bad} (message.content is not text); {_MALFORMED_FIX}")
         usage = body.get("usage") if isinstance(body, dict) else None
         usage = usage if isinstance(usage, dict) else {}
         pt = int(usage.get("prompt_tokens") or 0)
@@ -401,8 +349,8 @@ class OpenAITeacher(Teacher):
             "model": body.get("model", self.model),
         }
 
-    def _fail(self, status: int, resp: Any) -> UserError:
-        msg = self._server_message(resp)
+    def _fail(self, status: int, msg: str) -> UserError:
+        """A status not worth retrying (a 4xx but 408/409/425/429): what the user must change."""
         where = f"teacher at {self.base_url}"
         if status in (401, 403):
             if self.api_key_env:
@@ -416,59 +364,62 @@ class OpenAITeacher(Teacher):
             )
         return UserError(f"{where} rejected the request (HTTP {status}: {msg}); check the teacher settings (model, max_tokens)")
 
-    async def _post(self, client: Any, req: ChatRequest) -> dict[str, Any]:
-        import httpx
+    def _user_error(self, e: OpenAIError) -> UserError:
+        """The one-line message for a request the client gave up on (after ``e.attempts`` tries)."""
+        where = f"teacher at {self.base_url}"
+        if e.reason == "bad_json":
+            snippet = _one_line(e.message, 60)
+            return UserError(f"{where} returned a malformed response (not JSON: {snippet!r}); {_MALFORMED_FIX}")
+        if e.reason == "timeout" and e.cause == "ConnectTimeout":
+            # no connection within the timeout: the server is not reachable (a stall of this
+            # machine ends the same way), which is not the same as a slow answer
+            failure = f"{where} is unreachable (no connection within {self.timeout_s:g}s)"
+            fix = "start it or fix teacher.base_url, or raise teacher.timeout_s"
+        elif e.reason == "timeout":
+            failure = f"{where} did not answer within {self.timeout_s:g}s"
+            fix = "raise teacher.timeout_s or lower teacher.max_concurrency"
+        elif e.reason == "unreachable":
+            reason = "connection refused" if e.cause == "ConnectError" else e.cause
+            text = e.detail.lower()
+            if e.cause == "ConnectError" and ("name" in text and ("resolution" in text or "known" in text)):
+                reason = "unknown host"
+            failure = f"{where} is unreachable ({reason})"
+            fix = "start it or fix teacher.base_url"
+        elif e.status is not None and not e.retryable:
+            return self._fail(e.status, e.message)
+        elif e.status == 429:
+            failure = f"{where} is still rate limiting (HTTP 429: {e.message})"
+            fix = "lower teacher.max_concurrency or wait and run again (answers so far are cached)"
+        else:
+            failure = f"{where} keeps failing (HTTP {e.status}: {e.message})"
+            fix = "check the server, then run again (answers so far are cached)"
+        tries = "1 attempt" if e.attempts == 1 else f"{e.attempts} attempts"
+        return UserError(f"{failure} after {tries}; {fix}")
 
-        body = self._body(req)
-        attempt = 0
-        while True:
-            retry_after: float | None = None
-            try:
-                resp = await client.post(self.url, json=body)
-            except httpx.ConnectTimeout:
-                # no connection within the timeout: the server is not reachable (a stall of this
-                # machine ends the same way), which is not the same as a slow answer
-                failure = f"teacher at {self.base_url} is unreachable (no connection within {self.timeout_s:g}s)"
-                fix = "start it or fix teacher.base_url, or raise teacher.timeout_s"
-            except httpx.TimeoutException:
-                failure = f"teacher at {self.base_url} did not answer within {self.timeout_s:g}s"
-                fix = "raise teacher.timeout_s or lower teacher.max_concurrency"
-            except httpx.TransportError as e:
-                reason = "connection refused" if isinstance(e, httpx.ConnectError) else type(e).__name__
-                text = str(e).lower()
-                if isinstance(e, httpx.ConnectError) and ("name" in text and ("resolution" in text or "known" in text)):
-                    reason = "unknown host"
-                failure = f"teacher at {self.base_url} is unreachable ({reason})"
-                fix = "start it or fix teacher.base_url"
-            else:
-                status = resp.status_code
-                if status < 300:
-                    return self._parse(resp)
-                if status not in _RETRY_STATUS and status < 500:
-                    raise self._fail(status, resp)
-                retry_after = self._retry_after(resp)
-                if status == 429:
-                    failure = f"teacher at {self.base_url} is still rate limiting (HTTP 429: {self._server_message(resp)})"
-                    fix = "lower teacher.max_concurrency or wait and run again (answers so far are cached)"
-                else:
-                    failure = f"teacher at {self.base_url} keeps failing (HTTP {status}: {self._server_message(resp)})"
-                    fix = "check the server, then run again (answers so far are cached)"
-            if attempt >= self.max_retries:
-                tries = "1 attempt" if attempt == 0 else f"{attempt + 1} attempts"
-                raise UserError(f"{failure} after {tries}; {fix}")
-            self.usage.retries += 1
-            await asyncio.sleep(self._backoff(attempt, retry_after))
-            attempt += 1
+    def _count_retry(self, error: OpenAIError, delay_s: float) -> None:
+        self.usage.retries += 1
+
+    async def _post(self, client: OpenAIClient, req: ChatRequest) -> dict[str, Any]:
+        try:
+            body = await client.post_json("/chat/completions", self._body(req))
+        except OpenAIError as e:
+            raise self._user_error(e) from None
+        return self._parse(body)
 
     async def _run_uncached(self, todo: list[tuple[str, ChatRequest]], emit: Callable[[str, dict[str, Any]], None]) -> None:
-        import httpx
-
-        headers = {"Content-Type": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
         sem = asyncio.Semaphore(self.max_concurrency)
-        limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
-        async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(self.timeout_s), limits=limits) as client:
+        client = OpenAIClient(
+            self.base_url,
+            self._api_key,
+            timeout_s=self.timeout_s,
+            max_retries=self.max_retries,
+            retry_base_delay_s=self.retry_base_delay_s,
+            retry_max_delay_s=self.retry_max_delay_s,
+            max_connections=self.max_concurrency,
+            headers={"Content-Type": "application/json"},
+            on_retry=self._count_retry,
+        )
+        async with client:
 
             async def one(key: str, req: ChatRequest) -> None:
                 async with sem:

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from edgedistill.serve import errors
 from edgedistill.serve.artifact import Artifact
 from edgedistill.serve.engine import Engine
-from edgedistill.serve.fallback import Teacher
+from edgedistill.serve.fallback import FallbackTeacher
 from edgedistill.serve.middleware import Auth, Observe
 from edgedistill.serve.openapi import openapi
 from edgedistill.serve.routes_generation import add_generation_routes
@@ -29,7 +29,7 @@ from fastapi import FastAPI
 
 
 def create_app(
-    settings: Settings, engine: Engine | None = None, artifact: Artifact | None = None, teacher: Teacher | None = None
+    settings: Settings, engine: Engine | None = None, artifact: Artifact | None = None, teacher: FallbackTeacher | None = None
 ) -> FastAPI:
     """Build the app. Without ``engine``, load ``settings.artifact`` with the backend its format names."""
     api_key = settings.read_api_key()  # a missing key variable fails before minutes of model loading

@@ -255,7 +255,7 @@ async def predict(st: State, text: str, policy: Policy, request: Request | None 
     parsed: dict[str, Any] = {}
 
     def check(data: dict[str, Any]) -> None:
-        ttext = (data["choices"][0].get("message") or {}).get("content")  # a string: Teacher.post checked it
+        ttext = (data["choices"][0].get("message") or {}).get("content")  # a string: FallbackTeacher.post checked it
         tvalue, terr = task.parse_answer(ttext)
         if terr and not ans.error:
             raise TeacherError(f"invalid_answer ({terr})")

@@ -1,4 +1,5 @@
-"""The teacher behind the student: an OpenAI-compatible API called with httpx, a timeout, and a
+"""The teacher behind the student: an OpenAI-compatible API called through
+:class:`~edgedistill.openai_client.OpenAIClient` (one attempt, a deadline for the whole call) behind a
 circuit breaker. A teacher that fails never fails the request: the caller serves the student's
 answer, flagged with ``teacher_error``.
 """
@@ -10,6 +11,8 @@ import time
 from typing import Any
 
 import httpx
+
+from edgedistill.openai_client import OpenAIClient, OpenAIError
 
 
 class TeacherError(Exception):
@@ -72,7 +75,10 @@ def _well_formed(data: Any, chat: bool) -> bool:
     return True
 
 
-class Teacher:
+class FallbackTeacher:
+    """The teacher a server falls back to: one attempt per call (the student's answer is waiting),
+    ``timeout_s`` for the whole call, failures counted by the :class:`CircuitBreaker`."""
+
     def __init__(
         self,
         base_url: str,
@@ -85,9 +91,8 @@ class Teacher:
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.timeout_s = timeout_s
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.AsyncClient(
-            base_url=self.base_url, headers=headers, timeout=httpx.Timeout(timeout_s), transport=transport, trust_env=False
+        self.client = OpenAIClient(
+            self.base_url, api_key, timeout_s=timeout_s, ok_statuses={200}, trust_env=False, transport=transport
         )
         self.breaker = breaker or CircuitBreaker()
 
@@ -101,21 +106,18 @@ class Teacher:
             # a deadline for the whole call: httpx's timeout is per read, so a teacher that drips
             # one byte at a time would otherwise hold the request forever
             async with asyncio.timeout(self.timeout_s):
-                r = await self.client.post(route, json=payload)
-            if r.status_code != 200:
-                raise TeacherError(f"http_{r.status_code}")
-            data = r.json()
+                data = await self.client.post_json(route, payload)
             if not _well_formed(data, chat=route.startswith("/chat")):
                 raise TeacherError("bad_response")
-        except (httpx.TimeoutException, TimeoutError):
+        except TimeoutError:
             self.breaker.record(False)
             raise TeacherError("timeout") from None
-        except httpx.HTTPError as e:
+        except OpenAIError as e:
             self.breaker.record(False)
-            raise TeacherError(f"unreachable ({type(e).__name__})") from None
-        except (TeacherError, ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
+            raise TeacherError(_reason(e)) from None
+        except TeacherError:
             self.breaker.record(False)
-            raise TeacherError(str(e) if isinstance(e, TeacherError) else "bad_json") from None
+            raise
         except asyncio.CancelledError:  # the client left: no verdict, but a half-open trial must be freed
             self.breaker.abandon()
             raise
@@ -131,3 +133,10 @@ class Teacher:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def _reason(e: OpenAIError) -> str:
+    """serve's ``teacher_error`` for a failed call: timeout, unreachable (ConnectError), http_503, bad_json."""
+    if e.reason == "unreachable":
+        return f"unreachable ({e.cause})"
+    return e.reason

@@ -59,7 +59,7 @@ def student_answer(st: State, kind: str, req, rid: str, results: list[SeqResult]
 
 
 def teacher_answer(st: State, kind: str, rid: str, d: Decision):
-    """The teacher's answer in our response shape: its choices' text (checked by Teacher.post) and
+    """The teacher's answer in our response shape: its choices' text (checked by FallbackTeacher.post) and
     nothing of it we cannot vouch for (a teacher's odd usage or logprobs must not break a client)."""
     t = d.teacher_data or {}
     choices: list[ChatChoice | CompletionChoice] = []

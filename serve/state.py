@@ -14,7 +14,7 @@ from typing import Any
 from edgedistill.serve.artifact import Artifact, load_artifact
 from edgedistill.serve.confidence import build_label_trie, label_variants
 from edgedistill.serve.engine import Engine
-from edgedistill.serve.fallback import CircuitBreaker, Teacher
+from edgedistill.serve.fallback import CircuitBreaker, FallbackTeacher
 from edgedistill.serve.metrics import Metrics
 from edgedistill.serve.settings import Settings
 
@@ -25,7 +25,7 @@ class State:
     engine: Engine
     model_id: str
     artifact: Artifact | None
-    teacher: Teacher | None
+    teacher: FallbackTeacher | None
     metrics: Metrics
     api_key: str | None
     created: int = field(default_factory=lambda: int(time.time()))
@@ -42,7 +42,7 @@ def build_state(
     settings: Settings,
     engine: Engine | None = None,
     artifact: Artifact | None = None,
-    teacher: Teacher | None = None,
+    teacher: FallbackTeacher | None = None,
     api_key: str | None = None,
 ) -> State:
     """Without ``engine``, load ``settings.artifact`` with the backend its format names. A missing
@@ -52,7 +52,7 @@ def build_state(
         artifact = artifact or load_artifact(settings.artifact)
         engine = _make_engine(artifact, settings)
     if teacher is None and settings.teacher_url:
-        teacher = Teacher(
+        teacher = FallbackTeacher(
             settings.teacher_url,
             settings.teacher_model or "",
             api_key=teacher_key,

@@ -33,7 +33,7 @@ import uvicorn
 import yaml
 from edgedistill.distill.cache import ResponseCache
 from edgedistill.serve.artifact import load_artifact
-from edgedistill.serve.fallback import CircuitBreaker, Teacher
+from edgedistill.serve.fallback import CircuitBreaker, FallbackTeacher
 from edgedistill.serve.types import ChatCompletion, Completion, PredictResponse
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -247,7 +247,7 @@ def test_a_cancelled_trial_call_does_not_wedge_the_breaker():
 
     async def go(url: str):
         breaker = CircuitBreaker(failures=1, cooldown_s=0.0)
-        t = Teacher(url, "big", timeout_s=5, breaker=breaker)
+        t = FallbackTeacher(url, "big", timeout_s=5, breaker=breaker)
         breaker.record(False)  # open; cooldown 0: the next call is the trial
         call = asyncio.ensure_future(t.post("/chat/completions", {"messages": []}))
         await asyncio.sleep(0.2)
