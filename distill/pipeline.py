@@ -237,7 +237,7 @@ def train_student(spec: TaskSpec, kept: list[dict], data_dir: Path, teacher: Tea
 
 def evaluate_all(spec: TaskSpec, teacher: Teacher, test: list, student_dir: Path, base_dir: Path, out: Path) -> dict[str, dict]:
     from edgedistill.distill.models import count_params
-    from edgedistill.distill.teacher import LocalHFTeacher
+    from edgedistill.distill.teacher_local import LocalHFTeacher
 
     inputs, golds = [r.input for r in test], [r.output for r in test]
     results: dict[str, dict] = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -79,8 +80,10 @@ def test_one_namespace_in_the_package_list():
 
 @pytest.mark.skipif(importlib.util.find_spec("setuptools") is None, reason="setuptools not installed in this environment")
 def test_a_built_wheel_holds_only_edgedistill(tmp_path):
+    src = tmp_path / "src"  # a copy: setuptools writes build/ and *.egg-info/ into the source tree
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "build", "*.egg-info", "__pycache__", ".*_cache"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(src)],
         check=True, capture_output=True, timeout=600, cwd=tmp_path,
     )  # fmt: skip
     (wheel,) = tmp_path.glob("edgedistill-*.whl")

@@ -26,7 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from edgedistill.distill.cache import ResponseCache
 from edgedistill.distill.pipeline import build_dataset, teacher_gate
-from edgedistill.distill.teacher import ChatRequest, OpenAITeacher, make_teacher
+from edgedistill.distill.teacher import ChatRequest, make_teacher
+from edgedistill.distill.teacher_api import OpenAITeacher
 from edgedistill.serve.settings import Settings
 from fastapi.testclient import TestClient
 

@@ -18,13 +18,9 @@ from typing import Self
 
 import pytest
 from edgedistill.distill.cache import ResponseCache, cache_key
-from edgedistill.distill.teacher import (
-    ChatRequest,
-    LocalGGUFTeacher,
-    LocalHFTeacher,
-    OpenAITeacher,
-    make_teacher,
-)
+from edgedistill.distill.teacher import ChatRequest, make_teacher
+from edgedistill.distill.teacher_api import OpenAITeacher
+from edgedistill.distill.teacher_local import LocalGGUFTeacher, LocalHFTeacher
 
 from edgedistill.errors import UserError
 from edgedistill.spec import Prices, TeacherConfig, resolve_path
@@ -292,7 +288,8 @@ def test_sigkill_midway_keeps_paid_answers(tmp_path):
             f"""
             import sys
             from edgedistill.distill.cache import ResponseCache
-            from edgedistill.distill.teacher import ChatRequest, OpenAITeacher
+            from edgedistill.distill.teacher import ChatRequest
+            from edgedistill.distill.teacher_api import OpenAITeacher
             reqs = [ChatRequest(messages=[{{"role": "user", "content": f"q{{i}}"}}]) for i in range(40)]
             t = OpenAITeacher({srv.base_url!r}, "big-model", None, 1, 5.0, 0, cache=ResponseCache({str(path)!r}))
             t.run_chat_many(reqs, on_result=lambda r: (print("done", flush=True)))

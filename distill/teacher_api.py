@@ -1,0 +1,209 @@
+"""The teacher behind an OpenAI-compatible ``/chat/completions`` API (OpenAI, vLLM, llama.cpp's
+server, ...): bounded concurrency, retries with backoff (the shared ``edgedistill.openai_client``),
+cost counting, one-line errors that say what to fix. The API key is read from the environment at
+construction and never written anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from typing import Any
+
+from edgedistill.distill.cache import ResponseCache
+from edgedistill.distill.teacher import ChatRequest, Teacher, gather_fail_fast, one_line
+
+from edgedistill.errors import UserError
+from edgedistill.openai_client import OpenAIClient, OpenAIError
+from edgedistill.spec import Prices
+
+# --- OpenAI-compatible API -------------------------------------------------------------------
+_MALFORMED_FIX = "check that teacher.base_url points at an OpenAI-compatible API (it usually ends in /v1)"
+
+
+class OpenAITeacher(Teacher):
+    """A model behind an OpenAI-compatible ``POST {base_url}/chat/completions``.
+
+    Requests go through :class:`~edgedistill.openai_client.OpenAIClient`: at most ``max_concurrency``
+    in flight; 408/409/425/429, 5xx, timeouts and connection errors are retried up to ``max_retries`` times with exponential backoff and jitter
+    (``retry_base_delay_s * 2**attempt``, capped at ``retry_max_delay_s``), honouring Retry-After
+    (capped the same way). Any other failure is a one-line :class:`UserError`.
+    """
+
+    kind = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str | None = None,
+        max_concurrency: int = 8,
+        timeout_s: float = 60.0,
+        max_retries: int = 5,
+        prices: Prices | None = None,
+        cache: ResponseCache | None = None,
+        *,
+        retry_base_delay_s: float = 0.5,
+        retry_max_delay_s: float = 30.0,
+    ):
+        if cache is None:
+            raise ValueError("OpenAITeacher needs a ResponseCache")
+        super().__init__(model, cache)
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
+        self.model = model
+        self.api_key_env = api_key_env
+        self.max_concurrency = max(1, int(max_concurrency))
+        self.timeout_s = float(timeout_s)
+        self.max_retries = max(0, int(max_retries))
+        self.prices = prices or Prices()
+        self.retry_base_delay_s = float(retry_base_delay_s)
+        self.retry_max_delay_s = float(retry_max_delay_s)
+        self._api_key: str | None = None
+        if api_key_env:
+            key = os.environ.get(api_key_env)
+            if not key:
+                raise UserError(
+                    f"teacher.api_key_env is {api_key_env} but that environment variable is not set; export {api_key_env}=<your API key>"
+                )
+            self._api_key = key
+
+    def __repr__(self) -> str:  # never the key
+        return f"OpenAITeacher(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
+
+    def _identity(self) -> dict[str, Any]:
+        return {"kind": "openai", "base_url": self.base_url, "model": self.model}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "openai",
+            "model": self.model,
+            "base_url": self.base_url,
+            "api_key_env": self.api_key_env,
+            "max_concurrency": self.max_concurrency,
+            "timeout_s": self.timeout_s,
+            "max_retries": self.max_retries,
+            "prices": self.prices.model_dump(),
+        }
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return prompt_tokens * self.prices.input_per_1m / 1e6 + completion_tokens * self.prices.output_per_1m / 1e6
+
+    # --- internals ---------------------------------------------------------------------------
+    def _body(self, req: ChatRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": req.messages,
+            "max_tokens": req.max_tokens,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+        }
+        if req.seed is not None:
+            body["seed"] = req.seed
+        if req.stop:
+            body["stop"] = list(req.stop)
+        return body
+
+    def _parse(self, body: Any) -> dict[str, Any]:
+        bad = f"teacher at {self.base_url} returned a malformed response"
+        try:
+            choice = body["choices"][0]
+            content = choice["message"].get("content")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise UserError(f"{bad} (no choices[0].message); {_MALFORMED_FIX}") from None
+        if content is not None and not isinstance(content, str):
+            raise UserError(f"{bad} (message.content is not text); {_MALFORMED_FIX}")
+        usage = body.get("usage") if isinstance(body, dict) else None
+        usage = usage if isinstance(usage, dict) else {}
+        pt = int(usage.get("prompt_tokens") or 0)
+        ct = int(usage.get("completion_tokens") or 0)
+        return {
+            "text": content or "",
+            "prompt_tokens": pt,
+            "completion_tokens": ct,
+            "finish_reason": str(choice.get("finish_reason") or "stop"),
+            "cost_usd": self.cost(pt, ct),
+            "model": body.get("model", self.model),
+        }
+
+    def _fail(self, status: int, msg: str) -> UserError:
+        """A status not worth retrying (a 4xx but 408/409/425/429): what the user must change."""
+        where = f"teacher at {self.base_url}"
+        if status in (401, 403):
+            if self.api_key_env:
+                return UserError(f"{where} rejected the API key (HTTP {status}: {msg}); check ${self.api_key_env}")
+            return UserError(
+                f"{where} needs an API key (HTTP {status}: {msg}); set teacher.api_key_env to the variable holding it"
+            )
+        if status == 404:
+            return UserError(
+                f"{where} answered 404 for model {self.model!r} ({msg}); check teacher.model and that teacher.base_url ends in /v1"
+            )
+        return UserError(f"{where} rejected the request (HTTP {status}: {msg}); check the teacher settings (model, max_tokens)")
+
+    def _user_error(self, e: OpenAIError) -> UserError:
+        """The one-line message for a request the client gave up on (after ``e.attempts`` tries)."""
+        where = f"teacher at {self.base_url}"
+        if e.reason == "bad_json":
+            snippet = one_line(e.message, 60)
+            return UserError(f"{where} returned a malformed response (not JSON: {snippet!r}); {_MALFORMED_FIX}")
+        if e.reason == "timeout" and e.cause == "ConnectTimeout":
+            # no connection within the timeout: the server is not reachable (a stall of this
+            # machine ends the same way), which is not the same as a slow answer
+            failure = f"{where} is unreachable (no connection within {self.timeout_s:g}s)"
+            fix = "start it or fix teacher.base_url, or raise teacher.timeout_s"
+        elif e.reason == "timeout":
+            failure = f"{where} did not answer within {self.timeout_s:g}s"
+            fix = "raise teacher.timeout_s or lower teacher.max_concurrency"
+        elif e.reason == "unreachable":
+            reason = "connection refused" if e.cause == "ConnectError" else e.cause
+            text = e.detail.lower()
+            if e.cause == "ConnectError" and ("name" in text and ("resolution" in text or "known" in text)):
+                reason = "unknown host"
+            failure = f"{where} is unreachable ({reason})"
+            fix = "start it or fix teacher.base_url"
+        elif e.status is not None and not e.retryable:
+            return self._fail(e.status, e.message)
+        elif e.status == 429:
+            failure = f"{where} is still rate limiting (HTTP 429: {e.message})"
+            fix = "lower teacher.max_concurrency or wait and run again (answers so far are cached)"
+        else:
+            failure = f"{where} keeps failing (HTTP {e.status}: {e.message})"
+            fix = "check the server, then run again (answers so far are cached)"
+        tries = "1 attempt" if e.attempts == 1 else f"{e.attempts} attempts"
+        return UserError(f"{failure} after {tries}; {fix}")
+
+    def _count_retry(self, error: OpenAIError, delay_s: float) -> None:
+        self.usage.retries += 1
+
+    async def _post(self, client: OpenAIClient, req: ChatRequest) -> dict[str, Any]:
+        try:
+            body = await client.post_json("/chat/completions", self._body(req))
+        except OpenAIError as e:
+            raise self._user_error(e) from None
+        return self._parse(body)
+
+    async def _run_uncached(self, todo: list[tuple[str, ChatRequest]], emit: Callable[[str, dict[str, Any]], None]) -> None:
+        sem = asyncio.Semaphore(self.max_concurrency)
+        client = OpenAIClient(
+            self.base_url,
+            self._api_key,
+            timeout_s=self.timeout_s,
+            max_retries=self.max_retries,
+            retry_base_delay_s=self.retry_base_delay_s,
+            retry_max_delay_s=self.retry_max_delay_s,
+            max_connections=self.max_concurrency,
+            headers={"Content-Type": "application/json"},
+            on_retry=self._count_retry,
+        )
+        async with client:
+
+            async def one(key: str, req: ChatRequest) -> None:
+                async with sem:
+                    response = await self._post(client, req)
+                emit(key, response)
+
+            await gather_fail_fast([one(k, r) for k, r in todo])
+
+
