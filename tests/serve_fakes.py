@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Self
 
 import numpy as np
@@ -171,3 +172,22 @@ class FakeTeacher:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+class LocalHTTPServer:
+    """A stdlib HTTP server on 127.0.0.1 in a daemon thread, for fake OpenAI-compatible APIs:
+    a subclass calls ``bind(Handler)``; ``with`` starts and stops it; ``base_url`` ends in ``/v1``."""
+
+    def bind(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()

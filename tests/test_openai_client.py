@@ -9,8 +9,7 @@ import json
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Self
+from http.server import BaseHTTPRequestHandler
 
 import httpx
 import pytest
@@ -22,12 +21,13 @@ from edgedistill.openai_client import (
     is_retryable_status,
     retry_after_s,
 )
+from tests.serve_fakes import LocalHTTPServer
 
 SECRET = "sk-client-SECRET-0123456789"
 ANSWER = {"choices": [{"message": {"content": "hi"}}], "usage": {"prompt_tokens": 7, "completion_tokens": 3}}
 
 
-class FakeAPI:
+class FakeAPI(LocalHTTPServer):
     """Answers each request by the next entry of ``plan`` (then ``("json", 200, ANSWER)``):
     ``("json", status, body, headers)``, ``("raw", status, bytes)``, ``("sse", [lines])``, ``("slow", s)``."""
 
@@ -77,18 +77,7 @@ class FakeAPI:
             do_POST = _handle
             do_GET = _handle
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        self.bind(Handler)
 
 
 @pytest.fixture

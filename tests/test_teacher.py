@@ -12,9 +12,8 @@ import sys
 import textwrap
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Self
 
 import pytest
 from edgedistill.distill.cache import ResponseCache, cache_key
@@ -24,13 +23,14 @@ from edgedistill.distill.teacher_local import LocalGGUFTeacher, LocalHFTeacher
 
 from edgedistill.errors import UserError
 from edgedistill.spec import Prices, TeacherConfig, resolve_path
+from tests.serve_fakes import LocalHTTPServer
 
 SECRET = "sk-test-SECRET-do-not-leak-0123456789"
 REPO = Path(__file__).resolve().parents[1]
 
 
 # --- a small OpenAI-compatible server ------------------------------------------------------------
-class FakeOpenAI:
+class FakeOpenAI(LocalHTTPServer):
     """Answers POST /v1/chat/completions with "echo: <last user message>".
 
     ``plan`` is a list of behaviours consumed one per request (then "ok"): "ok", "429", "500",
@@ -115,18 +115,7 @@ class FakeOpenAI:
                     with fake.lock:
                         fake.in_flight -= 1
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        self.bind(Handler)
 
 
 @pytest.fixture
