@@ -6,6 +6,7 @@ Every flag is parsed here into a :class:`BenchConfig`; anything wrong is a one-l
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -85,7 +86,7 @@ class BenchConfig:
     seed: int = 0
     progress: bool = True
 
-    @property
+    @functools.cached_property
     def task(self) -> Any:
         """The task core (edgedistill.task.Task) of --task: prompts and correctness; None without one."""
         return self.spec.task if self.spec is not None else None

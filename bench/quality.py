@@ -54,11 +54,6 @@ def student_only(task: Any, s: Sample, predict: bool) -> Any:
     return s.value if predict else parse(task, s)
 
 
-def is_correct(task: Task, gold: Any, pred: Any) -> bool:
-    """The task's own rule (edgedistill.task.Task.is_correct), in bench's (gold, pred) order."""
-    return task.is_correct(pred, gold)
-
-
 @dataclass
 class Answers:
     """One endpoint's answers to a list of test rows, in row order."""
@@ -94,7 +89,7 @@ def scores(task: Any, golds: Sequence[Any], answers: Answers, teacher: Answers |
 
 def calibration(task: Any, golds: Sequence[Any], answers: Answers, n_bins: int = 10) -> dict[str, Any] | None:
     """ECE and reliability bins of the confidence the endpoint served, against its own answers."""
-    pairs = [(c, is_correct(task, g, p)) for g, p, c in zip(golds, answers.preds, answers.confidences) if c is not None]
+    pairs = [(c, task.is_correct(p, g)) for g, p, c in zip(golds, answers.preds, answers.confidences) if c is not None]
     if not pairs:
         return None
     conf = [c for c, _ in pairs]

@@ -272,7 +272,7 @@ def assemble(cfg: BenchConfig, m: Measured, test_rows, cal_rows, ceilings) -> di
     for meta, samples in zip(m.rows, m.load_samples):
         row = {k: meta[k] for k in ROW_KEYS} | stats.summarize(samples)
         if task is not None:
-            ok = [quality.is_correct(task, golds[s.index], quality.parse(task, s)) for s in samples]
+            ok = [task.is_correct(quality.parse(task, s), golds[s.index]) for s in samples]
             row["accuracy_load"] = round(sum(ok) / len(ok), 4) if ok else None
         rows.append(row)
     notes = list(m.notes)
@@ -356,7 +356,7 @@ def _sweeps(cfg, m: Measured, test_rows, cal_rows, answers, rows, t_cost, notes)
     if cfg.teacher not in answers:
         return {}
     golds = [r.output for r in test_rows]
-    t_ok = [quality.is_correct(task, g, p) for g, p in zip(golds, answers[cfg.teacher].preds)]
+    t_ok = [task.is_correct(p, g) for g, p in zip(golds, answers[cfg.teacher].preds)]
     out = {}
     for ep in cascades:
         student = _student_answers(task, m, ep.name, answers[ep.name])
@@ -367,7 +367,7 @@ def _sweeps(cfg, m: Measured, test_rows, cal_rows, answers, rows, t_cost, notes)
             k = sum(a == "teacher" for a in student.answered_by)
             if k:
                 notes.append(NO_STUDENT_ONLY.format(name=ep.name, k=k, n=len(golds)))
-        s_ok = [quality.is_correct(task, g, p) for g, p in zip(golds, student.preds)]
+        s_ok = [task.is_correct(p, g) for g, p in zip(golds, student.preds)]
         full = (s_ok, student.confidences, t_ok)
         own = [r["own_cost_per_1k_usd"] for r in rows if r["name"] == ep.name and r["own_cost_per_1k_usd"] is not None]
         s_cost = min(own) if own else None
@@ -376,9 +376,9 @@ def _sweeps(cfg, m: Measured, test_rows, cal_rows, answers, rows, t_cost, notes)
             cs = quality.Answers.from_samples(task, m.cal_student[ep.name], predict=ep.name in m.student_predict, own=True)
             ct = quality.Answers.from_samples(task, m.cal_teacher)
             cal = (
-                [quality.is_correct(task, g, p) for g, p in zip(cal_golds, cs.preds)],
+                [task.is_correct(p, g) for g, p in zip(cal_golds, cs.preds)],
                 cs.confidences,
-                [quality.is_correct(task, g, p) for g, p in zip(cal_golds, ct.preds)],
+                [task.is_correct(p, g) for g, p in zip(cal_golds, ct.preds)],
             )
             splits = {"cal": cal, "test": full}
             split = f"threshold chosen on --calibration {cfg.calibration} ({len(cal_rows)} rows), reported on the whole test set ({len(golds)} rows)"
