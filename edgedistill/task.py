@@ -76,6 +76,13 @@ class Task(BaseModel):
         """The answer is a JSON object (extraction, tool_call)."""
         return self.type in STRUCTURED
 
+    def answer_schema(self) -> dict[str, Any] | None:
+        """The JSON schema a structured answer is decoded under, with every object's properties in
+        sorted order: ``format_answer`` writes keys sorted, and a grammar keeps the schema's order."""
+        if not self.structured or not self.output_schema:
+            return None
+        return _sorted_properties(self.output_schema)
+
     # --- prompts -------------------------------------------------------------------------------
     def student_messages(self, text: str) -> Messages:
         """Chat messages the student sees for one input (training adds the assistant turn)."""
@@ -175,6 +182,17 @@ class Task(BaseModel):
         scores = self.scores(golds, preds)
         scores["invalid_answers"] = invalid
         return preds, scores
+
+
+def _sorted_properties(schema: Any) -> Any:
+    if isinstance(schema, list):
+        return [_sorted_properties(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _sorted_properties(v) for k, v in schema.items() if k != "properties"}
+    if isinstance(schema.get("properties"), dict):
+        out["properties"] = {k: _sorted_properties(schema["properties"][k]) for k in sorted(schema["properties"])}
+    return out
 
 
 def check_schema(value: Any, schema: dict[str, Any]) -> str | None:

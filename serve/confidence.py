@@ -30,25 +30,12 @@ from typing import Any
 
 import numpy as np
 
-TERMINAL = -1  # trie key: a label ends here
-LABELS = "labels"  # trie key: the label ids spelled under this node
+from edgedistill.runtimes.constrain import LABELS, TERMINAL, build_label_trie  # noqa: F401  (the trie lives with the mask)
 
 
 def label_variants(label: str) -> list[str]:
     """Spellings parse_answer accepts for a label (it matches case-insensitively)."""
     return list(dict.fromkeys([label, label.lower(), label.capitalize(), label.upper(), label.title()]))
-
-
-def build_label_trie(label_tokens: Iterable[tuple[int, Sequence[int]]]) -> dict:
-    """Trie over (label id, token sequence) pairs; several spellings may share a label id."""
-    root: dict = {LABELS: set()}
-    for label_id, toks in label_tokens:
-        node = root
-        node[LABELS].add(label_id)
-        for t in [*toks, TERMINAL]:
-            node = node.setdefault(int(t), {LABELS: set()})
-            node[LABELS].add(label_id)
-    return root
 
 
 @dataclass

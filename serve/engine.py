@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 from edgedistill.runtimes.base import Runner
+from edgedistill.runtimes.constrain import Constraint, Matcher, masked
 from edgedistill.serve.confidence import LabelScorer
 
 log = logging.getLogger("edgedistill.serve")
@@ -47,6 +48,10 @@ class GenParams:
     confidence: bool = True
     label_trie: dict | None = None
     stream: bool = False
+    constraint: Constraint | None = None  # a token mask (labels, a JSON schema, a tool call): see runtimes.constrain
+    logit_bias: dict[int, float] | None = None  # OpenAI's: added to the token's logit before sampling
+    presence_penalty: float = 0.0  # OpenAI's: minus this for every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times the number of times it was generated
 
 
 @dataclass
@@ -60,6 +65,8 @@ class SeqResult:
     label_scorer: LabelScorer | None
     logprobs: list[dict[str, Any]]
     first_token_s: float | None
+    tokens: list[int] = field(default_factory=list)  # the generated token ids (an end-of-generation one included)
+    forced: list[bool] = field(default_factory=list)  # per token in token_probs: the constraint allowed only it
 
 
 @dataclass(eq=False)
@@ -80,6 +87,9 @@ class _Seq:
     lp_all: list[dict[str, Any]] = field(default_factory=list)
     token_probs: list[float] = field(default_factory=list)
     scorer: LabelScorer | None = None
+    matcher: Matcher | None = None
+    forced: list[bool] = field(default_factory=list)
+    counts: dict[int, int] = field(default_factory=dict)  # generated token -> times (penalties)
     first_token_s: float | None = None
     done: bool = False
 
@@ -153,6 +163,8 @@ class Engine:
                 seq = _Seq(index=i, prompt=prompt, params=p, handle=handle, rng=rng)
                 if p.label_trie is not None:
                     seq.scorer = LabelScorer(p.label_trie, self.runner.eog_tokens)
+                if p.constraint is not None:
+                    seq.matcher = p.constraint.start()
                 self._inbox.append(seq)
             self._cv.notify()
         return handle
@@ -278,16 +290,32 @@ class Engine:
 
     def _on_logits(self, s: _Seq, logits: np.ndarray) -> None:
         p = s.params
+        if p.logit_bias or (s.counts and (p.presence_penalty or p.frequency_penalty)):
+            logits = _adjusted(logits, p, s.counts)
+        forced = False
+        if s.matcher is not None:
+            allowed = s.matcher.allowed()
+            n_allowed = int(np.count_nonzero(allowed))
+            if n_allowed == 0:  # the constraint admits nothing more (complete): end here
+                return self._finish(s, "stop")
+            forced = n_allowed == 1
+            # every probability below is the model's renormalised over what the constraint allows
+            logits = masked(logits, allowed)
         need_lse = p.confidence or p.logprobs is not None or s.scorer is not None
         tok = _sample(logits, p.temperature, p.top_p, s.rng)
         if s.first_token_s is None:
             s.first_token_s = time.perf_counter() - s.handle.submitted_at
         s.generated.append(tok)
+        if p.presence_penalty or p.frequency_penalty:
+            s.counts[tok] = s.counts.get(tok, 0) + 1
+        if s.matcher is not None and tok not in self.runner.eog_tokens:
+            s.matcher.advance(tok)
         if need_lse:
             m = float(logits.max())
             lse = m + math.log(float(np.exp(logits - m).sum()))
             if p.confidence:
                 s.token_probs.append(math.exp(float(logits[tok]) - lse))
+                s.forced.append(forced)
             if s.scorer is not None and s.scorer.node is not None:
                 s.scorer.step(logits, lse, tok)
             if p.logprobs is not None and tok not in self.runner.eog_tokens:
@@ -315,6 +343,8 @@ class Engine:
             top = np.argpartition(-logits, k)[:k]
             top = top[np.argsort(-logits[top])]
             for t in top:
+                if not math.isfinite(float(logits[t])):  # masked out by the constraint
+                    continue
                 pc = self.runner.pieces[int(t)]
                 entry["top_logprobs"].append(
                     {"token": pc.decode("utf-8", "replace"), "logprob": float(logits[t]) - lse, "bytes": list(pc)}
@@ -377,6 +407,8 @@ class Engine:
             label_scorer=s.scorer,
             logprobs=s.lp_all,
             first_token_s=s.first_token_s,
+            tokens=list(s.generated),
+            forced=s.forced,
         )
         self._release(s)
         s.handle.put(("done", s.index, result))
@@ -388,6 +420,19 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def _adjusted(logits: np.ndarray, p: GenParams, counts: dict[int, int]) -> np.ndarray:
+    """OpenAI's logit_bias and presence/frequency penalties on a copy of the row."""
+    x = np.array(logits, dtype=np.float32)
+    for t, b in (p.logit_bias or {}).items():
+        if 0 <= t < x.size:
+            x[t] += b
+    if counts and (p.presence_penalty or p.frequency_penalty):
+        ids = np.fromiter(counts.keys(), dtype=np.int64)
+        n = np.fromiter(counts.values(), dtype=np.float32)
+        x[ids] -= p.frequency_penalty * n + p.presence_penalty
+    return x
 
 
 MIN_TEMPERATURE = 1e-4  # below: greedy (logits / 1e-309 overflow to inf, and the probabilities to NaN)
