@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from edgedistill.serve.confidence import calibrated, generation_scores, temperature_for
+from edgedistill.serve.confidence import calibrated, field_confidence, generation_scores, raw_scores, temperature_for
 from edgedistill.serve.engine import GenParams, SeqResult
 from edgedistill.serve.errors import APIError
 from edgedistill.serve.fallback import TeacherError
@@ -211,6 +211,7 @@ class StudentAnswer:
     scores: list[float]  # uncalibrated log-masses, [answer, competitors...] (what fit_temperature takes)
     result: SeqResult
     max_tokens: int
+    fields: dict[str, float] | None = None  # a JSON answer's calibrated confidence per field
 
 
 async def student_predict(st: State, text: str, request: Request | None = None) -> StudentAnswer:
@@ -220,17 +221,32 @@ async def student_predict(st: State, text: str, request: Request | None = None) 
     prompt = runner.tokenize(runner.render_chat(task.student_messages(text)), special=True, add_bos=True)
     limit = task.label_max_tokens if task.type == "classification" else st.settings.default_max_tokens
     max_tokens = _max_tokens(st, limit, len(prompt), param="input")
-    params = GenParams(max_tokens=max_tokens, temperature=0.0, confidence=True, label_trie=st.label_trie)
+    params = GenParams(
+        max_tokens=max_tokens, temperature=0.0, confidence=True, label_trie=st.label_trie, constraint=st.task_constraint
+    )
     res = (await run(st, request, [prompt], [params]))[0]
     st.metrics.record_ttft("/v1/predict", res.first_token_s)
     value, err = task.parse_answer(res.text)
     kind = "classification" if task.type == "classification" else "generation"
+    t = temperature_for(st.calibration, kind)
+    fields = None
     if res.label_scorer is not None:
         scores = res.label_scorer.scores(task.labels.index(value) if not err else None)
+    elif task.structured and (fc := structured_confidence(st, res)) is not None:
+        # the weakest field decides: a confident name with a guessed time still goes to the teacher
+        scores = raw_scores(fc.lowest)
+        fields = {k: round(calibrated(raw_scores(v), t), 6) for k, v in fc.fields.items()}
     else:
         scores = generation_scores(res.token_probs, st.settings.confidence_quantile)
-    conf = 0.0 if err else calibrated(scores, temperature_for(st.calibration, kind))
-    return StudentAnswer(value, err, conf, scores, res, max_tokens)
+    conf = 0.0 if err else calibrated(scores, t)
+    return StudentAnswer(value, err, conf, scores, res, max_tokens, fields)
+
+
+def structured_confidence(st: State, res: SeqResult):
+    """The raw per-field confidence of a JSON answer (``serve.confidence.field_confidence``)."""
+    return field_confidence(
+        res.text, res.tokens, st.engine.runner.pieces, res.token_probs, res.forced, st.settings.confidence_quantile
+    )
 
 
 @dataclass

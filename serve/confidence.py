@@ -23,6 +23,7 @@ All of it needs only the logits of the position being sampled, which llama.cpp r
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -111,6 +112,106 @@ def generation_scores(token_probs: Sequence[float], quantile: float) -> list[flo
     if not token_probs:
         return [-math.inf, 0.0]
     q = float(np.quantile(np.asarray(token_probs, dtype=np.float64), quantile))
+    q = min(max(q, 1e-12), 1 - 1e-12)
+    return [math.log(q), math.log1p(-q)]
+
+
+def json_leaf_spans(text: str) -> dict[str, tuple[int, int]]:
+    """Character spans of the leaf values of the JSON object ``text`` starts with, by dotted path
+    (``{"a": {"b": 1}}`` -> ``{"a.b": (11, 12)}``; an array or scalar is one leaf). Empty when ``text``
+    is not a JSON object."""
+    dec = json.JSONDecoder()
+    spans: dict[str, tuple[int, int]] = {}
+
+    def ws(i: int) -> int:
+        while i < len(text) and text[i] in " \t\n\r":
+            i += 1
+        return i
+
+    def obj(i: int, prefix: str) -> int:  # i at "{"; returns the index after "}"
+        i = ws(i + 1)
+        if i < len(text) and text[i] == "}":
+            return i + 1
+        while True:
+            key, i = dec.raw_decode(text, i)
+            i = ws(ws(i) + 1)  # past ":"
+            path = f"{prefix}{key}"
+            if text[i] == "{":
+                i = obj(i, path + ".")
+            else:
+                _, end = dec.raw_decode(text, i)
+                spans[path] = (i, end)
+                i = end
+            i = ws(i)
+            if text[i] == "}":
+                return i + 1
+            i = ws(i + 1)  # past ","
+
+    start = ws(0)
+    try:
+        if start < len(text) and text[start] == "{":
+            obj(start, "")
+        else:
+            return {}
+    except (ValueError, IndexError):
+        return {}
+    return spans
+
+
+@dataclass
+class FieldConfidence:
+    """The raw confidence of a JSON answer: one per leaf field (the low quantile of its value's
+    tokens' probabilities) and one for the structure (the tokens outside every value: which keys to
+    write, where the object ends). Tokens the constraint forced (the only allowed one) carry no
+    information and are left out; a field with only forced tokens is certain (1.0)."""
+
+    fields: dict[str, float]
+    structure: float
+
+    @property
+    def lowest(self) -> float:
+        return min([self.structure, *self.fields.values()])
+
+
+def field_confidence(
+    text: str, tokens: Sequence[int], pieces: Sequence[bytes], probs: Sequence[float], forced: Sequence[bool], quantile: float
+) -> FieldConfidence | None:
+    """Per-field confidence of a generated JSON object (None when ``text`` is not one).
+
+    ``tokens``/``probs``/``forced`` are the engine's, one per generated token (probabilities already
+    renormalised over what the constraint allowed). A token belongs to every value whose bytes it
+    overlaps."""
+    spans = json_leaf_spans(text)
+    if not spans and not text.lstrip().startswith("{"):
+        return None
+    # byte offsets of the text, since tokens are bytes
+    char_to_byte = [0]
+    for ch in text:
+        char_to_byte.append(char_to_byte[-1] + len(ch.encode("utf-8")))
+    byte_spans = {k: (char_to_byte[a], char_to_byte[b]) for k, (a, b) in spans.items()}
+    per_field: dict[str, list[float]] = {k: [] for k in spans}
+    outside: list[float] = []
+    pos = 0
+    for tok, p, f in zip(tokens, probs, forced, strict=False):
+        n = len(pieces[tok]) if 0 <= tok < len(pieces) else 0
+        lo, hi = pos, pos + max(n, 1)
+        pos += n
+        if f:
+            continue
+        hit = [k for k, (a, b) in byte_spans.items() if lo < b and a < hi]
+        for k in hit:
+            per_field[k].append(p)
+        if not hit:
+            outside.append(p)
+
+    def q(xs: list[float]) -> float:
+        return float(np.quantile(np.asarray(xs, dtype=np.float64), quantile)) if xs else 1.0
+
+    return FieldConfidence({k: q(v) for k, v in per_field.items()}, q(outside))
+
+
+def raw_scores(q: float) -> list[float]:
+    """[log q, log(1-q)]: a raw confidence as the score vector ``calibrated`` takes."""
     q = min(max(q, 1e-12), 1 - 1e-12)
     return [math.log(q), math.log1p(-q)]
 

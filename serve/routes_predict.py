@@ -37,7 +37,12 @@ def add_predict_route(app: FastAPI, st: State) -> None:
         d, res = ans.decision, ans.student.result
         st.metrics.count_answer(d.answered_by, res.prompt_tokens, res.completion_tokens, ans.teacher_usage)
         note_latency(st, t0)
-        info = PredictInfo(**d.info().model_dump(), student_output=res.text)
+        info = PredictInfo(
+            **d.info().model_dump(exclude={"fields"}),
+            student_output=res.text,
+            constrained=st.task_constraint is not None,
+            fields=ans.student.fields,
+        )
         out = PredictResponse(
             output=ans.value, confidence=info.confidence, answered_by=d.answered_by, error=ans.error, edgedistill=info
         )

@@ -82,6 +82,11 @@ class Settings(BaseSettings):
     n_batch: int = Field(512, ge=16, description="Most tokens in one llama_decode call (prompt chunks + decode steps).")
     confidence: bool = Field(True, description="Compute per-response confidence (off: greedy needs no softmax at all).")
     confidence_quantile: float = Field(0.1, ge=0.0, le=1.0, description="Generation: this quantile of per-token probabilities.")
+    constrain: bool = Field(
+        True,
+        description="Decode the task's answer (/v1/predict) under its constraint: one of the labels, or its JSON schema "
+        "(off: free decoding, parsed afterwards; for comparisons).",
+    )
 
     # limits
     max_queue: int = Field(32, ge=0, description="Requests waiting for a slot before new ones get 429.")

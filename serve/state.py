@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgedistill.serve.artifact import Artifact, load_artifact
-from edgedistill.serve.confidence import build_label_trie, label_variants
+from edgedistill.runtimes.constrain import Constraint, LabelSet, for_task
 from edgedistill.serve.engine import Engine
 from edgedistill.serve.fallback import CircuitBreaker, FallbackTeacher
 from edgedistill.serve.metrics import Metrics
@@ -29,7 +29,8 @@ class State:
     metrics: Metrics
     api_key: str | None
     created: int = field(default_factory=lambda: int(time.time()))
-    label_trie: dict | None = None
+    label_trie: dict | None = None  # classification: the labels' token trie (confidence, and the constraint's)
+    task_constraint: Constraint | None = None  # what /v1/predict decodes under (compiled once, at start)
     avg_latency_s: float = 1.0
 
     @property
@@ -62,12 +63,12 @@ def build_state(
     model_id = settings.model_alias or (artifact.name if artifact else "student")
     st = State(settings, engine, model_id, artifact, teacher, Metrics(), api_key)
     task = artifact.task if artifact else None
-    if task is not None and task.type == "classification" and task.labels:
-        st.label_trie = build_label_trie(
-            (i, engine.runner.tokenize(v, special=False, add_bos=False))
-            for i, lab in enumerate(task.labels)
-            for v in label_variants(lab)
-        )
+    if task is not None:
+        constraint = for_task(task, engine.runner)
+        if isinstance(constraint, LabelSet):
+            st.label_trie = constraint.trie
+        if settings.constrain:
+            st.task_constraint = constraint
     return st
 
 

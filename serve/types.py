@@ -222,10 +222,16 @@ class EdgedistillInfo(_Resp):
         "not_a_label), whether or not the teacher was asked; null when the student's answer stands on its own."
     )
     teacher_error: str | None = Field(description="Why the teacher, asked, did not answer (the student's answer is served).")
+    fields: dict[str, float] | None = Field(
+        None,
+        description="A JSON answer's calibrated confidence per field (dotted paths for nested objects); `confidence` is "
+        "the lowest of them (or of the object's structure: which keys, where it ends). Absent for other answers.",
+    )
 
 
 class PredictInfo(EdgedistillInfo):
     student_output: str = Field(description="The student's own answer as generated (text, before parsing).")
+    constrained: bool = Field(description="The student decoded under the task's constraint (its labels or JSON schema).")
 
 
 class Usage(_Resp):

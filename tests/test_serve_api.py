@@ -344,9 +344,11 @@ def test_predict_classification_confidence_and_fallback():
 
 
 def test_predict_not_a_label_has_zero_confidence():
-    with TestClient(make_app(script=lambda p: ("no idea", 20.0), task=classification_task())) as c:
+    # unconstrained decoding (--no-constrain): the answer is parsed afterwards and may be no label
+    with TestClient(make_app(script=lambda p: ("no idea", 20.0), task=classification_task(), constrain=False)) as c:
         body = c.post("/v1/predict", json={"input": "hm"}).json()
     assert body["confidence"] == 0.0 and body["error"] == "not_a_label" and body["answered_by"] == "student"
+    assert body["edgedistill"]["constrained"] is False
 
 
 def test_predict_calibration_temperature_is_applied():
