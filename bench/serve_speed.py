@@ -5,10 +5,13 @@ concurrency 1 and 4, for
 - ``ours-noconf``     the same with ``--no-confidence``
 - ``llama-cpp-python`` ``python -m llama_cpp.server`` (one request at a time behind a lock)
 - ``llama-server``    llama.cpp's own C++ server, ``-np 4`` (when ``--llama-server-bin`` is given)
+- ``ours+grammar``    ``ours`` with every request under a JSON schema (``response_format``): the
+  cost of the grammar mask, on the same prompts, at the same concurrency
 
 A benchmark, not a test: numbers depend on the machine and on what else runs on it.
 
     python -m edgedistill.bench.serve_speed --threads 2 --out runs/bench/serve_speed.json
+    python -m edgedistill.bench.serve_speed --targets ours ours+grammar --rounds 3   # the grammar's cost
 """
 
 from __future__ import annotations
@@ -45,6 +48,25 @@ TOPICS = [
     "a mountain",
     "a clock",
 ]
+
+
+# ``ours+grammar``: what every request adds (a schema the story prompt can fill: bounded, so that
+# both variants generate up to the same max_tokens)
+GRAMMAR_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "story",
+        "strict": True,
+        "schema": {
+            "type": "object",
+            "properties": {"title": {"type": "string"}, "story": {"type": "string"}},
+            "required": ["title", "story"],
+            "additionalProperties": False,
+        },
+    },
+}
+# target -> (the server it runs, what each request adds)
+VARIANTS: dict[str, tuple[str, dict]] = {"ours+grammar": ("ours", {"response_format": GRAMMAR_FORMAT})}
 
 
 def _port() -> int:
@@ -134,7 +156,7 @@ def commands(gguf: Path, threads: int, port: int, llama_server_bin: str | None) 
     return cmds
 
 
-async def _one(client: httpx.AsyncClient, topic: str, max_tokens: int) -> tuple[int, float]:
+async def _one(client: httpx.AsyncClient, topic: str, max_tokens: int, extra: dict | None = None) -> tuple[int, float]:
     t0 = time.perf_counter()
     r = await client.post(
         "/v1/chat/completions",
@@ -143,18 +165,21 @@ async def _one(client: httpx.AsyncClient, topic: str, max_tokens: int) -> tuple[
             "messages": [{"role": "user", "content": f"Write a short story about {topic}."}],
             "max_tokens": max_tokens,
             "temperature": 0,
+            **(extra or {}),
         },
     )
     r.raise_for_status()
     return int(r.json()["usage"]["completion_tokens"]), time.perf_counter() - t0
 
 
-async def run_load(base: str, concurrency: int, per_client: int, max_tokens: int) -> dict[str, float]:
+async def run_load(base: str, concurrency: int, per_client: int, max_tokens: int, extra: dict | None = None) -> dict[str, float]:
     async with httpx.AsyncClient(base_url=base, timeout=600) as client:
-        await _one(client, "warm-up", 8)
+        await _one(client, "warm-up", 8, extra)
 
         async def worker(w: int):
-            return [await _one(client, TOPICS[(w * per_client + i) % len(TOPICS)], max_tokens) for i in range(per_client)]
+            return [
+                await _one(client, TOPICS[(w * per_client + i) % len(TOPICS)], max_tokens, extra) for i in range(per_client)
+            ]
 
         t0 = time.perf_counter()
         done = await asyncio.gather(*[worker(w) for w in range(concurrency)])
@@ -168,6 +193,7 @@ async def run_load(base: str, concurrency: int, per_client: int, max_tokens: int
         "wall_s": round(wall, 2),
         "tokens_per_s": round(tokens / wall, 1),
         "mean_latency_s": round(statistics.mean(lat for _, lat in results), 3),
+        "p50_latency_s": round(statistics.median(lat for _, lat in results), 3),
     }
 
 
@@ -178,13 +204,17 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for server, c in keys:
         ref = med.get(("llama-server", c))
+        base = med.get((VARIANTS[server][0], c)) if server in VARIANTS else None
+        mine = [r for r in rows if (r["server"], r["concurrency"]) == (server, c)]
         out.append(
             {
                 "server": server,
                 "concurrency": c,
                 "tokens_per_s": round(med[(server, c)], 1),
-                "rounds": [r["tokens_per_s"] for r in rows if (r["server"], r["concurrency"]) == (server, c)],
+                "p50_latency_s": round(statistics.median(r["p50_latency_s"] for r in mine), 3),
+                "rounds": [r["tokens_per_s"] for r in mine],
                 "vs_llama_server": round(med[(server, c)] / ref, 3) if ref else None,
+                "vs_base": round(med[(server, c)] / base, 3) if base else None,  # ours+grammar / ours
             }
         )
     return out
@@ -215,7 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--per-client", type=int, default=4, help="requests each concurrent client sends in a row")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--targets", nargs="+", default=["ours", "ours-noconf", "llama-cpp-python", "llama-server"])
+    ap.add_argument(
+        "--targets", nargs="+", default=["ours", "ours-noconf", "ours+grammar", "llama-cpp-python", "llama-server"]
+    )
     ap.add_argument("--llama-server-bin", default=os.environ.get("LLAMA_SERVER_BIN"))
     ap.add_argument("--rounds", type=int, default=1, help="repeat all targets, interleaved; report the median (noisy machines)")
     ap.add_argument("--out", type=Path)
@@ -228,14 +260,15 @@ def main(argv: list[str] | None = None) -> None:
     for rnd in range(args.rounds):
         for name in args.targets:
             port = _port()
-            cmd = commands(gguf, args.threads, port, args.llama_server_bin).get(name)
+            server, extra = VARIANTS.get(name, (name, {}))
+            cmd = commands(gguf, args.threads, port, args.llama_server_bin).get(server)
             if cmd is None:
                 print(f"skip {name}: no binary (pass --llama-server-bin)", file=sys.stderr)
                 continue
             proc = start(cmd, port)
             try:
                 for c in args.concurrency:
-                    load = asyncio.run(run_load(f"http://127.0.0.1:{port}", c, args.per_client, args.max_tokens))
+                    load = asyncio.run(run_load(f"http://127.0.0.1:{port}", c, args.per_client, args.max_tokens, extra))
                     row = {"server": name, "round": rnd, **load}
                     print(json.dumps(row), flush=True)
                     rows.append(row)
@@ -246,10 +279,14 @@ def main(argv: list[str] | None = None) -> None:
                 except subprocess.TimeoutExpired:
                     proc.kill()
     summary = summarize(rows)
-    print(f"\n| server | c | tokens/s (median of {args.rounds}) | all rounds | vs llama-server |\n|---|---|---|---|---|")
+    print(
+        f"\n| server | c | tokens/s (median of {args.rounds}) | p50 latency s | all rounds | vs llama-server | vs without grammar |"
+        "\n|---|---|---|---|---|---|---|"
+    )
     for r in summary:
         ratio = f"{r['vs_llama_server']:.2f}x" if r["vs_llama_server"] else "-"
-        print(f"| {r['server']} | {r['concurrency']} | {r['tokens_per_s']} | {r['rounds']} | {ratio} |")
+        vs = f"{r['vs_base']:.2f}x" if r["vs_base"] else "-"
+        print(f"| {r['server']} | {r['concurrency']} | {r['tokens_per_s']} | {r['p50_latency_s']} | {r['rounds']} | {ratio} | {vs} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         meta = {

@@ -90,7 +90,7 @@ def masked(logits: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
 def _llguidance() -> Any:
     try:
         import llguidance
-        import llguidance.numpy  # noqa: F401  (the bitmask helpers)
+        import llguidance.numpy
     except ImportError:
         raise UserError("structured output needs llguidance: pip install llguidance (it has no dependencies)") from None
     return llguidance

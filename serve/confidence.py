@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from edgedistill.runtimes.constrain import LABELS, TERMINAL, build_label_trie  # noqa: F401  (the trie lives with the mask)
 
 

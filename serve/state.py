@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgedistill.serve.artifact import Artifact, load_artifact
 from edgedistill.runtimes.constrain import Constraint, LabelSet, for_task
+from edgedistill.serve.artifact import Artifact, load_artifact
 from edgedistill.serve.engine import Engine
 from edgedistill.serve.fallback import CircuitBreaker, FallbackTeacher
 from edgedistill.serve.metrics import Metrics

@@ -12,9 +12,9 @@ from edgedistill.serve.artifact import Artifact
 from edgedistill.serve.confidence import field_confidence, json_leaf_spans
 from edgedistill.serve.engine import Engine
 from edgedistill.serve.settings import Settings
-from edgedistill.task import Task
 from fastapi.testclient import TestClient
 
+from edgedistill.task import Task
 from tests.serve_fakes import ASSISTANT, EOS, N_VOCAB, FakeRunner
 
 MODEL = "student"
