@@ -258,3 +258,14 @@ def expected_calibration_error(confidences: Sequence[float], correct: Sequence[A
     bins = reliability_bins(confidences, correct, n_bins)
     total = sum(b["count"] for b in bins)
     return _ratio(sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins), total)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % Wilson score interval of a proportion (sound at small n and near 0 or 1)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
