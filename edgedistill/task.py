@@ -83,6 +83,16 @@ class Task(BaseModel):
             return None
         return _sorted_properties(self.output_schema)
 
+    def response_format(self) -> dict[str, Any] | None:
+        """OpenAI's ``response_format`` asking an API teacher for this task's JSON (None: not structured).
+        ``strict`` only where OpenAI's strict mode accepts the schema (every property required, no
+        additional properties, at every level); otherwise the API follows the schema on a best-effort basis."""
+        schema = self.answer_schema()
+        if schema is None:
+            return None
+        name = re.sub(r"[^A-Za-z0-9_-]", "_", self.name)[:64] or "answer"
+        return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": _strict_ok(schema)}}
+
     # --- prompts -------------------------------------------------------------------------------
     def student_messages(self, text: str) -> Messages:
         """Chat messages the student sees for one input (training adds the assistant turn)."""
@@ -193,6 +203,21 @@ def _sorted_properties(schema: Any) -> Any:
     if isinstance(schema.get("properties"), dict):
         out["properties"] = {k: _sorted_properties(schema["properties"][k]) for k in sorted(schema["properties"])}
     return out
+
+
+def _strict_ok(schema: Any) -> bool:
+    """Whether OpenAI's strict structured outputs accept ``schema`` (every object closed, all required)."""
+    if isinstance(schema, list):
+        return all(_strict_ok(x) for x in schema)
+    if not isinstance(schema, dict):
+        return True
+    if schema.get("type") == "object" or "properties" in schema:
+        props = schema.get("properties") or {}
+        if schema.get("additionalProperties") is not False or set(schema.get("required") or []) != set(props):
+            return False
+    return all(_strict_ok(v) for k, v in schema.items() if isinstance(v, dict | list) and k != "required") and all(
+        _strict_ok(v) for v in (schema.get("properties") or {}).values()
+    )
 
 
 def check_schema(value: Any, schema: dict[str, Any]) -> str | None:

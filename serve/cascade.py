@@ -9,6 +9,7 @@ answer to a task input with its raw and calibrated confidence.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from edgedistill.serve.submission import run
 from edgedistill.serve.types import EdgedistillInfo
 from edgedistill.serve.validation import max_tokens as _max_tokens
 from fastapi import Request
+
+log = logging.getLogger("edgedistill.serve")
 
 # ---- the request's policy -------------------------------------------------------------------------
 
@@ -278,7 +281,17 @@ async def predict(st: State, text: str, policy: Policy, request: Request | None 
         parsed["answer"] = (tvalue, terr)
 
     body = {"messages": task.teacher_messages(text), "max_tokens": max(ans.max_tokens, 64), "temperature": 0}
+    shaped = task.response_format() if not st.teacher_refuses_response_format else None
+    if shaped:  # the teacher answers in shape too (its API's own constraint); the prompt still names the schema
+        body["response_format"] = shaped
     await consult_teacher(st, d, "/chat/completions", body, check)
+    if shaped and d.teacher_error and d.teacher_error.startswith("http_400"):
+        # an API without structured outputs: prompting alone from now on, said once
+        st.teacher_refuses_response_format = True
+        log.warning("the teacher API refused response_format (%s); asking it by prompt alone from now on", d.teacher_error)
+        d.teacher_error = None
+        body.pop("response_format")
+        await consult_teacher(st, d, "/chat/completions", body, check)
     if d.answered_by == "teacher":
         value, err = parsed["answer"]
         return TaskAnswer(value, err, ans, d, valid_usage(d.teacher_data.get("usage")))  # type: ignore[union-attr]

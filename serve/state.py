@@ -32,6 +32,7 @@ class State:
     label_trie: dict | None = None  # classification: the labels' token trie (confidence, and the constraint's)
     task_constraint: Constraint | None = None  # what /v1/predict decodes under (compiled once, at start)
     avg_latency_s: float = 1.0
+    teacher_refuses_response_format: bool = False  # its API answered 400 to response_format: prompt alone
 
     @property
     def calibration(self) -> dict[str, Any]:

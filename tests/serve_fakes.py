@@ -107,8 +107,11 @@ def free_port() -> int:
 class FakeTeacher:
     """An OpenAI-compatible chat/completions API answering ``reply`` (or failing with ``status``)."""
 
-    def __init__(self, reply: str = "Teacher says hi.", status: int = 200, delay_s: float = 0.0):
+    def __init__(
+        self, reply: str = "Teacher says hi.", status: int = 200, delay_s: float = 0.0, refuse_response_format: bool = False
+    ):
         self.reply, self.status, self.delay_s = reply, status, delay_s
+        self.refuse_response_format = refuse_response_format  # an API without structured outputs: 400
         self.calls: list[dict] = []
         app = FastAPI()
 
@@ -122,6 +125,8 @@ class FakeTeacher:
                 await asyncio.sleep(self.delay_s)
             if self.status != 200:
                 return JSONResponse({"error": {"message": "boom"}}, status_code=self.status)
+            if self.refuse_response_format and "response_format" in body:
+                return JSONResponse({"error": {"message": "response_format is not supported"}}, status_code=400)
             return {
                 "id": "chatcmpl-teacher",
                 "object": "chat.completion",

@@ -98,3 +98,32 @@ def test_field_confidence_leaves_forced_tokens_out():
     assert fc is not None and fc.fields["a"] == 0.3 and fc.structure == 1.0 and fc.lowest == 0.3
     assert field_confidence("plain text", toks, pieces, probs, forced, 0.1) is None
     assert json.loads(text)  # the fixture is valid JSON
+
+
+def _unsure_booking_runner():
+    return FieldRunner('{"people": "4", "time": "7pm"}', "time")
+
+
+def test_teacher_is_asked_in_shape_and_without_it_once_refused(caplog):
+    from tests.serve_fakes import FakeTeacher
+
+    task = Task(name="booking", type="extraction", instructions="Extract.", output_schema=SCHEMA)
+    answer = '{"people": "4", "time": "8pm"}'
+    with FakeTeacher(reply=answer) as teacher:
+        app = make_app(_unsure_booking_runner(), task, default_max_tokens=64, teacher_url=teacher.url, teacher_model="big")
+        with TestClient(app) as c:
+            body = c.post("/v1/predict", json={"input": "table for 4 at 8pm"}).json()
+        assert body["answered_by"] == "teacher" and body["output"] == {"people": "4", "time": "8pm"}, body
+        rf = teacher.calls[0]["response_format"]
+        assert rf["type"] == "json_schema" and rf["json_schema"]["schema"]["required"] == ["people", "time"]
+        assert rf["json_schema"]["strict"] is True  # closed object, everything required: OpenAI's strict mode takes it
+    with FakeTeacher(reply=answer, refuse_response_format=True) as teacher:
+        app = make_app(_unsure_booking_runner(), task, default_max_tokens=64, teacher_url=teacher.url, teacher_model="big")
+        with TestClient(app) as c, caplog.at_level("WARNING", logger="edgedistill.serve"):
+            first = c.post("/v1/predict", json={"input": "table for 4 at 8pm"}).json()
+            second = c.post("/v1/predict", json={"input": "table for 4 at 8pm"}).json()
+        assert first["answered_by"] == second["answered_by"] == "teacher", first
+        assert first["edgedistill"]["teacher_error"] is None
+        # asked with it once, refused, then by prompt alone; said once in the log
+        assert ["response_format" in call for call in teacher.calls] == [True, False, False]
+        assert sum("refused response_format" in r.message for r in caplog.records) == 1
