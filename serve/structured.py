@@ -104,4 +104,3 @@ def _culprit(cache: SchemaCache, spec: ToolSpec) -> str:
     if i is not None:
         return f"tools.{i}.function.parameters"
     return "response_format.json_schema.schema" if spec.response_schema is not None else "tools"
-

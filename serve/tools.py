@@ -79,7 +79,9 @@ def tool_spec(req: ChatCompletionRequest, response_schema: dict[str, Any] | None
     choice = req.tool_choice
     if not req.tools:
         if choice is not None and choice != "none":
-            raise APIError(400, "tool_choice: needs tools (send the functions to choose from)", code="invalid_value", param="tool_choice")
+            raise APIError(
+                400, "tool_choice: needs tools (send the functions to choose from)", code="invalid_value", param="tool_choice"
+            )
         return None
     seen: dict[str, int] = {}
     functions = []
