@@ -201,7 +201,7 @@ def parse_answer(text: str, spec: ToolSpec) -> ToolAnswer | None:
     try:
         data = json.loads(text)
     except ValueError:
-        return None
+        return _cut_response(text)
     if not isinstance(data, dict):
         return None
     calls = data.get("tool_calls") if "tool_calls" in data else [data["tool_call"]] if "tool_call" in data else None
@@ -212,6 +212,19 @@ def parse_answer(text: str, spec: ToolSpec) -> ToolAnswer | None:
     if "response" in data:
         r = data["response"]
         return ToolAnswer(r if isinstance(r, str) else json.dumps(r, ensure_ascii=False), None)
+    return None
+
+
+def _cut_response(text: str) -> ToolAnswer | None:
+    """A text response cut off by max_tokens (``{"response": "It is su``): the text so far, as
+    llama.cpp's parser heals a partial answer; a cut-off tool call stays unparsed."""
+    if not text.startswith('{"response": "'):
+        return None
+    for cut in range(6):  # the end of a cut escape sequence dropped
+        try:
+            return ToolAnswer(json.loads(text[: len(text) - cut] + '"}')["response"], None)
+        except ValueError:
+            continue
     return None
 
 

@@ -384,3 +384,10 @@ def test_a_teacher_tool_call_is_well_formed_and_garbage_is_not():
     for bad in ({"id": "c", "type": "function", "function": {"name": "f", "arguments": {}}}, {"type": "function"}, "x"):
         assert not _well_formed({"choices": [{"message": {"content": None, "tool_calls": [bad]}}]}, chat=True)
     assert not _well_formed({"choices": [{"message": {"content": None}}]}, chat=True)
+
+
+def test_a_text_response_cut_off_by_max_tokens_is_the_text_so_far():
+    with TestClient(app_for('{"response": "It is sunny in Rome today."}')) as c:
+        body = post(c, tools=TOOLS, max_tokens=20)
+    choice = body["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": "It is "} and choice["finish_reason"] == "length"
