@@ -252,6 +252,13 @@ class ChatCompletionRequest(_Sampling):
     moderation: Any = _refused("moderation")
     verbosity: Any = _refused("verbosity")
 
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _choice(cls, v):
+        if v is None or isinstance(v, dict) or v in ("auto", "none", "required"):
+            return v
+        raise ValueError('must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}')
+
     @field_validator(*_REFUSED)
     @classmethod
     def _not_supported(cls, v, info):
