@@ -391,3 +391,12 @@ def test_a_text_response_cut_off_by_max_tokens_is_the_text_so_far():
         body = post(c, tools=TOOLS, max_tokens=20)
     choice = body["choices"][0]
     assert choice["message"] == {"role": "assistant", "content": "It is "} and choice["finish_reason"] == "length"
+
+
+def test_auto_with_a_json_schema_answers_text_of_that_schema():
+    rf = {"type": "json_schema", "json_schema": {"name": "mood", "schema": ANSWER_SCHEMA}}
+    with TestClient(app_for('{"response": {"mood": "good", "score": 1}}')) as c:
+        body = post(c, tools=TOOLS, response_format=rf)
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "stop" and json.loads(choice["message"]["content"]) == {"mood": "good", "score": 1}
+    assert set(body["edgedistill"]["fields"]) == {"content.mood", "content.score"}
