@@ -133,6 +133,7 @@ class Decision:
     fallback_reason: str | None = None
     teacher_error: str | None = None
     teacher_data: dict[str, Any] | None = None
+    fields: dict[str, float] | None = None  # a JSON answer's calibrated confidence per field (the student's)
 
     def info(self) -> EdgedistillInfo:
         return EdgedistillInfo(
@@ -142,6 +143,7 @@ class Decision:
             fallback=self.fallback,
             fallback_reason=self.fallback_reason,
             teacher_error=self.teacher_error,
+            fields=self.fields,
         )
 
     def headers(self) -> dict[str, str]:
@@ -196,9 +198,36 @@ def generation_confidence(st: State, results: list[SeqResult]) -> float | None:
     return min(calibrated(generation_scores(r.token_probs, st.settings.confidence_quantile), t) for r in results)
 
 
-async def decide(st: State, kind: str, body: dict[str, Any], conf: float | None, policy: Policy) -> Decision:
+def json_confidence(st: State, results: list[SeqResult]) -> tuple[float | None, dict[str, float] | None]:
+    """The calibrated confidence of JSON answers (a response_format or a tool call): the least
+    confident choice's, which is its weakest field's, and that choice's per-field confidences. A
+    choice that is no JSON object (cut off) gets the generation rule. (None, None): switched off."""
+    if not st.settings.confidence:
+        return None, None
+    t = temperature_for(st.calibration, "generation")
+    weakest: tuple[float, dict[str, float] | None] | None = None
+    for r in results:
+        scored = structured_scores(st, r, t)
+        if scored is None:
+            conf, fields = calibrated(generation_scores(r.token_probs, st.settings.confidence_quantile), t), None
+        else:
+            conf, fields = calibrated(scored[0], t), scored[1]
+        if weakest is None or conf < weakest[0]:
+            weakest = (conf, fields)
+    return weakest if weakest is not None else (None, None)
+
+
+def answer_confidence(st: State, results: list[SeqResult], structured: bool) -> tuple[float | None, dict[str, float] | None]:
+    """Chat/completions: (confidence, per-field confidences of a JSON answer or None)."""
+    return json_confidence(st, results) if structured else (generation_confidence(st, results), None)
+
+
+async def decide(
+    st: State, kind: str, body: dict[str, Any], conf: float | None, policy: Policy, fields: dict[str, float] | None = None
+) -> Decision:
     """Chat/completions: the decision, and the teacher's answer to the same request body when it is asked."""
     d = decision(st, policy, conf)
+    d.fields = fields
     await consult_teacher(st, d, "/chat/completions" if kind == "chat" else "/completions", body)
     return d
 
@@ -235,14 +264,21 @@ async def student_predict(st: State, text: str, request: Request | None = None) 
     fields = None
     if res.label_scorer is not None:
         scores = res.label_scorer.scores(task.labels.index(value) if not err else None)
-    elif task.structured and (fc := structured_confidence(st, res)) is not None:
-        # the weakest field decides: a confident name with a guessed time still goes to the teacher
-        scores = raw_scores(fc.lowest)
-        fields = {k: round(calibrated(raw_scores(v), t), 6) for k, v in fc.fields.items()}
+    elif task.structured and (scored := structured_scores(st, res, t)) is not None:
+        scores, fields = scored
     else:
         scores = generation_scores(res.token_probs, st.settings.confidence_quantile)
     conf = 0.0 if err else calibrated(scores, t)
     return StudentAnswer(value, err, conf, scores, res, max_tokens, fields)
+
+
+def structured_scores(st: State, res: SeqResult, t: float) -> tuple[list[float], dict[str, float]] | None:
+    """A JSON answer's score vector and its fields' calibrated confidences (None: not JSON). The
+    weakest field decides: a confident name with a guessed time still goes to the teacher."""
+    fc = structured_confidence(st, res)
+    if fc is None:
+        return None
+    return raw_scores(fc.lowest), {k: round(calibrated(raw_scores(v), t), 6) for k, v in fc.fields.items()}
 
 
 def structured_confidence(st: State, res: SeqResult):
@@ -274,7 +310,9 @@ async def predict(st: State, text: str, policy: Policy, request: Request | None 
     parsed: dict[str, Any] = {}
 
     def check(data: dict[str, Any]) -> None:
-        ttext = (data["choices"][0].get("message") or {}).get("content")  # a string: FallbackTeacher.post checked it
+        ttext = (data["choices"][0].get("message") or {}).get("content")
+        if not isinstance(ttext, str):  # a teacher that called a tool instead of answering
+            raise TeacherError("invalid_answer (no content)")
         tvalue, terr = task.parse_answer(ttext)
         if terr and not ans.error:
             raise TeacherError(f"invalid_answer ({terr})")

@@ -117,8 +117,8 @@ def generation_scores(token_probs: Sequence[float], quantile: float) -> list[flo
 
 def json_leaf_spans(text: str) -> dict[str, tuple[int, int]]:
     """Character spans of the leaf values of the JSON object ``text`` starts with, by dotted path
-    (``{"a": {"b": 1}}`` -> ``{"a.b": (11, 12)}``; an array or scalar is one leaf). Empty when ``text``
-    is not a JSON object."""
+    (``{"a": {"b": 1}}`` -> ``{"a.b": (11, 12)}``; a list of objects has fields ``a.0.b``, ``a.1.b``
+    (tool calls); any other array or a scalar is one leaf). Empty when ``text`` is not a JSON object."""
     dec = json.JSONDecoder()
     spans: dict[str, tuple[int, int]] = {}
 
@@ -137,6 +137,8 @@ def json_leaf_spans(text: str) -> dict[str, tuple[int, int]]:
             path = f"{prefix}{key}"
             if text[i] == "{":
                 i = obj(i, path + ".")
+            elif text[i] == "[" and text[ws(i + 1)] == "{":  # objects in a list: fields path.0.x, path.1.x ...
+                i = objects(i, path + ".")
             else:
                 _, end = dec.raw_decode(text, i)
                 spans[path] = (i, end)
@@ -145,6 +147,21 @@ def json_leaf_spans(text: str) -> dict[str, tuple[int, int]]:
             if text[i] == "}":
                 return i + 1
             i = ws(i + 1)  # past ","
+
+    def objects(i: int, prefix: str) -> int:  # i at "["; returns the index after "]"
+        k = 0
+        while True:
+            i = ws(i + 1)  # past "[" or ","
+            if text[i] == "{":
+                i = obj(i, f"{prefix}{k}.")
+            else:
+                _, end = dec.raw_decode(text, i)
+                spans[f"{prefix}{k}"] = (i, end)
+                i = end
+            k += 1
+            i = ws(i)
+            if text[i] == "]":
+                return i + 1
 
     start = ws(0)
     try:

@@ -65,7 +65,9 @@ def error_response(status: int, message: str, code: str | None = None, param: st
 
 def _is_member(part: str) -> bool:
     """pydantic names the union member in an error's loc ("str", "list[int]"); a field name is not one."""
-    return part in ("str", "int", "float", "bool", "constrained-str") or part.startswith(("list[", "dict[", "function-"))
+    if part in ("str", "int", "float", "bool", "constrained-str") or part.startswith(("list[", "dict[", "function-", "literal[")):
+        return True
+    return part[:1].isupper()  # a model class (NamedToolChoice): the API's field names are lower case
 
 
 def validation_error(err: ValidationError | RequestValidationError) -> APIError:

@@ -58,8 +58,9 @@ class CircuitBreaker:
 
 
 def _well_formed(data: Any, chat: bool) -> bool:
-    """An OpenAI answer we can pass on: choices with text (chat: ``message.content``), nothing else
-    checked. Garbage counts as a teacher failure (and towards the breaker), never reaches a client."""
+    """An OpenAI answer we can pass on: choices with text (chat: ``message.content``, or null content
+    with well-formed ``tool_calls``), nothing else checked. Garbage counts as a teacher failure (and
+    towards the breaker), never reaches a client."""
     if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
         return False
     for ch in data["choices"]:
@@ -67,10 +68,34 @@ def _well_formed(data: Any, chat: bool) -> bool:
             return False
         if chat:
             msg = ch.get("message")
-            text = msg.get("content") if isinstance(msg, dict) else None
+            if not isinstance(msg, dict):
+                return False
+            text = msg.get("content")
+            calls = msg.get("tool_calls")
+            if calls is not None and not well_formed_tool_calls(calls):
+                return False
+            if text is None and calls:
+                continue
         else:
             text = ch.get("text")
         if not isinstance(text, str):
+            return False
+    return True
+
+
+def well_formed_tool_calls(calls: Any) -> bool:
+    """OpenAI's tool calls: each with a string id, type function, a name and arguments as a string."""
+    if not isinstance(calls, list):
+        return False
+    for c in calls:
+        f = c.get("function") if isinstance(c, dict) else None
+        if not (
+            isinstance(f, dict)
+            and isinstance(c.get("id"), str)
+            and c.get("type") == "function"
+            and isinstance(f.get("name"), str)
+            and isinstance(f.get("arguments"), str)
+        ):
             return False
     return True
 

@@ -9,6 +9,7 @@ from typing import Any
 from edgedistill.serve.cascade import Decision, valid_usage
 from edgedistill.serve.engine import SeqResult
 from edgedistill.serve.state import State
+from edgedistill.serve.tools import ToolSpec, parse_answer
 from edgedistill.serve.types import (
     AssistantMessage,
     ChatChoice,
@@ -16,6 +17,8 @@ from edgedistill.serve.types import (
     Completion,
     CompletionChoice,
     EdgedistillInfo,
+    ToolCall,
+    ToolCallMessage,
     Usage,
 )
 
@@ -41,13 +44,16 @@ def _answer(kind: str, rid: str, model: str, choices: list, used: Usage | None, 
     )
 
 
-def student_answer(st: State, kind: str, req, rid: str, results: list[SeqResult], info: EdgedistillInfo):
+def student_answer(
+    st: State, kind: str, req, rid: str, results: list[SeqResult], info: EdgedistillInfo, tools: ToolSpec | None = None
+):
+    """The student's choices; with ``tools``, each choice's generic-format JSON as a tool call or text."""
     choices: list[ChatChoice | CompletionChoice] = []
     for i, r in enumerate(results):
         if kind == "chat":
             lp = {"content": r.logprobs, "refusal": None} if req.logprobs else None
-            message = AssistantMessage(role="assistant", content=r.text)
-            choices.append(ChatChoice(index=i, message=message, logprobs=lp, finish_reason=r.finish_reason))
+            message, finish = _chat_message(r, tools)
+            choices.append(ChatChoice(index=i, message=message, logprobs=lp, finish_reason=finish))
         else:
             text = r.text
             if req.echo:
@@ -56,6 +62,16 @@ def student_answer(st: State, kind: str, req, rid: str, results: list[SeqResult]
             lp = _completion_logprobs(r) if req.logprobs is not None else None
             choices.append(CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=r.finish_reason))
     return _answer(kind, rid, st.model_id, choices, usage(results, req.n), None, info)
+
+
+def _chat_message(r: SeqResult, tools: ToolSpec | None) -> tuple[AssistantMessage, str]:
+    parsed = parse_answer(r.text, tools) if tools is not None else None
+    if parsed is None:  # text, or a tool-call answer cut off by max_tokens: served as generated
+        return AssistantMessage(role="assistant", content=r.text), r.finish_reason
+    if parsed.tool_calls:
+        calls = [ToolCall(**c) for c in parsed.tool_calls]
+        return ToolCallMessage(role="assistant", content=None, tool_calls=calls), "tool_calls"
+    return AssistantMessage(role="assistant", content=parsed.content), r.finish_reason
 
 
 def teacher_answer(st: State, kind: str, rid: str, d: Decision):
@@ -67,7 +83,13 @@ def teacher_answer(st: State, kind: str, rid: str, d: Decision):
         finish = ch.get("finish_reason") if isinstance(ch.get("finish_reason"), str) else "stop"
         lp = ch.get("logprobs") if isinstance(ch.get("logprobs"), dict) else None
         if kind == "chat":
-            message = AssistantMessage(role="assistant", content=ch["message"]["content"])
+            msg = ch["message"]
+            if msg.get("tool_calls"):  # checked by FallbackTeacher.post; passed on without the teacher's extras
+                calls = [ToolCall(id=c["id"], type="function", function=c["function"]) for c in msg["tool_calls"]]
+                content = msg["content"] if isinstance(msg.get("content"), str) else None
+                message: AssistantMessage = ToolCallMessage(role="assistant", content=content, tool_calls=calls)
+            else:
+                message = AssistantMessage(role="assistant", content=msg["content"])
             choices.append(ChatChoice(index=i, message=message, logprobs=lp, finish_reason=finish))
         else:
             choices.append(CompletionChoice(index=i, text=ch["text"], logprobs=lp, finish_reason=finish))

@@ -1,4 +1,5 @@
-"""The OpenAI routes: /v1/chat/completions and /v1/completions. Prompt -> engine -> confidence ->
+"""The OpenAI routes: /v1/chat/completions and /v1/completions. Prompt (chat: with the tools, and
+the grammar of a structured answer, see ``serve.structured`` / ``serve.tools``) -> engine -> confidence ->
 the cascade's decision (the teacher answers the same body when the student is unsure) -> the
 typed answer, as JSON or as a replayed stream; or, when nothing waits for the decision, a live
 stream."""
@@ -8,14 +9,16 @@ from __future__ import annotations
 import time
 import uuid
 
-from edgedistill.serve.cascade import Policy, decide, generation_confidence, holds_stream, request_policy
+from edgedistill.serve.cascade import Policy, answer_confidence, decide, holds_stream, request_policy
 from edgedistill.serve.engine import GenParams
 from edgedistill.serve.errors import APIError
 from edgedistill.serve.openapi import BODY_ERRORS, body_schema, responses
 from edgedistill.serve.responses import student_answer, teacher_answer, usage
 from edgedistill.serve.state import State
 from edgedistill.serve.streaming import live_stream, replay_stream
+from edgedistill.serve.structured import request_constraint, response_schema
 from edgedistill.serve.submission import check_ready, note_latency, run, submit
+from edgedistill.serve.tools import ToolSpec, openai_paths, render_messages, tool_spec
 from edgedistill.serve.types import ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest
 from edgedistill.serve.validation import check_common, gen_params, max_tokens, read_json, validate
 from fastapi import FastAPI, Request
@@ -33,7 +36,9 @@ def add_generation_routes(app: FastAPI, st: State) -> None:
         body = await read_json(request, st.settings.max_body_bytes)
         req = validate(ChatCompletionRequest, body)
         check_common(st, req)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        tools = tool_spec(req, response_schema(req))
+        constraint = request_constraint(st.schemas, req, tools)  # type: ignore[arg-type]
+        messages = render_messages(req.messages, tools)
         try:
             text = st.engine.runner.render_chat(messages)
         except Exception as e:  # noqa: BLE001 -- any template error (jinja, raise_exception) is the request's fault
@@ -42,9 +47,10 @@ def add_generation_routes(app: FastAPI, st: State) -> None:
             ) from None
         prompt = st.engine.runner.tokenize(text, special=True, add_bos=True)
         budget = max_tokens(st, req.wanted_max_tokens, len(prompt))
-        stream = req.stream and not holds_stream(st, policy)
-        params = gen_params(st, req, budget, (req.top_logprobs or 0) if req.logprobs else None, stream)
-        return await _serve(st, request, "chat", req, body, [prompt] * req.n, [params] * req.n, policy)
+        # a tool call streams once decoded (its JSON is no content); a JSON answer streams as content
+        stream = req.stream and not holds_stream(st, policy) and tools is None
+        params = gen_params(st, req, budget, (req.top_logprobs or 0) if req.logprobs else None, stream, constraint)
+        return await _serve(st, request, "chat", req, body, [prompt] * req.n, [params] * req.n, policy, tools)
 
     @app.post(
         "/v1/completions",
@@ -75,7 +81,15 @@ def add_generation_routes(app: FastAPI, st: State) -> None:
 
 
 async def _serve(
-    st: State, request: Request, kind: str, req, body: dict, prompts: list[list[int]], params: list[GenParams], policy: Policy
+    st: State,
+    request: Request,
+    kind: str,
+    req,
+    body: dict,
+    prompts: list[list[int]],
+    params: list[GenParams],
+    policy: Policy,
+    tools: ToolSpec | None = None,
 ) -> Response:
     route = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
     t0 = time.perf_counter()
@@ -90,16 +104,18 @@ async def _serve(
     results = await run(st, request, prompts, params)
     for r in results:
         st.metrics.record_ttft(route, r.first_token_s)
-    conf = generation_confidence(st, results)
+    conf, fields = answer_confidence(st, results, structured=params[0].constraint is not None)
     if conf is not None:
         st.metrics.confidence.labels(route).observe(conf)
-    d = await decide(st, kind, body, conf, policy)
+    if fields is not None and tools is not None:
+        fields = openai_paths(fields)
+    d = await decide(st, kind, body, conf, policy, fields)
     used = usage(results, req.n)
     if d.answered_by == "teacher":
         answer = teacher_answer(st, kind, rid, d)
         teacher_usage = answer.usage.model_dump() if answer.usage is not None else None
     else:
-        answer = student_answer(st, kind, req, rid, results, d.info())
+        answer = student_answer(st, kind, req, rid, results, d.info(), tools)
         teacher_usage = None
     st.metrics.count_answer(d.answered_by, used.prompt_tokens, used.completion_tokens, teacher_usage)
     note_latency(st, t0)

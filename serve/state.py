@@ -11,12 +11,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgedistill.runtimes.constrain import Constraint, LabelSet, for_task
+from edgedistill.runtimes.constrain import Constraint, Grammar, LabelSet, for_task
 from edgedistill.serve.artifact import Artifact, load_artifact
 from edgedistill.serve.engine import Engine
 from edgedistill.serve.fallback import CircuitBreaker, FallbackTeacher
 from edgedistill.serve.metrics import Metrics
 from edgedistill.serve.settings import Settings
+from edgedistill.serve.structured import SchemaCache
 
 
 @dataclass
@@ -33,6 +34,7 @@ class State:
     task_constraint: Constraint | None = None  # what /v1/predict decodes under (compiled once, at start)
     avg_latency_s: float = 1.0
     teacher_refuses_response_format: bool = False  # its API answered 400 to response_format: prompt alone
+    schemas: SchemaCache | None = None  # chat's response_format / tool-call grammars, compiled once per schema
 
     @property
     def calibration(self) -> dict[str, Any]:
@@ -62,12 +64,14 @@ def build_state(
             breaker=CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s),
         )
     model_id = settings.model_alias or (artifact.name if artifact else "student")
-    st = State(settings, engine, model_id, artifact, teacher, Metrics(), api_key)
+    st = State(settings, engine, model_id, artifact, teacher, Metrics(), api_key, schemas=SchemaCache(engine.runner))
     task = artifact.task if artifact else None
     if task is not None:
         constraint = for_task(task, engine.runner)
         if isinstance(constraint, LabelSet):
             st.label_trie = constraint.trie
+        elif isinstance(constraint, Grammar):  # a chat request with the task's schema reuses it
+            st.schemas.seed(task.answer_schema(), constraint)  # type: ignore[union-attr]
         if settings.constrain:
             st.task_constraint = constraint
     return st

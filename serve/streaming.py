@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from edgedistill.serve import errors
-from edgedistill.serve.cascade import Policy, decision, generation_confidence
+from edgedistill.serve.cascade import Policy, answer_confidence, decision
 from edgedistill.serve.engine import RequestHandle, SeqResult
 from edgedistill.serve.responses import usage
 from edgedistill.serve.state import State
+from edgedistill.serve.structured import response_schema
 from edgedistill.serve.submission import note_latency
 from edgedistill.serve.types import ChatCompletionRequest
 from fastapi import Request
@@ -65,6 +66,11 @@ async def replay_stream(kind: str, req, payload: dict[str, Any]) -> AsyncIterato
     for ch in payload["choices"]:
         i = ch.get("index", 0)
         text = (ch.get("message") or {}).get("content") if kind == "chat" else ch.get("text")
+        calls = (ch.get("message") or {}).get("tool_calls") if kind == "chat" else None
+        if calls:
+            for c in tool_call_chunks(rid, model, created, i, calls, ch.get("finish_reason") or "tool_calls"):
+                yield sse(c)
+            continue
         if kind == "chat":
             yield sse(chunk(kind, rid, model, created, i, "", None, first=True))
         lp = None
@@ -78,6 +84,28 @@ async def replay_stream(kind: str, req, payload: dict[str, Any]) -> AsyncIterato
     final["edgedistill"] = payload["edgedistill"]
     yield sse(final)
     yield DONE
+
+
+ARGUMENT_PIECE = 16  # characters of function.arguments per chunk
+
+
+def tool_call_chunks(rid: str, model: str, created: int, index: int, calls: list[dict], finish: str) -> list[dict]:
+    """Decided tool calls as OpenAI streams them: the role (content null), per call a chunk with its
+    id, type and name (arguments ""), then its arguments in pieces, then the finish reason."""
+
+    def of(delta: dict[str, Any], finish_reason: str | None = None) -> dict:
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
+
+    out = [of({"role": "assistant", "content": None})]
+    for k, c in enumerate(calls):
+        head = {"index": k, "id": c["id"], "type": "function", "function": {"name": c["function"]["name"], "arguments": ""}}
+        out.append(of({"tool_calls": [head]}))
+        args = c["function"]["arguments"]
+        for a in range(0, len(args), ARGUMENT_PIECE):
+            out.append(of({"tool_calls": [{"index": k, "function": {"arguments": args[a : a + ARGUMENT_PIECE]}}]}))
+    out.append(of({}, finish))
+    return out
 
 
 async def live_stream(
@@ -107,10 +135,12 @@ async def live_stream(
                 remaining -= 1
                 results.append(payload)
                 yield sse(chunk(kind, rid, model, created, index, None if kind == "chat" else "", payload.finish_reason))
-        conf = generation_confidence(st, results)
+        structured = isinstance(req, ChatCompletionRequest) and response_schema(req) is not None
+        conf, fields = answer_confidence(st, results, structured)
         if conf is not None:
             st.metrics.confidence.labels(route).observe(conf)
         d = decision(st, policy, conf, live=True)  # streamed as decoded: the teacher cannot answer any more
+        d.fields = fields
         final = _final(kind, rid, model, created)
         results.sort(key=lambda r: r.index)
         used = usage(results, req.n)

@@ -3,8 +3,11 @@
 Unknown fields are ignored, as OpenAI-compatible servers do (clients send ``user``,
 ``stream_options`` ...), except on our own ``/v1/predict`` where a typo (``treshold``) must not pass
 silently. A field we know is checked strictly (pydantic strict mode: ``"5"`` or ``true`` is not a
-number): a wrong type is a 400 naming the field. Features we cannot honour (tools, image parts, JSON
-mode) are a clear 400, never a silent no-op.
+number): a wrong type is a 400 naming the field. Every parameter of OpenAI's chat and completions
+APIs is either honoured (sampling, penalties, logit_bias, ``response_format``, ``tools``), harmless
+metadata (``user``, ``metadata``, ``store: false``, the prompt-cache hints ...) or refused with a 400
+that says why (legacy ``functions``, audio, predicted outputs, web search, image parts ...), never a
+silent no-op.
 
 The response models are what the routes build and return (stream chunks aside), so the OpenAPI
 document shows the real answers; the schema fuzz test (tests/test_fuzz.py) checks every response
@@ -42,9 +45,33 @@ class _Sampling(_Req):
     seed: int | None = Field(None, description="Seed of the sampler (same seed, same request: same answer).")
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    user: str | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Minus this for every token already generated.")
+    frequency_penalty: float | None = Field(
+        None, ge=-2.0, le=2.0, description="Minus this times the number of times a token was generated."
+    )
+    logit_bias: dict[str, float] | None = Field(
+        None,
+        description="Token id (as a string) -> bias from -100 to 100 added to its logit (-100 bans it, 100 forces it).",
+        json_schema_extra={
+            "propertyNames": {"pattern": "^[0-9]+$"},
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+        },
+    )
+    user: str | None = Field(None, description="Metadata: accepted, not used.")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        if v is None:
+            return None
+        out: dict[int, float] = {}
+        for key, bias in v.items():
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"keys are token ids as strings such as \"1234\" (got {key[:20]!r})")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"token {key}: a bias must be from -100 to 100 (got {bias})")
+            out[int(key)] = float(bias)
+        return out
 
     @field_validator("stop")
     @classmethod
@@ -76,6 +103,22 @@ class ContentPart(_Req):
     text: StrictStr | None = None
 
 
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function and schema names
+
+
+class ToolCallFunction(_Req):
+    name: StrictStr
+    arguments: StrictStr = Field(description="The arguments as a JSON string (as OpenAI sends them back).")
+
+
+class ToolCallIn(_Req):
+    """A tool call in the history (an earlier assistant message)."""
+
+    id: StrictStr
+    type: Literal["function"]
+    function: ToolCallFunction
+
+
 class ChatMessage(_Req):
     # documented, not only checked: only an assistant message may come without content
     model_config = ConfigDict(
@@ -88,6 +131,8 @@ class ChatMessage(_Req):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[ContentPart] | None = None
     name: StrictStr | None = None
+    tool_calls: list[ToolCallIn] | None = Field(None, description="An assistant message's tool calls (content may be null).")
+    tool_call_id: StrictStr | None = Field(None, description="A tool message: the id of the call it answers.")
 
     @model_validator(mode="after")
     def _text_only(self) -> ChatMessage:
@@ -99,6 +144,10 @@ class ChatMessage(_Req):
                     )
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs tool_call_id (the id of the call it answers)")
         return self
 
     def text(self) -> str:
@@ -107,25 +156,118 @@ class ChatMessage(_Req):
         return self.content or ""
 
 
+class FunctionDef(_Req):
+    name: StrictStr = Field(pattern=FUNCTION_NAME, description="a-z, A-Z, 0-9, _ and -, at most 64 characters.")
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description="A JSON schema of type object (default: no arguments). Always enforced (strict or not)."
+    )
+    strict: StrictBool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, v):
+        if v is not None and v.get("type", "object") != "object":
+            raise ValueError("must be a JSON schema of type object (the arguments are a JSON object)")
+        return v
+
+
+class Tool(_Req):
+    type: Literal["function"] = Field(description="Only function tools.")
+    function: FunctionDef
+
+
+class NamedFunction(_Req):
+    name: StrictStr
+
+
+class NamedToolChoice(_Req):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(_Req):
+    name: StrictStr = Field(pattern=FUNCTION_NAME)
+    description: StrictStr | None = None
+    schema_: dict[str, Any] | None = Field(
+        None, alias="schema", description="The JSON schema the answer satisfies (default: any JSON object)."
+    )
+    strict: StrictBool | None = Field(None, description="Accepted; the schema is always enforced.")
+
+
+class ResponseFormat(_Req):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs json_schema: {name, schema}")
+        return self
+
+
+# OpenAI parameters this server cannot honour: each is refused (documented as null only), never ignored
+_REFUSED = {
+    "functions": "functions (legacy function calling) is not supported; use tools",
+    "function_call": "function_call (legacy function calling) is not supported; use tool_choice",
+    "audio": "audio output is not supported by this text model",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not supported",
+    "moderation": "moderation is not supported by this server",
+    "verbosity": "verbosity is not supported (the model has no such setting)",
+}
+_NULL_ONLY = {"anyOf": [{"type": "null"}]}
+
+
+def _refused(field: str) -> Any:
+    return Field(None, description=f"Not supported: {_REFUSED[field]}.", json_schema_extra=_NULL_ONLY)
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: StrictBool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Any] | None = Field(None, description="Not supported: null or [].", json_schema_extra={"anyOf": _NOTHING})
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = Field(
-        None, json_schema_extra={"anyOf": [{"type": "null"}, {"type": "object", "properties": {"type": {"const": "text"}}}]}
+    tools: list[Tool] | None = Field(None, description="Function tools (llama.cpp's generic tool-call format).")
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = Field(
+        None, description="Default: auto with tools, none without."
     )
+    parallel_tool_calls: StrictBool = Field(True, description="false: at most one tool call.")
+    response_format: ResponseFormat | None = None
+    # harmless metadata: accepted, changes nothing
+    metadata: dict[str, StrictStr] | None = Field(None, description="Metadata: accepted, not used.")
+    safety_identifier: StrictStr | None = Field(None, description="Metadata: accepted, not used.")
+    store: Literal[False] | None = Field(None, description="Nothing is stored: false or null only.")
+    prompt_cache_key: StrictStr | None = Field(None, description="Accepted: every prompt prefix is cached anyway.")
+    prompt_cache_retention: Any = Field(None, description="Accepted: the prefix cache lives in memory.")
+    prompt_cache_options: Any = Field(None, description="Accepted: the prefix cache is automatic.")
+    service_tier: Literal["auto", "default"] | None = Field(None, description="One tier: auto or default only.")
+    modalities: list[Literal["text"]] | None = Field(None, description='Text only: ["text"].')
+    reasoning_effort: Literal["none"] | None = Field(None, description="The model does not reason: none or null only.")
+    # refused
+    functions: Any = _refused("functions")
+    function_call: Any = _refused("function_call")
+    audio: Any = _refused("audio")
+    prediction: Any = _refused("prediction")
+    web_search_options: Any = _refused("web_search_options")
+    moderation: Any = _refused("moderation")
+    verbosity: Any = _refused("verbosity")
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _choice(cls, v):
+        if v is None or isinstance(v, dict) or v in ("auto", "none", "required"):
+            return v
+        raise ValueError('must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}')
+
+    @field_validator(*_REFUSED)
+    @classmethod
+    def _not_supported(cls, v, info):
+        if v is not None:
+            raise ValueError(_REFUSED[info.field_name])
+        return v
 
     @model_validator(mode="after")
     def _supported(self) -> ChatCompletionRequest:
-        if self.tools:
-            raise ValueError("tools are not supported by this server (the student model has no tool-calling template)")
-        rf = (self.response_format or {}).get("type", "text")
-        if rf != "text":
-            raise ValueError(
-                f"response_format {rf!r} is not supported; use the task's /v1/predict endpoint for structured output"
-            )
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
@@ -245,9 +387,21 @@ class AssistantMessage(_Resp):
     content: str | None
 
 
+class ToolCall(_Resp):
+    id: str = Field(description="call_<random>, what a tool message's tool_call_id answers.")
+    type: Literal["function"]
+    function: ToolCallFunction
+
+
+class ToolCallMessage(AssistantMessage):
+    """An answer that calls tools: ``content`` null, ``finish_reason`` tool_calls."""
+
+    tool_calls: list[ToolCall]
+
+
 class ChatChoice(_Resp):
     index: int
-    message: AssistantMessage
+    message: ToolCallMessage | AssistantMessage
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None
 

@@ -8,6 +8,7 @@ import json
 import math
 from typing import Any
 
+from edgedistill.runtimes.constrain import Constraint
 from edgedistill.serve import errors
 from edgedistill.serve.engine import GenParams
 from edgedistill.serve.errors import APIError
@@ -124,9 +125,20 @@ def max_tokens(st: State, wanted: int | None, prompt_len: int, param: str = "mes
     return wanted
 
 
-def gen_params(st: State, req, max_tokens: int, logprobs: int | None, stream: bool) -> GenParams:
-    """The engine's parameters for a chat/completions request (``stream``: tokens go out as decoded)."""
+def gen_params(
+    st: State, req, max_tokens: int, logprobs: int | None, stream: bool, constraint: Constraint | None = None
+) -> GenParams:
+    """The engine's parameters for a chat/completions request (``stream``: tokens go out as decoded;
+    ``constraint``: the grammar of a structured answer)."""
     temperature = 1.0 if req.temperature is None else req.temperature
+    bias = req.logit_bias or None
+    if bias is not None and (bad := [t for t in bias if t >= st.engine.runner.n_vocab]):
+        raise APIError(
+            400,
+            f"logit_bias: token id {bad[0]} is not in this model's vocabulary (ids 0 to {st.engine.runner.n_vocab - 1})",
+            code="invalid_value",
+            param="logit_bias",
+        )
     return GenParams(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -136,4 +148,8 @@ def gen_params(st: State, req, max_tokens: int, logprobs: int | None, stream: bo
         logprobs=logprobs,
         confidence=st.settings.confidence,
         stream=stream,
+        constraint=constraint,
+        logit_bias=bias,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
     )

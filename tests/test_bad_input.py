@@ -394,12 +394,19 @@ BODY_CASES = {
         ["fake-student"],
     ),
     # --- features this server does not have ---------------------------------------------------------
-    "tools": (
+    "tool without its function": (
         "/v1/chat/completions",
         js(chat_body(tools=[{"type": "function"}])),
         400,
+        "missing_required_parameter",
+        ["tools.0.function"],
+    ),
+    "legacy functions": (
+        "/v1/chat/completions",
+        js(chat_body(functions=[{"name": "f"}])),
+        400,
         "invalid_value",
-        ["tools are not supported"],
+        ["functions", "use tools"],
     ),
     "image part": (
         "/v1/chat/completions",
@@ -408,12 +415,12 @@ BODY_CASES = {
         "invalid_value",
         ["image_url", "text parts only"],
     ),
-    "json mode": (
+    "unknown response format": (
         "/v1/chat/completions",
-        js(chat_body(response_format={"type": "json_object"})),
+        js(chat_body(response_format={"type": "xml"})),
         400,
         "invalid_value",
-        ["/v1/predict"],
+        ["response_format.type"],
     ),
     "suffix": ("/v1/completions", js({"model": MODEL, "prompt": "x", "suffix": "y"}), 400, "invalid_value", ["suffix"]),
     "best_of 3": ("/v1/completions", js({"model": MODEL, "prompt": "x", "best_of": 3}), 400, "invalid_value", ["best_of"]),

@@ -132,7 +132,7 @@ def test_n_choices_and_seeded_sampling():
         ({"json": chat_body(stop=["a", "b", "c", "d", "e"])}, 400, None),
         ({"json": chat_body(stream="yes")}, 400, None),
         ({"json": chat_body(tools=[{"type": "function"}])}, 400, None),
-        ({"json": chat_body(response_format={"type": "json_object"})}, 400, None),
+        ({"json": chat_body(response_format={"type": "xml"})}, 400, None),
         ({"json": {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}}, 400, None),
         ({"json": {**chat_body(), "model": "gpt-4o"}}, 404, "model_not_found"),
         ({"json": chat_body(content="x" * 400)}, 400, "context_length_exceeded"),
