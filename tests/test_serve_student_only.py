@@ -163,8 +163,13 @@ def test_openai_client_unmodified_and_with_headers(teacher):
 
 
 def predict_app(teacher: FakeTeacher, script, threshold: float = 0.0) -> TestClient:
+    # free decoding (--no-constrain): an answer that is no label is possible, as is a JSON answer
+    # cut off by the budget under a constraint; the label constraint itself is tested in test_serve_structured
     return TestClient(
-        make_app(script=script, task=classification_task(), teacher_url=teacher.url, teacher_model="big", threshold=threshold)
+        make_app(
+            script=script, task=classification_task(), teacher_url=teacher.url, teacher_model="big", threshold=threshold,
+            constrain=False,
+        )
     )
 
 
@@ -225,7 +230,7 @@ def test_models_say_threshold_and_teacher(teacher):
 def test_tokens_are_counted_for_who_answered(teacher):
     """The teacher's answer counts its own usage (FakeTeacher: 3 prompt, 4 completion) as teacher
     tokens; the student's work on that request counts as student work, not as a student answer."""
-    with cascade(teacher, task=classification_task()) as c:
+    with cascade(teacher, task=classification_task(), constrain=False) as c:  # free decoding: no label possible
         c.post("/v1/chat/completions", json=chat_body())  # the teacher answers
         text = c.get("/metrics").text
         assert sample(text, "edgedistill_tokens_total", answered_by="teacher", kind="completion") == 4
