@@ -221,13 +221,15 @@ def test_bench_summary_takes_medians_and_ratios():
     from edgedistill.bench.serve_speed import summarize
 
     rows = [
-        {"server": s, "concurrency": 4, "tokens_per_s": v}
-        for s, v in [("ours", 90), ("ours", 110), ("ours", 100), ("llama-server", 100)]
+        {"server": s, "concurrency": 4, "tokens_per_s": v, "p50_latency_s": lat}
+        for s, v, lat in [("ours", 90, 1.0), ("ours", 110, 3.0), ("ours", 100, 2.0), ("llama-server", 100, 1.0), ("ours+grammar", 95, 2.5)]
     ]
     out = {r["server"]: r for r in summarize(rows)}
     assert (
         out["ours"]["tokens_per_s"] == 100 and out["ours"]["vs_llama_server"] == 1.0 and out["ours"]["rounds"] == [90, 110, 100]
     )
+    assert out["ours"]["p50_latency_s"] == 2.0  # the median of the rounds' medians
+    assert out["ours+grammar"]["vs_base"] == 0.95 and out["ours"]["vs_base"] is None  # the grammar's cost against ours
 
 
 def test_serve_flags_come_from_the_settings_on_both_entry_points(monkeypatch):
