@@ -38,7 +38,7 @@ class LocalHFTeacher(Teacher):
     """A Hugging Face causal LM checkpoint run in-process: float32, eval mode, CPU.
 
     Requests are grouped by decoding settings and generated ``batch_size`` at a time with left
-    padding (``edgedistill.runtimes.hf.generate_batch``): greedy when temperature is 0, sampled
+    padding (``edgedistill.runtimes.hf_generate.generate_batch``): greedy when temperature is 0, sampled
     otherwise (seeded per batch from the requests' cache keys, which include their seeds and sample
     indices, so runs are repeatable).
     Prompts longer than ``max_length`` tokens keep their last ``max_length`` tokens.
@@ -92,7 +92,7 @@ class LocalHFTeacher(Teacher):
                 raise UserError(
                     f"a local HF teacher needs torch and transformers ({e.name} is missing); pip install 'edgedistill[distill]'"
                 ) from None
-            from edgedistill.runtimes.hf import load_causal_lm
+            from edgedistill.runtimes.hf_generate import load_causal_lm
 
             try:
                 tok, model = load_causal_lm(self.path)
@@ -120,7 +120,7 @@ class LocalHFTeacher(Teacher):
 
     def _generate_batch(self, batch: list[tuple[str, ChatRequest]]) -> list[dict[str, Any]]:
         """Blocking: generate one batch (all with the same decoding settings)."""
-        from edgedistill.runtimes.hf import generate_batch
+        from edgedistill.runtimes.hf_generate import generate_batch
 
         req = batch[0][1]
         seed = None

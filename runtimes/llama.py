@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 from edgedistill.runtimes.chat import CHATML, compile_template, raise_exception
+from edgedistill.runtimes.constrain import Constraint, Matcher
+from edgedistill.runtimes.greedy import pick
 
 from edgedistill.errors import UserError
 
@@ -178,11 +180,15 @@ class LlamaCppRuntime:
         if (rc := self._ll.llama_decode(self.ctx.ctx, b)) != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
 
-    def _argmax(self) -> int:
+    def _next(self, matcher: Matcher | None) -> int:
         logits = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self.ctx.ctx, -1), shape=(self.n_vocab,))
-        return int(logits.argmax())
+        return pick(logits, matcher)
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, *, ignore_eos: bool = False) -> list[int]:
+    def generate(
+        self, prompt_ids: list[int], max_new_tokens: int, *, ignore_eos: bool = False, constraint: Constraint | None = None
+    ) -> list[int]:
+        """Greedy tokens after the prompt (not the end token); with ``constraint``, the best token it
+        allows at each step, until it is complete (its end token, when it takes one, is returned)."""
         if not prompt_ids:
             raise ValueError("prompt_ids is empty")
         if len(prompt_ids) + max_new_tokens > self.n_ctx:
@@ -193,11 +199,16 @@ class LlamaCppRuntime:
             self._decode(chunk, s, last_logits=s + len(chunk) == len(prompt_ids))
         out: list[int] = []
         pos = len(prompt_ids)
+        matcher = constraint.start() if constraint is not None else None
         while len(out) < max_new_tokens:
-            t = self._argmax()
+            t = self._next(matcher)
             if t in self.eog and not ignore_eos:
                 break
             out.append(t)
+            if matcher is not None:
+                matcher.advance(t)
+                if matcher.done:
+                    break
             if len(out) == max_new_tokens:
                 break
             self._decode([t], pos, last_logits=True)
