@@ -1,4 +1,5 @@
-"""Scoring models on the held-out test set: teacher vs student vs the undistilled student."""
+"""Scoring models on the held-out test set: teacher vs student vs the undistilled student, each
+answer decoded under the task's constraint (:func:`answer_requests`)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ from edgedistill.task import Messages, Task
 
 def answer_requests(task: Task, inputs: list[str], messages_fn: Callable[[str], Messages]) -> list[ChatRequest]:
     """Greedy answer requests for each input, in the given prompt format (``task.teacher_messages``
-    or ``task.student_messages``), within the task's output budget."""
-    return [ChatRequest(messages=messages_fn(x), max_tokens=task.label_max_tokens, temperature=0.0) for x in inputs]
+    or ``task.student_messages``), within the task's output budget, in the task's answer shape: a
+    local model (the student, the undistilled student, a local teacher) decodes under the task's
+    constraint as serve does, so the scores are what the served model delivers; an API teacher is
+    sent the schema as response_format (``teacher_api``)."""
+    return [ChatRequest(messages=messages_fn(x), max_tokens=task.label_max_tokens, temperature=0.0, constrain_to=task) for x in inputs]
 
 
 def add_agreement(scores: dict[str, Any], preds: list[Any], teacher_preds: list[Any]) -> None:

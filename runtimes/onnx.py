@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from edgedistill.runtimes.chat import CHATML, compile_template, raise_exception
 from edgedistill.runtimes.constrain import Constraint
-from edgedistill.runtimes.greedy import pick
+from edgedistill.runtimes.masking import pick
 from edgedistill.runtimes.vocab import BYTE_TOKEN, EOG_NAMES, byte_decoder
 
 from edgedistill.errors import UserError
