@@ -16,6 +16,8 @@ from typing import Any
 from edgedistill.runtimes.base import Runtime
 from edgedistill.runtimes.constrain import Constraint
 
+from edgedistill.errors import UserError
+
 SPEED_TOKENS = 64
 
 
@@ -30,10 +32,13 @@ def strip_special(ids: list[int], special: set[int]) -> list[int]:
 def task_constraint(task: Any, tokenizer: Any, n_vocab: int | None = None) -> Constraint | None:
     """The task's constraint on the source tokenizer's vocabulary (``n_vocab``: the model's logits
     width), built once per compress run; None for tasks without one (qa, generation)."""
-    from edgedistill.runtimes.constrain import for_task
+    from edgedistill.runtimes.constrain import GrammarError, for_task
     from edgedistill.runtimes.hf import hf_vocab
 
-    return for_task(task, hf_vocab(tokenizer, n_vocab))
+    try:
+        return for_task(task, hf_vocab(tokenizer, n_vocab))
+    except GrammarError as e:
+        raise UserError(f"the task's output_schema cannot be decoded under ({e}); fix it in the task spec") from None
 
 
 def answer_test_set(
