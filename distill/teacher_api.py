@@ -4,11 +4,12 @@ cost counting, one-line errors that say what to fix. The API key is read from th
 construction and never written anywhere.
 
 Structured answers: a request for an extraction or tool_call task's answer is sent with
-``response_format: {"type": "json_schema", ...}`` (the task's schema, strict). An API that refuses it
-(HTTP 400/422 naming response_format or the schema) is told once in the log and then prompted
-without it; the refusal is remembered in the cache, so a rerun keys its requests without it at once
-and finds the answers it already has. Every answer is cached under what was really sent.
-Classification is prompted as before (the labels are in the prompt; an API has no label constraint).
+``response_format: {"type": "json_schema", ...}`` (``Task.response_format``: the task's schema,
+strict where OpenAI's strict mode accepts it). An API that refuses it (HTTP 400/422 to the request,
+which is then answered without it) is told once in the log and prompted without it from then on;
+the refusal is remembered in the cache, so a rerun keys its requests without it at once and finds
+the answers it already has. Every answer is cached under what was really sent. Classification is
+prompted as before (the labels are in the prompt; an API has no label constraint).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -30,13 +30,8 @@ from edgedistill.spec import Prices
 # --- OpenAI-compatible API -------------------------------------------------------------------
 _MALFORMED_FIX = "check that teacher.base_url points at an OpenAI-compatible API (it usually ends in /v1)"
 _REFUSED_STATUSES = (400, 422)
-_ABOUT_FORMAT = re.compile(r"response_format|json_schema|schema|structured", re.IGNORECASE)
 log = logging.getLogger(__name__)
 
-
-def schema_name(task_name: str) -> str:
-    """A task's name as OpenAI's ``json_schema.name`` allows it (``[a-zA-Z0-9_-]``, at most 64)."""
-    return re.sub(r"[^a-zA-Z0-9_-]", "_", task_name)[:64] or "answer"
 
 
 class OpenAITeacher(Teacher):
@@ -111,11 +106,10 @@ class OpenAITeacher(Teacher):
     def answer_format(self, req: ChatRequest) -> dict[str, Any]:
         """``{"response_format": ...}`` when the request's answer has a JSON schema and this API has
         not refused response_format; nothing otherwise (prompting only)."""
-        task = req.constrain_to
-        schema = task.answer_schema() if task is not None else None
-        if schema is None or self.refuses_response_format():
+        rf = req.constrain_to.response_format() if req.constrain_to is not None else None
+        if rf is None or self.refuses_response_format():
             return {}
-        return {"response_format": {"type": "json_schema", "json_schema": {"name": schema_name(task.name), "schema": schema, "strict": True}}}
+        return {"response_format": rf}
 
     def refuses_response_format(self) -> bool:
         if self._refuses_format is None:
@@ -233,14 +227,14 @@ class OpenAITeacher(Teacher):
         try:
             body = await client.post_json("/chat/completions", self._body(req, fmt))
         except OpenAIError as e:
-            if not (fmt and e.status in _REFUSED_STATUSES and _ABOUT_FORMAT.search(e.message or "")):
+            if not (fmt and e.status in _REFUSED_STATUSES):
                 raise self._user_error(e) from None
-            self._refused(e)
-            fmt = {}
-            try:
-                body = await client.post_json("/chat/completions", self._body(req, fmt))
+            try:  # the same request without response_format: if that is answered, response_format was refused
+                body = await client.post_json("/chat/completions", self._body(req, {}))
             except OpenAIError as e2:
                 raise self._user_error(e2) from None
+            self._refused(e)
+            fmt = {}
         out = self._parse(body)
         if fmt != keyed:
             out[ANSWERED_WITH] = fmt

@@ -273,9 +273,10 @@ def test_batched_constrained_rows_match_single_row_decoding(tiny_model_dir, tok,
 
 
 class SchemaAPI(LocalHTTPServer):
-    """/v1/chat/completions answering a booking JSON; ``refuse``: HTTP 400 for any request with response_format."""
+    """/v1/chat/completions answering a booking JSON; ``refuse``: HTTP 400 for any request with
+    response_format; ``always_400``: HTTP 400 for every request (a problem that is not response_format)."""
 
-    def __init__(self, refuse: bool):
+    def __init__(self, refuse: bool, always_400: bool = False):
         self.bodies: list[dict] = []
         self.lock = threading.Lock()
         fake = self
@@ -288,7 +289,9 @@ class SchemaAPI(LocalHTTPServer):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 with fake.lock:
                     fake.bodies.append(body)
-                if refuse and "response_format" in body:
+                if always_400:
+                    status, payload = 400, {"error": {"message": "max_tokens is too large"}}
+                elif refuse and "response_format" in body:
                     status, payload = 400, {"error": {"message": "Unknown parameter: 'response_format.json_schema'.", "type": "invalid_request_error"}}
                 else:
                     text = json.dumps({"meal": "dinner", "people": 2})
@@ -312,6 +315,7 @@ def test_api_teacher_sends_the_schema_as_response_format(tmp_path):
         assert all(valid(EXTRACT, r.text) for r in out)
         rf = api.bodies[0]["response_format"]
         assert rf == {"type": "json_schema", "json_schema": {"name": "booking", "schema": EXTRACT.answer_schema(), "strict": True}}
+        assert rf == EXTRACT.response_format()
         t.run_chat_many(answer_requests(CLASSIFY, QUERIES[:2], CLASSIFY.teacher_messages))
         assert all("response_format" not in b for b in api.bodies[3:])  # labels: prompted, as before
 
@@ -338,3 +342,14 @@ def test_api_teacher_falls_back_to_prompting_once_and_caches_honestly(tmp_path, 
         assert len(api.bodies) == n and all(r.cached for r in res) and again.usage.requests_sent == 0
         assert [r.text for r in res] == [r.text for r in out]
         assert sum("refused response_format" in m for m in caplog.messages) == 1
+
+
+def test_a_400_that_is_not_about_response_format_stays_an_error(tmp_path):
+    from edgedistill.errors import UserError
+
+    with SchemaAPI(refuse=False, always_400=True) as api:
+        t = OpenAITeacher(api.base_url, "m", cache=ResponseCache(tmp_path / "c.sqlite"), max_retries=0)
+        with pytest.raises(UserError, match="max_tokens is too large"):
+            t.run_chat_many(answer_requests(EXTRACT, QUERIES[:1], EXTRACT.teacher_messages))
+        assert [("response_format" in b) for b in api.bodies] == [True, False]  # asked without it once, still refused
+        assert not t.refuses_response_format()  # so response_format was not the problem
