@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +194,7 @@ class HFVocab:
     tokenizer and size, so llguidance's tokenizer, cached on it, is built once)."""
 
     def __init__(self, tok: Any, n_vocab: int, generation_config: Any = None):
-        self.tok = tok
+        self.tok = weakref.proxy(tok)  # the cache below keys on the tokenizer: no strong cycle back to it
         self.n_vocab = int(n_vocab)
         self.pieces = token_pieces(tok, self.n_vocab)
         self.eog_tokens = frozenset(_eog_ids(tok, generation_config, self.n_vocab))
@@ -203,12 +204,16 @@ class HFVocab:
         return tokenize(self.tok, text, special=special, add_bos=add_bos and self.add_bos)
 
 
+_VOCABS: weakref.WeakKeyDictionary[Any, dict[tuple, HFVocab]] = weakref.WeakKeyDictionary()
+
+
 def hf_vocab(tok: Any, n_vocab: int | None = None, generation_config: Any = None) -> HFVocab:
     """The vocabulary of ``tok`` padded to ``n_vocab`` (the model's logits width; default the
-    tokenizer's size), cached on the tokenizer object."""
+    tokenizer's size), one per tokenizer object for as long as it lives (kept beside it, not on it:
+    the tokenizer stays copyable)."""
     n = int(n_vocab or len(tok))
     key = (n, tuple(sorted(_eog_ids(tok, generation_config, n))))
-    cache = tok.__dict__.setdefault("_edgedistill_vocabs", {})
+    cache = _VOCABS.setdefault(tok, {})
     if key not in cache:
         cache[key] = HFVocab(tok, n, generation_config)
     return cache[key]
