@@ -2,7 +2,10 @@
 the FP student on calibration prompts, and a quick decode speed on this machine.
 
 Every runtime gets the same token ids (rendered by the source tokenizer) and decodes greedily, so
-the only difference between two rows of the summary table is the artifact.
+the only difference between two rows of the summary table is the artifact. The test-set answers are
+decoded under the task's constraint (one of the labels, the JSON schema: :func:`task_constraint`),
+as serve decodes them, so the accuracy measured here is the accuracy the server delivers; agreement
+and speed are measured unconstrained (they describe the model, not the task).
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ import time
 from typing import Any
 
 from edgedistill.runtimes.base import Runtime
+from edgedistill.runtimes.constrain import Constraint
+
+from edgedistill.errors import UserError
 
 SPEED_TOKENS = 64
 
@@ -23,9 +29,25 @@ def strip_special(ids: list[int], special: set[int]) -> list[int]:
     return ids
 
 
-def answer_test_set(rt: Runtime, tokenizer: Any, spec: Any, prompts: list[list[int]], max_tokens: int) -> list[str]:
+def task_constraint(task: Any, tokenizer: Any, n_vocab: int | None = None) -> Constraint | None:
+    """The task's constraint on the source tokenizer's vocabulary (``n_vocab``: the model's logits
+    width), built once per compress run; None for tasks without one (qa, generation)."""
+    from edgedistill.runtimes.constrain import GrammarError, for_task
+    from edgedistill.runtimes.hf import hf_vocab
+
+    try:
+        return for_task(task, hf_vocab(tokenizer, n_vocab))
+    except GrammarError as e:
+        raise UserError(f"the task's output_schema cannot be decoded under ({e}); fix it in the task spec") from None
+
+
+def answer_test_set(
+    rt: Runtime, tokenizer: Any, spec: Any, prompts: list[list[int]], max_tokens: int, constraint: Constraint | None = None
+) -> list[str]:
     special = set(tokenizer.all_special_ids)
-    return [tokenizer.decode(strip_special(rt.generate(p, max_tokens), special), skip_special_tokens=True) for p in prompts]
+    return [
+        tokenizer.decode(strip_special(rt.generate(p, max_tokens, constraint=constraint), special), skip_special_tokens=True) for p in prompts
+    ]
 
 
 def greedy_tokens(rt: Runtime, prompts: list[list[int]], n: int, special: set[int]) -> list[list[int]]:
@@ -64,15 +86,18 @@ def measure(
     ref_tokens: list[list[int]] | None,
     ref_preds: list[Any] | None,
     agree_len: int,
+    constraint: Constraint | None = None,
 ) -> dict[str, Any]:
-    """Everything the summary table and the gate need for one runtime."""
+    """Everything the summary table and the gate need for one runtime; the test-set answers under
+    ``constraint`` (``constrained`` says whether they were)."""
     special = set(tokenizer.all_special_ids)
     t = time.perf_counter()
-    raw = answer_test_set(rt, tokenizer, spec, test_prompts, spec.generation.label_max_tokens)
+    raw = answer_test_set(rt, tokenizer, spec, test_prompts, spec.generation.label_max_tokens, constraint)
     eval_s = time.perf_counter() - t
     preds, scores = spec.task.score_answers(golds, raw)
     tokens = greedy_tokens(rt, agree_prompts, agree_len, special)
-    out: dict[str, Any] = {"scores": scores, "eval_s": round(eval_s, 2), "tokens_per_s": round(decode_tokens_per_s(rt, agree_prompts[0]), 1)}
+    out: dict[str, Any] = {"scores": scores, "constrained": constraint is not None, "eval_s": round(eval_s, 2),
+                           "tokens_per_s": round(decode_tokens_per_s(rt, agree_prompts[0]), 1)}
     if ref_tokens is not None:
         out["token_agreement"] = round(token_agreement(ref_tokens, tokens), 4)
     if ref_preds is not None:

@@ -5,6 +5,11 @@ Read top to bottom:
   2. the FP student's reference numbers (accuracy, greedy tokens, speed), cached in ``reference.json``
   3. per format: build (skipped when the manifest says the same inputs and settings made it),
      open it with its own runtime, measure, gate (allowed accuracy drop from the spec)
+
+Accuracy (reference and artifacts) is measured with the answers decoded under the task's constraint
+(one of the labels; the JSON schema), built once on the source tokenizer: what serve delivers.
+``"constrained": true`` beside the scores in the manifests, ``reference.json`` and ``compress.json``
+says so.
   4. the summary table (``compress.json``, ``compress.md``), and a non-zero exit on a failed gate
 
 Layout of OUT (default: ``<checkpoint>/../artifacts``)::
@@ -26,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from edgedistill.compress.calibration import load_calibration, prompt_ids
-from edgedistill.compress.evaluate import measure
+from edgedistill.compress.evaluate import measure, task_constraint
 from edgedistill.compress.formats import Built, FormatSpec, parse_formats
 from edgedistill.runtimes.registry import builder
 from rich.console import Console
@@ -100,6 +105,7 @@ def run_compress(
     test_prompts = [prompt_ids(tokenizer, spec.task.student_messages(r.input)) for r in test]
     golds = [r.output for r in test]
     agree_prompts = calib.prompts(spec, tokenizer, spec.compress.agreement_prompts)
+    constraint = task_constraint(spec.task, tokenizer, _logits_width(ckpt, tokenizer))
     console.print(
         f"[bold]compress[/] {ckpt} -> {out}: {', '.join(map(str, fmts))}; {len(calib.rows)} calibration rows from {calib.path}, "
         f"{len(test)} test rows, max drop {max_drop:g}"
@@ -107,8 +113,8 @@ def run_compress(
 
     # --- 2. the FP reference -------------------------------------------------------------------
     ref_key = sha256_json({"checkpoint": source_hash, "test": [[p, g] for p, g in zip(test_prompts, golds, strict=True)],
-                           "agree": agree_prompts, "agree_len": AGREE_TOKENS})
-    ref = _reference(ckpt, tokenizer, spec, test_prompts, golds, agree_prompts, out / "reference.json", ref_key)
+                           "agree": agree_prompts, "agree_len": AGREE_TOKENS, "constrained": constraint is not None})
+    ref = _reference(ckpt, tokenizer, spec, test_prompts, golds, agree_prompts, out / "reference.json", ref_key, constraint)
     metric = primary_metric(spec.type)
     fp_score = ref["scores"][metric]
     fp_mb = _size_mb(ckpt, weights_only=True)
@@ -122,16 +128,16 @@ def run_compress(
             folder, manifest, reused = _build(fmt, ckpt, out, work, spec, calib_texts, calib, source_hash, ck_manifest)
             quality = manifest.get("quality")
             if not (reused and quality and quality.get("reference") == ref_key):
-                quality = _measure(fmt, folder, manifest, tokenizer, spec, test_prompts, golds, agree_prompts, ref, ref_key)
+                quality = _measure(fmt, folder, manifest, tokenizer, spec, test_prompts, golds, agree_prompts, ref, ref_key, constraint)
             drop = fp_score - quality["scores"][metric]
             passed = drop <= max_drop + 1e-9
             manifest["quality"] = quality
             manifest["gate"] = {"metric": metric, "fp": fp_score, "value": quality["scores"][metric], "drop": round(drop, 4),
-                                "max_drop": max_drop, "passed": passed}
+                                "max_drop": max_drop, "constrained": constraint is not None, "passed": passed}
             write_json_atomic(folder / MANIFEST, manifest)
             row = {"name": fmt.name, "format": fmt.family, "variant": fmt.variant, "bits": fmt.bits, "path": str(folder),
                    "size_mb": manifest["size_mb"], "size_vs_fp": round(manifest["size_mb"] / fp_mb, 3) if fp_mb else None,
-                   metric: quality["scores"][metric], "drop": round(drop, 4), "token_agreement": quality.get("token_agreement"),
+                   metric: quality["scores"][metric], "constrained": quality.get("constrained", False), "drop": round(drop, 4), "token_agreement": quality.get("token_agreement"),
                    "tokens_per_s": quality["tokens_per_s"], "method": manifest["method"], "passed": passed,
                    "reused": reused, "seconds": round(time.time() - t0, 1)}
             if not passed and not keep_failed:
@@ -143,7 +149,7 @@ def run_compress(
         _print_row(row, metric)
 
     # --- 4. summary ----------------------------------------------------------------------------
-    summary = {"checkpoint": str(ckpt), "task": spec.name, "metric": metric, "max_drop": max_drop,
+    summary = {"checkpoint": str(ckpt), "task": spec.name, "metric": metric, "max_drop": max_drop, "constrained": constraint is not None,
                "fp": {"size_mb": round(fp_mb, 1), metric: fp_score, "tokens_per_s": ref["tokens_per_s"]},
                "calibration": {"path": str(calib.path), "rows": len(calib.rows), "hash": calib.data_hash},
                "test_rows": len(test), "artifacts": rows}
@@ -173,7 +179,16 @@ def run_compress(
 # --- reference -----------------------------------------------------------------------------------
 
 
-def _reference(ckpt, tokenizer, spec, test_prompts, golds, agree_prompts, path: Path, key: str) -> dict[str, Any]:
+def _logits_width(ckpt: Path, tokenizer: Any) -> int:
+    """The student's vocabulary size (its logits rows may be wider than the tokenizer)."""
+    try:
+        size = int(json.loads((ckpt / "config.json").read_text(encoding="utf-8")).get("vocab_size") or 0)
+    except (OSError, ValueError, TypeError):
+        size = 0
+    return max(size, len(tokenizer))
+
+
+def _reference(ckpt, tokenizer, spec, test_prompts, golds, agree_prompts, path: Path, key: str, constraint=None) -> dict[str, Any]:
     if path.exists():
         import json
 
@@ -185,10 +200,11 @@ def _reference(ckpt, tokenizer, spec, test_prompts, golds, agree_prompts, path: 
     console.print("measuring the FP student (transformers) ...")
     rt = HFRuntime(ckpt)
     try:
-        m = measure(rt, tokenizer, spec, test_prompts, golds, agree_prompts, None, None, AGREE_TOKENS)
+        m = measure(rt, tokenizer, spec, test_prompts, golds, agree_prompts, None, None, AGREE_TOKENS, constraint)
     finally:
         rt.close()
-    ref = {"key": key, "scores": m["scores"], "tokens_per_s": m["tokens_per_s"], "preds": m["_preds"], "tokens": m["_tokens"]}
+    ref = {"key": key, "scores": m["scores"], "constrained": m["constrained"], "tokens_per_s": m["tokens_per_s"],
+           "preds": m["_preds"], "tokens": m["_tokens"]}
     write_json_atomic(path, ref)
     return ref
 
@@ -265,11 +281,11 @@ def _build(fmt, ckpt, out, work, spec: TaskSpec, calib_texts, calib, source_hash
     return folder, manifest, False
 
 
-def _measure(fmt, folder, manifest, tokenizer, spec, test_prompts, golds, agree_prompts, ref, ref_key) -> dict[str, Any]:
+def _measure(fmt, folder, manifest, tokenizer, spec, test_prompts, golds, agree_prompts, ref, ref_key, constraint=None) -> dict[str, Any]:
     console.print(f"measuring {fmt.name} with {manifest.get('runtime') or fmt.family} runtime ...")
     rt = _module(fmt).load(folder, manifest)
     try:
-        m = measure(rt, tokenizer, spec, test_prompts, golds, agree_prompts, ref["tokens"], ref["preds"], AGREE_TOKENS)
+        m = measure(rt, tokenizer, spec, test_prompts, golds, agree_prompts, ref["tokens"], ref["preds"], AGREE_TOKENS, constraint)
     finally:
         rt.close()
     return {"reference": ref_key, **{k: v for k, v in m.items() if not k.startswith("_")}}
@@ -310,7 +326,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
              f"| FP student (transformers) | 32 | {fp['size_mb']:.1f} | 100% | {fp[metric]:.3f} | - | 1.000 | {fp['tokens_per_s']:.0f} | - |"]
     lines += ["| " + " | ".join(_cells(r, metric)) + " |" for r in summary["artifacts"]]
-    return (f"# {summary['task']}: compressed artifacts ({summary['test_rows']} held-out rows, max drop {summary['max_drop']:g})\n\n"
+    shaped = ", answers decoded under the task's constraint as served" if summary.get("constrained") else ""
+    return (f"# {summary['task']}: compressed artifacts ({summary['test_rows']} held-out rows{shaped}, max drop {summary['max_drop']:g})\n\n"
             + "\n".join(lines) + "\n")
 
 

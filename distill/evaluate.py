@@ -1,11 +1,12 @@
-"""Scoring models on the held-out test set: teacher vs student vs the undistilled student."""
+"""Scoring models on the held-out test set: teacher vs student vs the undistilled student, each
+answer decoded under the task's constraint (:func:`answer_requests`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from edgedistill.distill.teacher import ChatRequest
+from edgedistill.distill.teacher import ChatRequest, Teacher
 
 from edgedistill.metrics import agreement, primary_metric
 from edgedistill.task import Messages, Task
@@ -13,8 +14,18 @@ from edgedistill.task import Messages, Task
 
 def answer_requests(task: Task, inputs: list[str], messages_fn: Callable[[str], Messages]) -> list[ChatRequest]:
     """Greedy answer requests for each input, in the given prompt format (``task.teacher_messages``
-    or ``task.student_messages``), within the task's output budget."""
-    return [ChatRequest(messages=messages_fn(x), max_tokens=task.label_max_tokens, temperature=0.0) for x in inputs]
+    or ``task.student_messages``), within the task's output budget, in the task's answer shape: a
+    local model (the student, the undistilled student, a local teacher) decodes under the task's
+    constraint as serve does, so the scores are what the served model delivers; an API teacher is
+    sent the schema as response_format (``teacher_api``)."""
+    return [ChatRequest(messages=messages_fn(x), max_tokens=task.label_max_tokens, temperature=0.0, constrain_to=task) for x in inputs]
+
+
+def decoded_as(model: Teacher, reqs: list[ChatRequest]) -> str:
+    """How a model's answers were asked for: ``"constraint"`` (decoded under the task's constraint),
+    ``"response_format"`` (an API sent the schema) or ``"prompt"`` (the prompt alone)."""
+    fmt = model.answer_format(reqs[0]) if reqs else {}
+    return "constraint" if "constraint" in fmt else "response_format" if "response_format" in fmt else "prompt"
 
 
 def add_agreement(scores: dict[str, Any], preds: list[Any], teacher_preds: list[Any]) -> None:

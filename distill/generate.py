@@ -134,6 +134,7 @@ def label_requests(spec: Any, rows: list[dict], sample: int = 0, temperature: fl
             temperature=temperature,
             seed=spec.generation.seed + sample,
             sample=sample,
+            constrain_to=spec.task,  # the teacher answers in the task's shape as far as it can
         )
         for r in rows
     ]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edgedistill.distill.cache import ResponseCache
-from edgedistill.distill.evaluate import add_agreement, answer_requests, table_markdown
+from edgedistill.distill.evaluate import add_agreement, answer_requests, decoded_as, table_markdown
 from edgedistill.distill.generate import attach_labels, generation_requests, label_requests, synthetic_inputs
 from edgedistill.distill.teacher import ChatRequest, Teacher, make_teacher
 from rich.console import Console
@@ -93,10 +93,12 @@ def run_with_progress(model: Teacher, reqs: list[ChatRequest], what: str) -> lis
 
 def teacher_gate(spec: TaskSpec, teacher: Teacher, test: list, out: Path, skip_gate: bool) -> dict[str, Any]:
     rows = spec.task.stratified(test, spec.teacher.gate.max_examples)
-    raw = [r.text for r in run_with_progress(teacher, answer_requests(spec.task, [r.input for r in rows], spec.task.teacher_messages), "teacher gate")]
+    reqs = answer_requests(spec.task, [r.input for r in rows], spec.task.teacher_messages)
+    raw = [r.text for r in run_with_progress(teacher, reqs, "teacher gate")]
     _, scores = spec.task.score_answers([r.output for r in rows], raw)
     metric = primary_metric(spec.type)
-    gate = {"metric": metric, "score": scores[metric], "min_score": spec.teacher.gate.min_score, "scores": scores, "teacher": teacher.describe()}
+    gate = {"metric": metric, "score": scores[metric], "min_score": spec.teacher.gate.min_score, "scores": scores,
+            "decoded_as": decoded_as(teacher, reqs), "teacher": teacher.describe()}
     gate["passed"] = scores[metric] >= spec.teacher.gate.min_score
     write_json_atomic(out / "gate.json", gate)
     line = f"teacher gate: {metric} {scores[metric]:.3f} on {len(rows)} test rows (min {spec.teacher.gate.min_score})"
@@ -241,15 +243,19 @@ def evaluate_all(spec: TaskSpec, teacher: Teacher, test: list, student_dir: Path
 
     inputs, golds = [r.input for r in test], [r.output for r in test]
     results: dict[str, dict] = {}
-    t_raw = [r.text for r in run_with_progress(teacher, answer_requests(spec.task, inputs, spec.task.teacher_messages), "eval: teacher")]
+    t_reqs = answer_requests(spec.task, inputs, spec.task.teacher_messages)
+    t_raw = [r.text for r in run_with_progress(teacher, t_reqs, "eval: teacher")]
     t_preds, results["teacher"] = spec.task.score_answers(golds, t_raw)
+    results["teacher"]["decoded_as"] = decoded_as(teacher, t_reqs)
     teacher_path = spec.resolve(spec.teacher.path) if spec.teacher.kind == "local" else None
     if teacher_path is not None and (teacher_path / "config.json").exists():
         results["teacher"]["params"] = count_params(teacher_path)
     for name, path in (("student", student_dir), ("undistilled student", base_dir)):
         model = LocalHFTeacher(path, cache=None, batch_size=spec.teacher.batch_size)
-        raw = [r.text for r in run_with_progress(model, answer_requests(spec.task, inputs, spec.task.student_messages), f"eval: {name}")]
+        reqs = answer_requests(spec.task, inputs, spec.task.student_messages)
+        raw = [r.text for r in run_with_progress(model, reqs, f"eval: {name}")]
         preds, results[name] = spec.task.score_answers(golds, raw)
+        results[name]["decoded_as"] = decoded_as(model, reqs)  # the task's constraint, as serve decodes
         add_agreement(results[name], preds, t_preds)
         results[name]["params"] = count_params(path)
     eval_dir = out / "eval"

@@ -30,15 +30,21 @@ from edgedistill.distill.cache import ResponseCache, cache_key
 
 from edgedistill.errors import UserError
 from edgedistill.spec import TeacherConfig, resolve_path
+from edgedistill.task import Task
 
 CACHE_VERSION = 1
+# a response's key naming the answer format it was really asked with (``Teacher.answer_format``'s
+# shape), when that is not the one its request was keyed with; the answer is cached under that one
+ANSWERED_WITH = "_answered_with"
 OnResult = Callable[["ChatResult"], None]
 
 
 # --- data ------------------------------------------------------------------------------------
 @dataclass
 class ChatRequest:
-    """One chat completion to ask for. ``sample`` tells repeated samples of one prompt apart."""
+    """One chat completion to ask for. ``sample`` tells repeated samples of one prompt apart.
+    ``constrain_to``: the task whose answer this is; the answer is asked for in its shape (one of the
+    labels, its JSON schema) as far as the teacher can (:meth:`Teacher.answer_format`)."""
 
     messages: list[dict[str, Any]]
     max_tokens: int = 64
@@ -47,6 +53,7 @@ class ChatRequest:
     seed: int | None = None
     stop: list[str] | None = None
     sample: int = 0
+    constrain_to: Task | None = None
 
     def decoding(self) -> dict[str, Any]:
         return {
@@ -99,6 +106,17 @@ def one_line(text: Any, limit: int = 200) -> str:
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
+def answer_shape(task: Task | None) -> dict[str, Any] | None:
+    """What a task's answer is decoded under, as JSON: ``{"labels": [...]}`` (classification),
+    ``{"json_schema": ...}`` (extraction, tool_call); None for a task without one (qa, generation)."""
+    if task is None:
+        return None
+    if task.type == "classification" and task.labels:
+        return {"labels": list(task.labels)}
+    schema = task.answer_schema()
+    return {"json_schema": schema} if schema is not None else None
+
+
 # --- base ------------------------------------------------------------------------------------
 class Teacher:
     """Base class: the cache, usage counting, ordering and progress callbacks.
@@ -127,10 +145,19 @@ class Teacher:
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "model": self.model_id}
 
+    def answer_format(self, req: ChatRequest) -> dict[str, Any]:
+        """How this teacher shapes the answer to ``req`` beyond its messages and decoding settings,
+        as part of the cache key: a local teacher decodes under the task's constraint
+        (``{"constraint": ...}``); an API teacher says what it sends. Nothing for a free-text request."""
+        shape = answer_shape(req.constrain_to)
+        return {"constraint": shape} if shape is not None else {}
+
     # public ----------------------------------------------------------------------------------
-    def request_payload(self, req: ChatRequest) -> dict[str, Any]:
-        """The full, secret-free description of a request; its hash is the cache key."""
-        return {"v": CACHE_VERSION, **self._identity(), "messages": req.messages, **req.decoding()}
+    def request_payload(self, req: ChatRequest, answer_format: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The full, secret-free description of a request; its hash is the cache key.
+        ``answer_format``: the one it was answered with, when not :meth:`answer_format`'s."""
+        fmt = self.answer_format(req) if answer_format is None else answer_format
+        return {"v": CACHE_VERSION, **self._identity(), "messages": req.messages, **req.decoding(), **fmt}
 
     def key_for(self, req: ChatRequest) -> str:
         return cache_key(self.request_payload(req))
@@ -158,13 +185,17 @@ class Teacher:
         payloads = {key: self.request_payload(req) for key, req in todo}
 
         def emit(key: str, response: dict[str, Any]) -> None:
+            payload, stored = payloads[key], key
+            if ANSWERED_WITH in response:  # asked otherwise than keyed (an API that refused response_format)
+                payload = self.request_payload(first[key], response.pop(ANSWERED_WITH))
+                stored = cache_key(payload)
             if self.cache is not None:  # evaluation runs uncached: a retrained checkpoint must be re-asked
-                self.cache.put(key, payloads[key], response)
+                self.cache.put(stored, payload, response)
             self.usage.requests_sent += 1
             self.usage.prompt_tokens += int(response.get("prompt_tokens", 0))
             self.usage.completion_tokens += int(response.get("completion_tokens", 0))
             self.usage.cost_usd += float(response.get("cost_usd", 0.0))
-            self._deliver(results, by_key[key], self._result(key, response, cached=False), on_result)
+            self._deliver(results, by_key[key], self._result(stored, response, cached=False), on_result)
 
         if todo:
             await self._run_uncached(todo, emit)

@@ -2,17 +2,26 @@
 server, ...): bounded concurrency, retries with backoff (the shared ``edgedistill.openai_client``),
 cost counting, one-line errors that say what to fix. The API key is read from the environment at
 construction and never written anywhere.
+
+Structured answers: a request for an extraction or tool_call task's answer is sent with
+``response_format: {"type": "json_schema", ...}`` (``Task.response_format``: the task's schema,
+strict where OpenAI's strict mode accepts it). An API that refuses it (HTTP 400/422 to the request,
+which is then answered without it) is told once in the log and prompted without it from then on;
+the refusal is remembered in the cache, so a rerun keys its requests without it at once and finds
+the answers it already has. Every answer is cached under what was really sent. Classification is
+prompted as before (the labels are in the prompt; an API has no label constraint).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
 
-from edgedistill.distill.cache import ResponseCache
-from edgedistill.distill.teacher import ChatRequest, Teacher, gather_fail_fast, one_line
+from edgedistill.distill.cache import ResponseCache, cache_key
+from edgedistill.distill.teacher import ANSWERED_WITH, CACHE_VERSION, ChatRequest, Teacher, gather_fail_fast, one_line
 
 from edgedistill.errors import UserError
 from edgedistill.openai_client import OpenAIClient, OpenAIError
@@ -20,6 +29,9 @@ from edgedistill.spec import Prices
 
 # --- OpenAI-compatible API -------------------------------------------------------------------
 _MALFORMED_FIX = "check that teacher.base_url points at an OpenAI-compatible API (it usually ends in /v1)"
+_REFUSED_STATUSES = (400, 422)
+log = logging.getLogger(__name__)
+
 
 
 class OpenAITeacher(Teacher):
@@ -60,6 +72,7 @@ class OpenAITeacher(Teacher):
         self.prices = prices or Prices()
         self.retry_base_delay_s = float(retry_base_delay_s)
         self.retry_max_delay_s = float(retry_max_delay_s)
+        self._refuses_format: bool | None = None  # None: not known yet (the cache may remember)
         self._api_key: str | None = None
         if api_key_env:
             key = os.environ.get(api_key_env)
@@ -90,8 +103,37 @@ class OpenAITeacher(Teacher):
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return prompt_tokens * self.prices.input_per_1m / 1e6 + completion_tokens * self.prices.output_per_1m / 1e6
 
+    def answer_format(self, req: ChatRequest) -> dict[str, Any]:
+        """``{"response_format": ...}`` when the request's answer has a JSON schema and this API has
+        not refused response_format; nothing otherwise (prompting only)."""
+        rf = req.constrain_to.response_format() if req.constrain_to is not None else None
+        if rf is None or self.refuses_response_format():
+            return {}
+        return {"response_format": rf}
+
+    def refuses_response_format(self) -> bool:
+        if self._refuses_format is None:
+            self._refuses_format = self.cache.get(self._refusal_key()) is not None
+            if self._refuses_format:
+                log.warning("teacher at %s refused response_format in an earlier run: prompting for the schema instead", self.base_url)
+        return self._refuses_format
+
+    def _refusal_key(self) -> str:
+        return cache_key({"v": CACHE_VERSION, **self._identity(), "refuses": "response_format"})
+
+    def _refused(self, e: OpenAIError) -> None:
+        """Remember (here and in the cache) that this API refuses response_format; say so once."""
+        if self._refuses_format:
+            return
+        self._refuses_format = True
+        log.warning(
+            "teacher at %s refused response_format (HTTP %s: %s): prompting for the schema instead",
+            self.base_url, e.status, one_line(e.message, 120),
+        )  # fmt: skip
+        self.cache.put(self._refusal_key(), {"v": CACHE_VERSION, **self._identity(), "refuses": "response_format"}, {"status": e.status})
+
     # --- internals ---------------------------------------------------------------------------
-    def _body(self, req: ChatRequest) -> dict[str, Any]:
+    def _body(self, req: ChatRequest, answer_format: dict[str, Any] | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model,
             "messages": req.messages,
@@ -103,6 +145,7 @@ class OpenAITeacher(Teacher):
             body["seed"] = req.seed
         if req.stop:
             body["stop"] = list(req.stop)
+        body.update(self.answer_format(req) if answer_format is None else answer_format)
         return body
 
     def _parse(self, body: Any) -> dict[str, Any]:
@@ -177,12 +220,25 @@ class OpenAITeacher(Teacher):
     def _count_retry(self, error: OpenAIError, delay_s: float) -> None:
         self.usage.retries += 1
 
-    async def _post(self, client: OpenAIClient, req: ChatRequest) -> dict[str, Any]:
+    async def _post(self, client: OpenAIClient, req: ChatRequest, keyed: dict[str, Any]) -> dict[str, Any]:
+        """The answer to ``req`` (keyed with answer format ``keyed``); asked without response_format
+        when the API refuses it, and then marked so (``ANSWERED_WITH``)."""
+        fmt = self.answer_format(req)
         try:
-            body = await client.post_json("/chat/completions", self._body(req))
+            body = await client.post_json("/chat/completions", self._body(req, fmt))
         except OpenAIError as e:
-            raise self._user_error(e) from None
-        return self._parse(body)
+            if not (fmt and e.status in _REFUSED_STATUSES):
+                raise self._user_error(e) from None
+            try:  # the same request without response_format: if that is answered, response_format was refused
+                body = await client.post_json("/chat/completions", self._body(req, {}))
+            except OpenAIError as e2:
+                raise self._user_error(e2) from None
+            self._refused(e)
+            fmt = {}
+        out = self._parse(body)
+        if fmt != keyed:
+            out[ANSWERED_WITH] = fmt
+        return out
 
     async def _run_uncached(self, todo: list[tuple[str, ChatRequest]], emit: Callable[[str, dict[str, Any]], None]) -> None:
         sem = asyncio.Semaphore(self.max_concurrency)
@@ -199,11 +255,11 @@ class OpenAITeacher(Teacher):
         )
         async with client:
 
-            async def one(key: str, req: ChatRequest) -> None:
+            async def one(key: str, req: ChatRequest, keyed: dict[str, Any]) -> None:
                 async with sem:
-                    response = await self._post(client, req)
+                    response = await self._post(client, req, keyed)
                 emit(key, response)
 
-            await gather_fail_fast([one(k, r) for k, r in todo])
+            await gather_fail_fast([one(k, r, self.answer_format(r)) for k, r in todo])
 
 

@@ -1,5 +1,9 @@
-"""Teachers run in-process: a Hugging Face checkpoint (batched generation, ``runtimes.hf``) or a
-GGUF file (llama.cpp, ``runtimes.llama``). torch/transformers/llama_cpp are imported lazily.
+"""Teachers run in-process: a Hugging Face checkpoint (batched generation, ``runtimes.hf_generate``)
+or a GGUF file (llama.cpp, ``runtimes.llama``). torch/transformers/llama_cpp are imported lazily.
+
+A request that names its task (``ChatRequest.constrain_to``) is decoded under the task's constraint
+(``runtimes.constrain.for_task``: one of the labels, the JSON schema), the same grammar serve
+decodes under, built once per task on the teacher's own vocabulary.
 """
 
 from __future__ import annotations
@@ -18,6 +22,30 @@ from edgedistill.distill.cache import ResponseCache
 from edgedistill.distill.teacher import ChatRequest, Teacher, one_line
 
 from edgedistill.errors import UserError
+from edgedistill.manifest import compact_json
+
+
+class _Constraints:
+    """The tasks' constraints on one vocabulary, each built once (compiling a grammar takes a while)."""
+
+    def __init__(self) -> None:
+        self._built: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, teacher: Teacher, req: ChatRequest, vocab: Callable[[], Any]) -> Any:
+        shape = teacher.answer_format(req)
+        if not shape:
+            return None
+        key = compact_json(shape)
+        with self._lock:
+            if key not in self._built:
+                from edgedistill.runtimes.constrain import GrammarError, for_task
+
+                try:
+                    self._built[key] = for_task(req.constrain_to, vocab())
+                except GrammarError as e:
+                    raise UserError(f"the task's answer shape cannot be decoded under ({e}); fix output_schema in the spec") from None
+            return self._built[key]
 
 
 # --- local models ----------------------------------------------------------------------------
@@ -38,7 +66,7 @@ class LocalHFTeacher(Teacher):
     """A Hugging Face causal LM checkpoint run in-process: float32, eval mode, CPU.
 
     Requests are grouped by decoding settings and generated ``batch_size`` at a time with left
-    padding (``edgedistill.runtimes.hf.generate_batch``): greedy when temperature is 0, sampled
+    padding (``edgedistill.runtimes.hf_generate.generate_batch``): greedy when temperature is 0, sampled
     otherwise (seeded per batch from the requests' cache keys, which include their seeds and sample
     indices, so runs are repeatable).
     Prompts longer than ``max_length`` tokens keep their last ``max_length`` tokens.
@@ -63,6 +91,7 @@ class LocalHFTeacher(Teacher):
         self._tokenizer: Any = None
         self._load_lock = threading.Lock()
         self._fingerprint: str | None = None
+        self._constraints = _Constraints()
 
     def _identity(self) -> dict[str, Any]:
         if self._fingerprint is None:
@@ -92,7 +121,7 @@ class LocalHFTeacher(Teacher):
                 raise UserError(
                     f"a local HF teacher needs torch and transformers ({e.name} is missing); pip install 'edgedistill[distill]'"
                 ) from None
-            from edgedistill.runtimes.hf import load_causal_lm
+            from edgedistill.runtimes.hf_generate import load_causal_lm
 
             try:
                 tok, model = load_causal_lm(self.path)
@@ -119,10 +148,11 @@ class LocalHFTeacher(Teacher):
         return render_chat(self.tokenizer, messages, no_template="transcript")
 
     def _generate_batch(self, batch: list[tuple[str, ChatRequest]]) -> list[dict[str, Any]]:
-        """Blocking: generate one batch (all with the same decoding settings)."""
-        from edgedistill.runtimes.hf import generate_batch
+        """Blocking: generate one batch (all with the same decoding settings and constraint)."""
+        from edgedistill.runtimes.hf_generate import generate_batch, model_vocab
 
         req = batch[0][1]
+        constraint = self._constraints.get(self, req, lambda: model_vocab(self.model, self.tokenizer))
         seed = None
         if req.temperature > 0:  # seeded per batch from the requests' cache keys (their seeds and sample indices)
             seed = int(hashlib.sha256("".join(k for k, _ in batch).encode()).hexdigest()[:15], 16)
@@ -136,6 +166,7 @@ class LocalHFTeacher(Teacher):
             top_p=req.top_p,
             stop=req.stop,
             seed=seed,
+            constraint=constraint,
         )
         return [{**asdict(row), "cost_usd": 0.0} for row in rows]
 
@@ -143,7 +174,7 @@ class LocalHFTeacher(Teacher):
         await asyncio.to_thread(self._load)
         groups: dict[str, list[tuple[str, ChatRequest]]] = {}
         for key, req in todo:
-            d = req.decoding()
+            d = {**req.decoding(), **self.answer_format(req)}  # one batch: one decoding, one constraint
             d.pop("sample")
             d.pop("seed")
             groups.setdefault(json.dumps(d, sort_keys=True), []).append((key, req))
@@ -172,6 +203,7 @@ class LocalGGUFTeacher(Teacher):
         self.n_threads = n_threads or os.cpu_count() or 1
         self._llm: Any = None
         self._load_lock = threading.Lock()
+        self._constraints = _Constraints()
 
     def _identity(self) -> dict[str, Any]:
         return {
@@ -217,6 +249,7 @@ class LocalGGUFTeacher(Teacher):
                 top_p=req.top_p,
                 stop=list(req.stop) if req.stop else [],
                 seed=req.seed,
+                constraint=self._constraints.get(self, req, lambda: self.llm.vocab),
             )
         except ValueError as e:  # e.g. the prompt does not fit n_ctx
             raise UserError(

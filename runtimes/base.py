@@ -4,14 +4,18 @@
   sequence with its own KV cache; ``decode`` runs tokens of several slots and returns only the
   logits rows asked for.
 - :class:`Runtime`: what compress's quality gate and speed check drive: greedy decoding over token
-  ids of the source tokenizer, one prompt at a time.
+  ids of the source tokenizer, one prompt at a time; under a ``constraint`` (``runtimes.constrain``,
+  built on the source tokenizer's vocabulary), the best token it allows at each step.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from edgedistill.runtimes.constrain import Constraint
 
 
 class Runner(Protocol):
@@ -36,6 +40,8 @@ class Runner(Protocol):
 class Runtime(Protocol):
     """An artifact opened by its own runtime; greedy decoding over token ids of the source tokenizer."""
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, *, ignore_eos: bool = False) -> list[int]: ...
+    def generate(
+        self, prompt_ids: list[int], max_new_tokens: int, *, ignore_eos: bool = False, constraint: Constraint | None = None
+    ) -> list[int]: ...
 
     def close(self) -> None: ...

@@ -13,8 +13,10 @@ Three ways to run one, each what its stage needs (kept apart: their arithmetic d
   and memory, serve it with vLLM.
 - :class:`HFRuntime`, compress's greedy ``Runtime``: the FP student every artifact is measured
   against (float32 on CPU, ``generate`` one prompt at a time like the other runtimes).
-- :func:`generate_batch`, batched ``generate`` with left padding (the local HF teacher labelling
-  thousands of rows; :func:`load_causal_lm` opens the checkpoint for it, float32 on CPU).
+- :func:`~edgedistill.runtimes.hf_generate.generate_batch` (its own module): batched ``generate``
+  with left padding, the local HF teacher's and distill's evaluation.
+- :func:`hf_vocab`: a tokenizer as ``runtimes.constrain``'s vocabulary (compress and distill decode
+  under the task's constraint built on the source tokenizer).
 
 Needs torch and transformers (``pip install 'edgedistill[distill,hf]'``), imported when one of them is used.
 """
@@ -23,12 +25,14 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+import weakref
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from edgedistill.runtimes.chat import CHATML
+from edgedistill.runtimes.constrain import Constraint
+from edgedistill.runtimes.hf_constrain import constrained_kwargs
 from edgedistill.runtimes.vocab import BYTE_TOKEN, EOG_NAMES, byte_decoder
 
 from edgedistill.errors import UserError
@@ -114,10 +118,7 @@ class HFRunner:
             return DynamicCache()
 
     def tokenize(self, text: str, *, special: bool, add_bos: bool) -> list[int]:
-        ids = list(self.tok(text, add_special_tokens=False, split_special_tokens=not special)["input_ids"])
-        if add_bos and self.add_bos and (not ids or ids[0] != self.tok.bos_token_id):
-            ids.insert(0, self.tok.bos_token_id)
-        return ids
+        return tokenize(self.tok, text, special=special, add_bos=add_bos and self.add_bos)
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         return render_chat(self.tok, messages, no_template="chatml")
@@ -176,6 +177,46 @@ class HFRunner:
         self.model = None
         if self.device.startswith("cuda"):
             self._torch.cuda.empty_cache()
+
+
+def tokenize(tok: Any, text: str, *, special: bool, add_bos: bool) -> list[int]:
+    """Token ids of ``text`` as llama.cpp tokenizes it: special tokens parsed only when ``special``,
+    BOS first when ``add_bos`` (and not already there)."""
+    ids = list(tok(text, add_special_tokens=False, split_special_tokens=not special)["input_ids"])
+    if add_bos and tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
+        ids.insert(0, tok.bos_token_id)
+    return ids
+
+
+class HFVocab:
+    """A transformers tokenizer as ``runtimes.constrain``'s vocabulary: the pieces and end-of-generation
+    ids :class:`HFRunner` has, ``tokenize`` as it tokenizes. Make it with :func:`hf_vocab` (one per
+    tokenizer and size, so llguidance's tokenizer, cached on it, is built once)."""
+
+    def __init__(self, tok: Any, n_vocab: int, generation_config: Any = None):
+        self.tok = weakref.proxy(tok)  # the cache below keys on the tokenizer: no strong cycle back to it
+        self.n_vocab = int(n_vocab)
+        self.pieces = token_pieces(tok, self.n_vocab)
+        self.eog_tokens = frozenset(_eog_ids(tok, generation_config, self.n_vocab))
+        self.add_bos = _adds_bos(tok)
+
+    def tokenize(self, text: str, *, special: bool, add_bos: bool) -> list[int]:
+        return tokenize(self.tok, text, special=special, add_bos=add_bos and self.add_bos)
+
+
+_VOCABS: weakref.WeakKeyDictionary[Any, dict[tuple, HFVocab]] = weakref.WeakKeyDictionary()
+
+
+def hf_vocab(tok: Any, n_vocab: int | None = None, generation_config: Any = None) -> HFVocab:
+    """The vocabulary of ``tok`` padded to ``n_vocab`` (the model's logits width; default the
+    tokenizer's size), one per tokenizer object for as long as it lives (kept beside it, not on it:
+    the tokenizer stays copyable)."""
+    n = int(n_vocab or len(tok))
+    key = (n, tuple(sorted(_eog_ids(tok, generation_config, n))))
+    cache = _VOCABS.setdefault(tok, {})
+    if key not in cache:
+        cache[key] = HFVocab(tok, n, generation_config)
+    return cache[key]
 
 
 def _exactly_croppable(cache: Any) -> bool:
@@ -298,10 +339,18 @@ class HFRuntime:
     def _set_model(self, model) -> None:
         self.model = model
         eos = self.model.generation_config.eos_token_id
-        self.eos = eos if isinstance(eos, int) else (eos[0] if eos else None)
+        self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos = self.eos_ids[0] if self.eos_ids else None
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, *, ignore_eos: bool = False) -> list[int]:
+    def generate(
+        self, prompt_ids: list[int], max_new_tokens: int, *, ignore_eos: bool = False, constraint: Constraint | None = None
+    ) -> list[int]:
+        """Greedy tokens after the prompt; with ``constraint`` (built on the checkpoint's tokenizer),
+        the best token it allows at each step (``runtimes.hf_constrain``)."""
         torch = self._torch
+        extra: dict[str, Any] = {}
+        if constraint is not None:
+            extra = constrained_kwargs(constraint, 1, len(prompt_ids), self.eos_ids)
         with torch.inference_mode():
             ids = torch.tensor([prompt_ids], device=self.device)
             out = self.model.generate(
@@ -311,144 +360,9 @@ class HFRuntime:
                 min_new_tokens=max_new_tokens if ignore_eos else 0,
                 do_sample=False,
                 pad_token_id=self.eos,
+                **extra,
             )
         return out[0, len(prompt_ids) :].tolist()
 
     def close(self) -> None:
         self.model = None
-
-
-# --- batched generation (the local HF teacher) -------------------------------------------------
-
-
-@dataclass
-class Generation:
-    """One row of a batch: the answer text (cut at a stop string) and what it took."""
-
-    text: str
-    prompt_tokens: int
-    completion_tokens: int  # the generated tokens kept, plus the end-of-sequence token when there was one
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
-
-
-def load_causal_lm(path: Path) -> tuple[Any, Any]:
-    """(tokenizer, model) of an HF checkpoint for :func:`generate_batch`: float32, eval mode, CPU; a
-    tokenizer without a pad token pads with EOS. Errors are transformers' own (OSError, ValueError, KeyError)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model.to("cpu").eval()
-    return tok, model
-
-
-def eos_ids(model: Any, tok: Any) -> set[int]:
-    """The generation config's and the tokenizer's EOS ids (what ends a row of :func:`generate_batch`)."""
-    ids: set[int] = set()
-    for src in (getattr(model.generation_config, "eos_token_id", None), tok.eos_token_id):
-        if isinstance(src, int):
-            ids.add(src)
-        elif src:
-            ids.update(int(x) for x in src)
-    return ids
-
-
-def truncate_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
-    if not stop:
-        return text, False
-    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-def stop_criteria(tok: Any, stops: list[str], prompt_len: int) -> Any:
-    """Stop a row once its generated text (the prompt excluded) contains a stop string."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    window = max(len(s) for s in stops) + 8  # tokens: enough to hold any stop string
-
-    class _StopStrings(StoppingCriteria):
-        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            rows = input_ids[:, prompt_len:][:, -window:].tolist()
-            done = [any(s in tok.decode(r, skip_special_tokens=True) for s in stops if s) for r in rows]
-            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-    return StoppingCriteriaList([_StopStrings()])
-
-
-def generate_batch(
-    model: Any,
-    tok: Any,
-    texts: list[str],
-    *,
-    max_length: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    stop: list[str] | None,
-    seed: int | None,
-) -> list[Generation]:
-    """Blocking: generate one batch of prompt texts with the same decoding settings, left-padded.
-
-    Greedy when temperature is 0, sampled otherwise (``torch.manual_seed(seed)`` first). Prompts
-    longer than ``max_length`` tokens keep their last ``max_length`` tokens.
-    """
-    import torch
-
-    old_side = tok.truncation_side
-    tok.truncation_side = "left"  # an overlong prompt keeps its end (the generation prompt)
-    try:
-        enc = tok(
-            texts,
-            add_special_tokens=False,
-            padding=True,
-            padding_side="left",
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
-    finally:
-        tok.truncation_side = old_side
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens,
-        "pad_token_id": tok.pad_token_id,
-    }
-    if temperature > 0:
-        if seed is not None:
-            torch.manual_seed(seed)
-        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if stop:
-        # not generate(stop_strings=...): that also matches text of the prompt's tail
-        kwargs["stopping_criteria"] = stop_criteria(tok, list(stop), enc["input_ids"].shape[1])
-    with torch.inference_mode():
-        out = model.generate(**enc, **kwargs)
-    gen = out[:, enc["input_ids"].shape[1] :]
-    eos = eos_ids(model, tok)
-    results = []
-    for row, mask in zip(gen.tolist(), enc["attention_mask"].tolist()):
-        n, hit_eos = len(row), False
-        for i, t in enumerate(row):
-            if t in eos:
-                n, hit_eos = i, True
-                break
-        ids = row[:n]
-        if not hit_eos and tok.pad_token_id is not None:
-            # generate() pads rows that finished early (e.g. on a stop string)
-            while ids and ids[-1] == tok.pad_token_id:
-                ids.pop()
-        text = tok.decode(ids, skip_special_tokens=True)
-        text, hit_stop = truncate_at_stop(text, stop)
-        results.append(
-            Generation(
-                text=text,
-                prompt_tokens=int(sum(mask)),
-                completion_tokens=len(ids) + (1 if hit_eos else 0),
-                finish_reason="stop" if (hit_eos or hit_stop) else "length",
-            )
-        )
-    return results

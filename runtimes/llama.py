@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 from edgedistill.runtimes.chat import CHATML, compile_template, raise_exception
+from edgedistill.runtimes.constrain import Constraint, Matcher
+from edgedistill.runtimes.masking import RowMatchers, pick
 
 from edgedistill.errors import UserError
 
@@ -72,21 +74,13 @@ class LlamaRunner:
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         vocab = self.model.vocab
         self.eog_tokens = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t))
-        self.pieces = [self._piece(t) for t in range(self.n_vocab)]
+        self.pieces = [token_piece(llama_cpp, vocab, t) for t in range(self.n_vocab)]
         self.add_bos = bool(self.model.add_bos_token())
         meta = self.model.metadata()
         self._template = compile_template(meta.get("tokenizer.chat_template") or CHATML)
         self._bos = self._text(self.model.token_bos())
         self._eos = self._text(self.model.token_eos())
         self.description = self.model.desc()
-
-    def _piece(self, t: int) -> bytes:
-        buf = ctypes.create_string_buffer(64)
-        n = self._ll.llama_token_to_piece(self.model.vocab, t, buf, 64, 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = self._ll.llama_token_to_piece(self.model.vocab, t, buf, -n, 0, False)
-        return buf.raw[: max(n, 0)]
 
     def _text(self, t: int) -> str:
         if t < 0:
@@ -134,6 +128,16 @@ class LlamaRunner:
 
 
 
+def token_piece(ll: Any, vocab: Any, t: int) -> bytes:
+    """The bytes token ``t`` stands for (special tokens: none)."""
+    buf = ctypes.create_string_buffer(64)
+    n = ll.llama_token_to_piece(vocab, t, buf, 64, 0, False)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = ll.llama_token_to_piece(vocab, t, buf, -n, 0, False)
+    return buf.raw[: max(n, 0)]
+
+
 def _threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
@@ -178,11 +182,15 @@ class LlamaCppRuntime:
         if (rc := self._ll.llama_decode(self.ctx.ctx, b)) != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
 
-    def _argmax(self) -> int:
+    def _next(self, matcher: Matcher | None) -> int:
         logits = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self.ctx.ctx, -1), shape=(self.n_vocab,))
-        return int(logits.argmax())
+        return pick(logits, matcher)
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, *, ignore_eos: bool = False) -> list[int]:
+    def generate(
+        self, prompt_ids: list[int], max_new_tokens: int, *, ignore_eos: bool = False, constraint: Constraint | None = None
+    ) -> list[int]:
+        """Greedy tokens after the prompt (not the end token); with ``constraint``, the best token it
+        allows at each step, until it is complete (its end token, when it takes one, is returned)."""
         if not prompt_ids:
             raise ValueError("prompt_ids is empty")
         if len(prompt_ids) + max_new_tokens > self.n_ctx:
@@ -193,11 +201,16 @@ class LlamaCppRuntime:
             self._decode(chunk, s, last_logits=s + len(chunk) == len(prompt_ids))
         out: list[int] = []
         pos = len(prompt_ids)
+        matcher = constraint.start() if constraint is not None else None
         while len(out) < max_new_tokens:
-            t = self._argmax()
+            t = self._next(matcher)
             if t in self.eog and not ignore_eos:
                 break
             out.append(t)
+            if matcher is not None:
+                matcher.advance(t)
+                if matcher.done:
+                    break
             if len(out) == max_new_tokens:
                 break
             self._decode([t], pos, last_logits=True)
@@ -224,11 +237,28 @@ class LlamaChat:
         from llama_cpp import Llama
 
         self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, verbose=False)
+        self._vocab: LlamaVocab | None = None
+
+    @property
+    def vocab(self) -> LlamaVocab:
+        """The model's vocabulary (``runtimes.constrain``'s), built on first use."""
+        if self._vocab is None:
+            self._vocab = LlamaVocab(self.llm._model)
+        return self._vocab
 
     def complete(
-        self, messages: list[dict[str, Any]], *, max_tokens: int, temperature: float, top_p: float, stop: list[str], seed: int | None
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop: list[str],
+        seed: int | None,
+        constraint: Constraint | None = None,
     ) -> dict[str, Any]:
-        """``create_chat_completion``'s OpenAI-shaped response."""
+        """``create_chat_completion``'s OpenAI-shaped response; with ``constraint`` (built on
+        :attr:`vocab`), every token is drawn from the ones it allows (a logits processor)."""
         kwargs: dict[str, Any] = {
             "messages": messages,
             "max_tokens": max_tokens,
@@ -238,4 +268,41 @@ class LlamaChat:
         }
         if seed is not None:
             kwargs["seed"] = seed
+        if constraint is not None:
+            from llama_cpp import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList([_ChatMask(constraint, self.vocab.eog_tokens)])
         return self.llm.create_chat_completion(**kwargs)
+
+
+class LlamaVocab:
+    """A llama.cpp model's vocabulary as ``runtimes.constrain`` wants it (pieces, end tokens, tokenize)."""
+
+    def __init__(self, model: Any):
+        import llama_cpp
+
+        self._model = model
+        self.n_vocab = int(model.n_vocab())
+        vocab = model.vocab
+        self.eog_tokens = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t))
+        self.pieces = [token_piece(llama_cpp, vocab, t) for t in range(self.n_vocab)]
+        self.add_bos = bool(model.add_bos_token())
+
+    def tokenize(self, text: str, *, special: bool, add_bos: bool) -> list[int]:
+        return self._model.tokenize(text.encode("utf-8"), add_bos and self.add_bos, special)
+
+
+class _ChatMask:
+    """llama-cpp-python logits processor: the scores of one completion masked by its matcher. It is
+    handed every token so far (prompt first), so the first call marks where the answer starts."""
+
+    def __init__(self, constraint: Constraint, end_ids: frozenset[int]):
+        self._constraint, self._end = constraint, end_ids
+        self._rows: RowMatchers | None = None
+
+    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        ids = [int(t) for t in input_ids]
+        if self._rows is None:
+            self._rows = RowMatchers(self._constraint, 1, len(ids), self._end)
+        self._rows.feed([ids])
+        return np.where(self._rows.mask(0, scores.shape[-1]), scores, -np.inf).astype(scores.dtype, copy=False)

@@ -11,7 +11,8 @@ incrementally) are read from ``tokenizer.json``; the chat template from the arti
 ``chat_template.jinja`` / ``tokenizer_config.json``, rendered with jinja2 as in ``runtimes.llama``.
 
 :class:`OnnxGenaiRuntime` is compress's greedy ``Runtime`` (quality gate, speed check): one generator
-per prompt, onnxruntime-genai's own greedy search.
+per prompt, onnxruntime-genai's own greedy search; under a constraint, the argmax of each step's
+masked logits (the same mask as every other runtime).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 
 import numpy as np
 from edgedistill.runtimes.chat import CHATML, compile_template, raise_exception
+from edgedistill.runtimes.constrain import Constraint
+from edgedistill.runtimes.masking import pick
 from edgedistill.runtimes.vocab import BYTE_TOKEN, EOG_NAMES, byte_decoder
 
 from edgedistill.errors import UserError
@@ -206,8 +209,16 @@ class OnnxGenaiRuntime:
             raise UserError(f"onnxruntime-genai could not load {folder} ({str(e).strip()[:200]}); rebuild the artifact") from None
         cfg = json.loads((Path(folder) / "genai_config.json").read_text())
         self.context_length = int(cfg["model"].get("context_length") or cfg["search"].get("max_length") or 0)
+        self.n_vocab = int(cfg["model"]["vocab_size"])
+        eos = cfg["model"].get("eos_token_id")
+        self.eog_tokens = frozenset(int(t) for t in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, *, ignore_eos: bool = False) -> list[int]:
+    def generate(
+        self, prompt_ids: list[int], max_new_tokens: int, *, ignore_eos: bool = False, constraint: Constraint | None = None
+    ) -> list[int]:
+        """Greedy tokens after the prompt: onnxruntime-genai's own greedy search, or, with
+        ``constraint``, the best allowed token of each step's logits (``get_logits``, then the token
+        appended), until the constraint is complete (its end token, when it takes one, is returned)."""
         if not prompt_ids or max_new_tokens <= 0:
             return []
         total = len(prompt_ids) + max_new_tokens
@@ -220,10 +231,26 @@ class OnnxGenaiRuntime:
         params.set_search_options(**opts)
         gen = self._og.Generator(self.model, params)
         gen.append_tokens(list(map(int, prompt_ids)))
+        if constraint is not None:
+            return self._constrained(gen, constraint, max_new_tokens)
         out: list[int] = []
         while len(out) < max_new_tokens and not gen.is_done():
             gen.generate_next_token()
             out.append(int(gen.get_next_tokens()[0]))
+        return out
+
+    def _constrained(self, gen: Any, constraint: Constraint, max_new_tokens: int) -> list[int]:
+        matcher = constraint.start()
+        out: list[int] = []
+        while len(out) < max_new_tokens:
+            t = pick(np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1, self.n_vocab)[-1], matcher)
+            if t in self.eog_tokens:
+                break
+            out.append(t)
+            matcher.advance(t)
+            if matcher.done or len(out) == max_new_tokens:
+                break
+            gen.append_tokens([t])
         return out
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ import json
 import shutil
 import types
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import yaml
@@ -21,15 +22,20 @@ TEST = [("where is my card", "card_arrival"), ("the euro rate today", "exchange_
 
 
 class Oracle:
-    """Answers the gold label for a prompt it recognises; wrong on every `wrong_every`-th prompt."""
+    """Answers the gold label for a prompt it recognises; wrong on every `wrong_every`-th prompt
+    (a stand-in that ignores the constraint, but records which prompts came with one)."""
+
+    constrained: ClassVar[list] = []  # the constraint of each answer asked for, across every Oracle of a test
 
     def __init__(self, tokenizer, wrong_every: int = 0):
         self.tok, self.wrong_every, self.calls = tokenizer, wrong_every, 0
 
-    def generate(self, prompt_ids, max_new_tokens, *, ignore_eos=False):
+    def generate(self, prompt_ids, max_new_tokens, *, ignore_eos=False, constraint=None):
         text = self.tok.decode(prompt_ids)
         if ignore_eos:
+            assert constraint is None  # speed is measured unconstrained
             return [5] * max_new_tokens
+        Oracle.constrained.append(constraint)
         self.calls += 1
         label = next((lab for q, lab in TEST if q in text), "card_arrival")
         if self.wrong_every and self.calls % self.wrong_every == 0:
@@ -90,16 +96,23 @@ def run(student, monkeypatch, wrong_every, builds, **kw):
 
 def test_artifacts_manifests_gate_and_reuse(student, monkeypatch):
     builds: list[str] = []
+    Oracle.constrained = []
     summary = run(student, monkeypatch, {}, builds)
     out = student[0].parent / "artifacts"
     assert builds == ["gguf-q8_0", "gguf-q4_k_m"]
-    assert summary["fp"]["accuracy"] == 1.0
+    assert summary["fp"]["accuracy"] == 1.0 and summary["constrained"] is True
+    # the test set is answered under the task's label constraint (one object for the run); agreement is not
+    given = [c for c in Oracle.constrained if c is not None]
+    assert len(given) == 3 * len(TEST)  # the FP reference and two artifacts, every test row
+    assert len({id(c) for c in given}) == 1 and type(given[0]).__name__ == "LabelSet"
+    assert Oracle.constrained.count(None) == 3 * 3  # the agreement prompts (3 per runtime)
     for row in summary["artifacts"]:
         assert row["passed"] and row["accuracy"] == 1.0 and row["drop"] == 0
         m = read_manifest(out / row["name"], verify=True)
         assert m["kind"] == "artifact" and m["format"] == "gguf" and m["bits"] == row["bits"]
         assert m["inputs"]["checkpoint"] and m["inputs"]["calibration"] and m["tools"] == {"fake": "1"}
         assert m["task"]["name"] == "tiny" and m["gate"]["passed"] and m["size_mb"] == pytest.approx(row["bits"] / 1000, abs=0.005)
+        assert m["quality"]["constrained"] is True and m["gate"]["constrained"] is True and row["constrained"] is True
     assert (out / "compress.md").read_text().count("| gguf-") == 2
 
     builds.clear()

@@ -108,6 +108,11 @@ def test_distill_end_to_end_and_resume(tmp_path, teacher, tiny_model_dir):
     assert results["teacher"]["accuracy"] == 1.0
     assert 0.0 <= results["student"]["agreement_with_teacher"] <= 1.0
     assert summary["teacher_usage"]["cost_usd"] > 0
+    # the students are scored decoding under the label constraint, as served: every answer a label;
+    # the API teacher of a classification task is prompted (an API has no label constraint)
+    for name in ("student", "undistilled student"):
+        assert results[name]["decoded_as"] == "constraint" and results[name]["invalid_answers"] == 0
+    assert results["teacher"]["decoded_as"] == "prompt" and summary["gate"]["decoded_as"] == "prompt"
 
     # a second run pays for nothing and reuses the trained student
     hits = teacher.hits
@@ -141,6 +146,8 @@ def test_local_teacher_layer_init_and_logit_kd(tmp_path, tiny_model_dir):
     summary = run_distill(spec_path, out)
     assert summary["train"]["kd"] and summary["train"]["steps"] > 0  # the KD term was computed
     results = summary["eval"]
+    assert summary["gate"]["decoded_as"] == results["teacher"]["decoded_as"] == "constraint"  # a local teacher answers in shape
+    assert all(r["invalid_answers"] == 0 for r in results.values())
     assert results["student"]["params"] < results["undistilled student"]["params"] + 1
     assert results["teacher"]["params"] > results["student"]["params"]  # 4 layers vs 2
     manifest = json.loads((out / "student" / "manifest.json").read_text())
