@@ -6,11 +6,10 @@ server's threshold, each from ``/v1/predict`` of ``edgedistill serve ARTIFACT --
 A benchmark, not a test:
 
     python -m edgedistill.bench.constrained runs/demo/artifacts/gguf-q4_k_m \\
-        --data ../shared/data/banking77/dev.jsonl --labels-from-artifact --threshold 0.9 \\
-        --out runs/bench/constrained.json
+        --spec examples/banking77/task.yaml --threshold 0.9 --out runs/bench/constrained.json
 
-``--labels-from-artifact`` keeps only the rows whose gold answer is one of the artifact's labels
-(the demo's task is 10 of the 77 intents).
+The rows are the spec's test set (``test_set``; for the demo, BANKING77's held-out dev split
+restricted to its 10 labels), or ``--data`` (JSONL rows ``{input, output}``).
 """
 
 from __future__ import annotations
@@ -95,8 +94,9 @@ def measure(task: Task, rows: list[dict[str, Any]], answers: list[dict[str, Any]
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("artifact", type=Path, help="an artifact folder with a task (its manifest)")
-    ap.add_argument("--data", type=Path, required=True, help="JSONL test rows: {input, output}")
-    ap.add_argument("--labels-from-artifact", action="store_true", help="only rows whose gold is one of the task's labels")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--spec", type=Path, help="a task spec: its test_set")
+    src.add_argument("--data", type=Path, help="JSONL test rows: {input, output}")
     ap.add_argument("--limit", type=int, default=0, help="at most this many rows (0: all)")
     ap.add_argument("--threshold", type=float, default=0.9, help="the server's threshold (fallback rate)")
     ap.add_argument("--threads", type=int, default=2)
@@ -106,9 +106,12 @@ def main(argv: list[str] | None = None) -> None:
 
     manifest = json.loads((args.artifact / "manifest.json").read_text())
     task = Task.from_manifest(manifest["task"])
-    rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
-    if args.labels_from_artifact and task.labels:
-        rows = [r for r in rows if r["output"] in task.labels]
+    if args.spec:
+        from edgedistill.spec import load_spec
+
+        rows = [{"input": e.input, "output": e.output} for e in load_spec(args.spec).load_test_set()]
+    else:
+        rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
     if args.limit:
         rows = rows[: args.limit]
     inputs = [r["input"] for r in rows]
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"artifact": str(args.artifact), "data": str(args.data), "threshold": args.threshold, "threads": args.threads}
+        meta = {"artifact": str(args.artifact), "rows": str(args.spec or args.data), "threshold": args.threshold, "threads": args.threads}
         args.out.write_text(json.dumps({"meta": meta, **results}, indent=2) + "\n")
 
 
