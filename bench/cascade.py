@@ -1,15 +1,20 @@
-"""The cascade sweep, offline: for each threshold, which rows the teacher would answer, the accuracy
-that gives, the fallback rate and the cost per 1k requests; and the cheapest threshold that reaches
-a target accuracy, chosen on one split and reported on another.
+"""The cascade sweep, offline: for each threshold, which rows the teacher would answer, the quality
+that gives (the task's primary metric), the fallback rate and the cost per 1k requests; and the
+cheapest threshold that reaches a target quality, chosen on one split and reported on another.
 
-Inputs per test row: is the student's own answer right, its served confidence, is the teacher's
-answer right. A row goes to the teacher when ``confidence < threshold`` or ``threshold >= 1`` --
-the server's rule -- so the fallback rate and the cost never decrease as the threshold rises.
+Inputs per test row: the student's own answer, its served confidence, the teacher's answer. A row
+goes to the teacher when ``confidence < threshold`` or ``threshold >= 1`` -- the server's rule --
+so the fallback rate and the cost never decrease as the threshold rises. The quality at a threshold
+is ``score`` over the mixed answers (student's where it kept the row, teacher's where it fell back):
+for the bench, the task's primary metric over (gold, answer) pairs (``Task.score``), so a metric
+like slot F1 is computed over the rows as answered, not averaged per row. Without ``score``, the
+answers are booleans (is this answer right) and the quality is their mean (accuracy). The quality
+is reported under the key ``accuracy`` (the sweep's ``metric`` names it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import pairwise
 from typing import Any
 
@@ -19,33 +24,43 @@ from edgedistill.bench.cost import cascade_cost_per_1k, sig
 GRID = tuple(round(x, 2) for x in np.linspace(0.0, 1.0, 21))
 
 
-def _arrays(student_ok: Sequence[bool], conf: Sequence[float | None], teacher_ok: Sequence[bool]):
-    s = np.asarray(student_ok, dtype=bool)
-    c = np.asarray([0.0 if v is None else v for v in conf], dtype=float)  # no confidence: always unsure
-    t = np.asarray(teacher_ok, dtype=bool)
-    if not s.shape == c.shape == t.shape:
-        raise ValueError("student_ok, conf and teacher_ok must have the same length")
-    return s, c, t
+Score = Callable[[list[Any]], float]
+
+
+def _mean_ok(answers: list[Any]) -> float:
+    return float(np.mean(np.asarray(answers, dtype=bool))) if answers else 0.0
+
+
+def _fallback(threshold: float, conf: Sequence[float | None], n: int) -> list[bool]:
+    if len(conf) != n:
+        raise ValueError("student, conf and teacher must have the same length")
+    if threshold >= 1.0:
+        return [True] * n
+    return [(0.0 if v is None else float(v)) < threshold for v in conf]  # no confidence: always unsure
 
 
 def point(
     threshold: float,
-    student_ok: Sequence[bool],
+    student: Sequence[Any],
     conf: Sequence[float | None],
-    teacher_ok: Sequence[bool],
+    teacher: Sequence[Any],
     student_cost: float | None = None,
     teacher_cost: float | None = None,
+    score: Score | None = None,
 ) -> dict[str, Any]:
-    """Accuracy, fallback rate and cost per 1k of the cascade at one threshold."""
-    s, c, t = _arrays(student_ok, conf, teacher_ok)
-    n = len(s)
-    fallback = np.ones(n, dtype=bool) if threshold >= 1.0 else c < threshold
-    acc = float(np.where(fallback, t, s).mean()) if n else 0.0
-    rate = float(fallback.mean()) if n else 0.0
+    """Quality (``accuracy``: ``score`` over the mixed answers), fallback rate and cost per 1k of the
+    cascade at one threshold."""
+    n = len(student)
+    if len(teacher) != n:
+        raise ValueError("student, conf and teacher must have the same length")
+    fallback = _fallback(threshold, conf, n)
+    mixed = [t if fb else s for s, t, fb in zip(student, teacher, fallback)]
+    acc = (score or _mean_ok)(mixed) if n else 0.0
+    rate = float(np.mean(fallback)) if n else 0.0
     cost = cascade_cost_per_1k(student_cost, rate, teacher_cost)
     return {
         "threshold": round(float(threshold), 6),
-        "accuracy": round(acc, 4),
+        "accuracy": round(float(acc), 4),
         "fallback_rate": round(rate, 4),
         "cost_per_1k_usd": sig(cost),
         "n": n,
@@ -62,15 +77,15 @@ def candidate_thresholds(conf: Sequence[float | None]) -> list[float]:
 
 
 def choose_threshold(
-    student_ok: Sequence[bool], conf: Sequence[float | None], teacher_ok: Sequence[bool], target: float
+    student: Sequence[Any], conf: Sequence[float | None], teacher: Sequence[Any], target: float, score: Score | None = None
 ) -> tuple[float, bool]:
-    """The threshold with the lowest fallback rate (hence the lowest cost) whose accuracy on these
+    """The threshold with the lowest fallback rate (hence the lowest cost) whose quality on these
     rows is at least ``target``; ties go to the lower threshold. When no threshold reaches it, the
-    most accurate one (``met`` is False)."""
+    best one (``met`` is False)."""
     best: tuple[float, float] | None = None
     most: tuple[float, float, float] | None = None
     for th in candidate_thresholds(conf):
-        p = point(th, student_ok, conf, teacher_ok)
+        p = point(th, student, conf, teacher, score=score)
         if p["accuracy"] >= target - 1e-12 and (best is None or p["fallback_rate"] < best[1]):
             best = (th, p["fallback_rate"])
         key = (p["accuracy"], -p["fallback_rate"], -th)
@@ -82,7 +97,7 @@ def choose_threshold(
 
 
 def sweep(
-    splits: dict[str, tuple[Sequence[bool], Sequence[float | None], Sequence[bool]]],
+    splits: dict[str, tuple[Sequence[Any], Sequence[float | None], Sequence[Any]]],
     *,
     calibration_key: str,
     report_key: str,
@@ -90,39 +105,48 @@ def sweep(
     target_relative: float,
     student_cost: float | None,
     teacher_cost: float | None,
+    score: Score | None = None,
+    metric: str = "accuracy",
 ) -> dict[str, Any]:
     """Choose the threshold on ``splits[calibration_key]``, report it on ``splits[report_key]``.
 
-    Each value is ``(student_ok, confidence, teacher_ok)`` per row. Without an absolute ``target``
-    the target is ``target_relative`` times the teacher's accuracy on the calibration rows.
-    """
+    Each value is ``(student answers, confidence, teacher answers)`` per row, scored by ``score``
+    (see the module's docstring); ``metric`` is the name of what ``score`` computes. Without an
+    absolute ``target`` the target is ``target_relative`` times the teacher's quality on the
+    calibration rows. The quality keys keep the name ``accuracy`` (``metric`` says what it is)."""
+    sc = score or _mean_ok
     cal, rep = splits[calibration_key], splits[report_key]
-    teacher_cal_acc = float(np.mean(cal[2])) if len(cal[2]) else 0.0
+
+    def of(answers: Sequence[Any]) -> float:
+        return round(float(sc(list(answers))), 4) if len(answers) else 0.0
+
+    teacher_cal_acc = of(cal[2])
     goal = target if target is not None else target_relative * teacher_cal_acc
-    th, met = choose_threshold(*cal, goal)
+    th, met = choose_threshold(*cal, goal, score=score)
     grid = sorted(set(GRID) | {round(th, 6)})
     rows = []
     for g in grid:
         rows.append(
             {
                 "threshold": g,
-                "calibration": point(g, *cal, student_cost, teacher_cost),
-                "test": point(g, *rep, student_cost, teacher_cost),
+                "calibration": point(g, *cal, student_cost, teacher_cost, score),
+                "test": point(g, *rep, student_cost, teacher_cost, score),
             }
         )
     return {
+        "metric": metric,
         "target_accuracy": round(goal, 4),
-        "target_basis": "absolute" if target is not None else f"{target_relative:g} x teacher accuracy on the calibration split",
-        "teacher_accuracy_calibration": round(teacher_cal_acc, 4),
-        "teacher_accuracy_test": round(float(np.mean(rep[2])), 4) if len(rep[2]) else 0.0,
-        "student_accuracy_test": round(float(np.mean(rep[0])), 4) if len(rep[0]) else 0.0,
+        "target_basis": "absolute" if target is not None else f"{target_relative:g} x teacher {metric} on the calibration split",
+        "teacher_accuracy_calibration": teacher_cal_acc,
+        "teacher_accuracy_test": of(rep[2]),
+        "student_accuracy_test": of(rep[0]),
         "student_cost_per_1k_usd": student_cost,
         "teacher_cost_per_1k_usd": teacher_cost,
         "chosen": {
             "threshold": round(th, 6),
             "target_met_on_calibration": met,
-            "calibration": point(th, *cal, student_cost, teacher_cost),
-            "test": point(th, *rep, student_cost, teacher_cost),
+            "calibration": point(th, *cal, student_cost, teacher_cost, score),
+            "test": point(th, *rep, student_cost, teacher_cost, score),
         },
         "sweep": rows,
     }

@@ -23,10 +23,10 @@ def row_label(row: dict[str, Any]) -> str:
     return f"{row['name']} c={row['concurrency']}" if row.get("concurrency") is not None else f"{row['name']} {row['rate']:g}/s"
 
 
-def _panel(ax, rows: list[dict[str, Any]], xkey, xlabel: str, log: bool) -> None:
+def _panel(ax, rows: list[dict[str, Any]], xkey, xlabel: str, log: bool, metric: str = "accuracy") -> None:
     pts = [(xkey(r), r["accuracy"], row_label(r)) for r in rows if xkey(r) is not None and r.get("accuracy") is not None]
     if not pts:
-        ax.text(0.5, 0.5, f"no rows with accuracy and {xlabel}", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, f"no rows with {metric} and {xlabel}", ha="center", va="center", transform=ax.transAxes)
         ax.set_xlabel(xlabel)
         return
     front = set(frontier([(x, y) for x, y, _ in pts]))
@@ -48,18 +48,21 @@ def _panel(ax, rows: list[dict[str, Any]], xkey, xlabel: str, log: bool) -> None
     if log and min(x for x, _, _ in pts) > 0:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("accuracy (test set)")
+    ax.set_ylabel(f"{metric} (test set)")
     ax.grid(alpha=0.3)
 
 
-def pareto_png(rows: list[dict[str, Any]], path: Path, sweeps: dict[str, dict[str, Any]] | None = None) -> Path:
-    """Two panels: accuracy vs cost per 1k requests, accuracy vs p50 end-to-end latency. Frontier
+def pareto_png(
+    rows: list[dict[str, Any]], path: Path, sweeps: dict[str, dict[str, Any]] | None = None, metric: str = "accuracy"
+) -> Path:
+    """Two panels: the task's primary metric (a row's ``accuracy``, named ``metric``) vs cost per 1k
+    requests and vs p50 end-to-end latency. Frontier
     points filled and joined; every point labelled ``endpoint load``. A cascade sweep (test split)
     is drawn as a dashed curve on the cost panel when costs are known."""
     plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.8))
-    _panel(a, rows, lambda r: r.get("cost_per_1k_usd"), "cost per 1k requests (USD)", log=True)
-    _panel(b, rows, lambda r: (r.get("latency_ms") or {}).get("p50"), "p50 end-to-end latency (ms)", log=False)
+    _panel(a, rows, lambda r: r.get("cost_per_1k_usd"), "cost per 1k requests (USD)", log=True, metric=metric)
+    _panel(b, rows, lambda r: (r.get("latency_ms") or {}).get("p50"), "p50 end-to-end latency (ms)", log=False, metric=metric)
     for name, sw in (sweeps or {}).items():
         pts = [
             (p["test"]["cost_per_1k_usd"], p["test"]["accuracy"]) for p in sw["sweep"] if p["test"]["cost_per_1k_usd"] is not None
@@ -80,8 +83,8 @@ def pareto_png(rows: list[dict[str, Any]], path: Path, sweeps: dict[str, dict[st
     for ax in (a, b):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
-    a.set_title("accuracy vs cost")
-    b.set_title("accuracy vs latency")
+    a.set_title(f"{metric} vs cost")
+    b.set_title(f"{metric} vs latency")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

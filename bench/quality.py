@@ -1,4 +1,4 @@
-"""Answers on the held-out test set: accuracy, agreement with the teacher, calibration of the
+"""Answers on the held-out test set: the task's metrics, agreement with the teacher, calibration of the
 served confidence, and the calibration/report split the cascade sweep uses.
 
 The metrics are edgedistill.metrics' (the same as ``distill`` evaluation); an answer the task's
@@ -77,9 +77,10 @@ class Answers:
 
 
 def scores(task: Any, golds: Sequence[Any], answers: Answers, teacher: Answers | None) -> dict[str, Any]:
-    """Task metrics, agreement with the teacher, and the share the teacher answered (a cascade)."""
+    """Task metrics (each under its name; ``metric`` names the task's primary one, the number
+    tables and plots use), agreement with the teacher, and the share the teacher answered (a cascade)."""
     out: dict[str, Any] = dict(task.scores(golds, answers.preds))
-    out["accuracy"] = out.get("accuracy", out.get("exact_match"))  # the one number tables and plots use
+    out["metric"] = task.metric
     out["errors"] = answers.errors
     out["agreement_with_teacher"] = round(agreement(answers.preds, teacher.preds), 4) if teacher is not None else None
     routed = [a for a in answers.answered_by if a is not None]

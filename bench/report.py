@@ -35,11 +35,11 @@ def write_json(report: dict[str, Any], out: Path) -> Path:
     return path
 
 
-def load_table(rows: list[dict[str, Any]]) -> list[str]:
+def load_table(rows: list[dict[str, Any]], metric: str = "accuracy") -> list[str]:
     lines = [
         (
             "| endpoint | load | ok / sent | errors | latency p50 / p90 / p99 ms | TTFT p50 / p90 / p99 ms | ITL p50 / p90 / p99 ms "
-            "| TPOT p50 ms | output tok/s | req/s | $ / 1k req | accuracy | teacher share | of ceiling |"
+            f"| TPOT p50 ms | output tok/s | req/s | $ / 1k req | {metric} | teacher share | of ceiling |"
         ),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -56,16 +56,18 @@ def load_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def quality_table(quality: dict[str, dict[str, Any]]) -> list[str]:
+    """One row per endpoint: the task's primary metric (its ``metric``) first, then its other metrics."""
+    metric = next((q.get("metric") for q in quality.values() if q.get("metric")), "accuracy")
     lines = [
-        "| endpoint | accuracy | other metrics | agreement with teacher | teacher share | ECE of served confidence | rows | errors |",
+        f"| endpoint | {metric} | other metrics | agreement with teacher | teacher share | ECE of served confidence | rows | errors |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    skip = {"accuracy", "n", "errors", "agreement_with_teacher", "fallback_rate", "calibration", "exact_match"}
+    skip = {metric, "n", "errors", "agreement_with_teacher", "fallback_rate", "calibration"}
     for name, q in quality.items():
         other = ", ".join(f"{k} {_f(v, 3)}" for k, v in q.items() if k not in skip and isinstance(v, float))
         cal = q.get("calibration")
         lines.append(
-            f"| {name} | {_f(q['accuracy'], 3)} | {other or '-'} | {_f(q['agreement_with_teacher'], 3)} | {_share(q['fallback_rate'])} "
+            f"| {name} | {_f(q.get(metric), 3)} | {other or '-'} | {_f(q['agreement_with_teacher'], 3)} | {_share(q['fallback_rate'])} "
             f"| {_f(cal['ece'], 3) if cal else '-'} | {q['n']} | {q['errors']} |"
         )
     return lines
@@ -73,24 +75,25 @@ def quality_table(quality: dict[str, dict[str, Any]]) -> list[str]:
 
 def cascade_section(name: str, sw: dict[str, Any]) -> list[str]:
     ch = sw["chosen"]
+    m = sw.get("metric", "accuracy")
     met = "reached" if ch["target_met_on_calibration"] else "NOT reached (the most accurate threshold is shown)"
     lines = [
         f"### Cascade sweep: {name}",
         "",
-        f"Split: {sw['split']}. Target accuracy {sw['target_accuracy']:.4f} ({sw['target_basis']}), {met} on the calibration split.",
+        f"Split: {sw['split']}. Target {m} {sw['target_accuracy']:.4f} ({sw['target_basis']}), {met} on the calibration split.",
         (
-            f"Student's own answers: {sw['student_source']}. Teacher accuracy on the test split {sw['teacher_accuracy_test']:.4f}, "
+            f"Student's own answers: {sw['student_source']}. Teacher {m} on the test split {sw['teacher_accuracy_test']:.4f}, "
             f"student alone {sw['student_accuracy_test']:.4f}. Cost: student {_money(sw['student_cost_per_1k_usd'])} + "
             f"teacher share x {_money(sw['teacher_cost_per_1k_usd'])} $ / 1k requests."
         ),
         "",
         (
-            f"**Chosen threshold {ch['threshold']:.4g}**: on the test split accuracy {ch['test']['accuracy']:.4f}, teacher share "
+            f"**Chosen threshold {ch['threshold']:.4g}**: on the test split {m} {ch['test']['accuracy']:.4f}, teacher share "
             f"{_share(ch['test']['fallback_rate'])}, {_money(ch['test']['cost_per_1k_usd'])} $ / 1k requests "
             f"(calibration split: {ch['calibration']['accuracy']:.4f}, {_share(ch['calibration']['fallback_rate'])})."
         ),
         "",
-        "| threshold | accuracy (test) | teacher share (test) | $ / 1k req (test) | accuracy (calibration) | teacher share (calibration) |",
+        f"| threshold | {m} (test) | teacher share (test) | $ / 1k req (test) | {m} (calibration) | teacher share (calibration) |",
         "|---|---|---|---|---|---|",
     ]
     for p in sw["sweep"]:
@@ -142,7 +145,7 @@ def write_markdown(report: dict[str, Any], out: Path) -> Path:
         if role == " (edgedistill)" and e.get("has_teacher") is not None and e.get("threshold") is not None:
             role = f" (edgedistill, threshold {e['threshold']:g}, {'with a' if e['has_teacher'] else 'no'} teacher)"
         lines.append(f"| {e['name']}{role} | {e['url']} | {e['model']} | {price} |")
-    lines += ["", "## Load", ""] + load_table(report["results"]) + [""]
+    lines += ["", "## Load", ""] + load_table(report["results"], report.get("metric") or "accuracy") + [""]
     if report.get("quality"):
         lines += ["## Quality on the test set", ""] + quality_table(report["quality"]) + [""]
         if report.get("files", {}).get("reliability"):

@@ -272,8 +272,9 @@ def assemble(cfg: BenchConfig, m: Measured, test_rows, cal_rows, ceilings) -> di
     for meta, samples in zip(m.rows, m.load_samples):
         row = {k: meta[k] for k in ROW_KEYS} | stats.summarize(samples)
         if task is not None:
-            ok = [task.is_correct(quality.parse(task, s), golds[s.index]) for s in samples]
-            row["accuracy_load"] = round(sum(ok) / len(ok), 4) if ok else None
+            row["accuracy_load"] = (
+                round(task.score([golds[s.index] for s in samples], [quality.parse(task, s) for s in samples]), 4) if samples else None
+            )
         rows.append(row)
     notes = list(m.notes)
 
@@ -308,7 +309,7 @@ def assemble(cfg: BenchConfig, m: Measured, test_rows, cal_rows, ceilings) -> di
             r["cost_per_1k_usd"] = own
             r["cost_basis"] = ep.price.kind
         qn = q.get(r["name"], {})
-        r["accuracy"] = qn.get("accuracy")
+        r["accuracy"] = qn.get(task.metric) if task is not None else None  # the task's primary metric (rep["metric"])
         r["agreement_with_teacher"] = qn.get("agreement_with_teacher")
         r.setdefault("accuracy_load", None)
     _ceiling_fractions(rows, ceilings)
@@ -324,6 +325,7 @@ def assemble(cfg: BenchConfig, m: Measured, test_rows, cal_rows, ceilings) -> di
             "python": platform.python_version(),
             "load_avg": [round(x, 2) for x in os.getloadavg()],
         },
+        "metric": task.metric if task is not None else None,
         "config": cfg.public(),
         "endpoints": [e.public() for e in cfg.endpoints],
         "results": rows,
@@ -356,7 +358,11 @@ def _sweeps(cfg, m: Measured, test_rows, cal_rows, answers, rows, t_cost, notes)
     if cfg.teacher not in answers:
         return {}
     golds = [r.output for r in test_rows]
-    t_ok = [task.is_correct(p, g) for g, p in zip(golds, answers[cfg.teacher].preds)]
+
+    def score(pairs: list[tuple[Any, Any]]) -> float:  # the task's primary metric over (gold, answer) pairs
+        return task.score([g for g, _ in pairs], [p for _, p in pairs])
+
+    t_ok = list(zip(golds, answers[cfg.teacher].preds))
     out = {}
     for ep in cascades:
         student = _student_answers(task, m, ep.name, answers[ep.name])
@@ -367,7 +373,7 @@ def _sweeps(cfg, m: Measured, test_rows, cal_rows, answers, rows, t_cost, notes)
             k = sum(a == "teacher" for a in student.answered_by)
             if k:
                 notes.append(NO_STUDENT_ONLY.format(name=ep.name, k=k, n=len(golds)))
-        s_ok = [task.is_correct(p, g) for g, p in zip(golds, student.preds)]
+        s_ok = list(zip(golds, student.preds))
         full = (s_ok, student.confidences, t_ok)
         own = [r["own_cost_per_1k_usd"] for r in rows if r["name"] == ep.name and r["own_cost_per_1k_usd"] is not None]
         s_cost = min(own) if own else None
@@ -375,11 +381,7 @@ def _sweeps(cfg, m: Measured, test_rows, cal_rows, answers, rows, t_cost, notes)
             cal_golds = [r.output for r in cal_rows]
             cs = quality.Answers.from_samples(task, m.cal_student[ep.name], predict=ep.name in m.student_predict, own=True)
             ct = quality.Answers.from_samples(task, m.cal_teacher)
-            cal = (
-                [task.is_correct(p, g) for g, p in zip(cal_golds, cs.preds)],
-                cs.confidences,
-                [task.is_correct(p, g) for g, p in zip(cal_golds, ct.preds)],
-            )
+            cal = (list(zip(cal_golds, cs.preds)), cs.confidences, list(zip(cal_golds, ct.preds)))
             splits = {"cal": cal, "test": full}
             split = f"threshold chosen on --calibration {cfg.calibration} ({len(cal_rows)} rows), reported on the whole test set ({len(golds)} rows)"
         else:
@@ -401,6 +403,8 @@ def _sweeps(cfg, m: Measured, test_rows, cal_rows, answers, rows, t_cost, notes)
             target_relative=cfg.target,
             student_cost=s_cost,
             teacher_cost=t_cost,
+            score=score,
+            metric=task.metric,
         )
         sw["split"] = split
         sw["student_source"] = m.student_via.get(ep.name, "chat answers as served")
@@ -449,7 +453,7 @@ def _write(cfg: BenchConfig, rep: dict[str, Any]) -> dict[str, str]:
 
     files: dict[str, str] = {"report_json": str(cfg.out / "report.json"), "report_md": str(cfg.out / "report.md")}
     if rep["pareto"] is not None:
-        files["pareto"] = str(plot.pareto_png(rep["results"], cfg.out / "pareto.png", rep["cascade"]))
+        files["pareto"] = str(plot.pareto_png(rep["results"], cfg.out / "pareto.png", rep["cascade"], rep.get("metric") or "accuracy"))
     else:
         rep["notes"].append("no --task: no accuracy, so no pareto.png, cascade sweep or calibration")
     cals = {n: q["calibration"] for n, q in (rep["quality"] or {}).items() if q.get("calibration")}

@@ -39,7 +39,6 @@ from rich.table import Table
 
 from edgedistill.errors import UserError
 from edgedistill.manifest import MANIFEST, hash_files, read_manifest, sha256_json, write_json_atomic, write_manifest
-from edgedistill.metrics import primary_metric
 from edgedistill.spec import TaskSpec, load_spec, spec_from_manifest
 
 console = Console(stderr=True)
@@ -115,7 +114,7 @@ def run_compress(
     ref_key = sha256_json({"checkpoint": source_hash, "test": [[p, g] for p, g in zip(test_prompts, golds, strict=True)],
                            "agree": agree_prompts, "agree_len": AGREE_TOKENS, "constrained": constraint is not None})
     ref = _reference(ckpt, tokenizer, spec, test_prompts, golds, agree_prompts, out / "reference.json", ref_key, constraint)
-    metric = primary_metric(spec.type)
+    metric = spec.task.metric
     fp_score = ref["scores"][metric]
     fp_mb = _size_mb(ckpt, weights_only=True)
     console.print(f"FP student: {metric} {fp_score:.3f}, {fp_mb:.1f} MB of weights, {ref['tokens_per_s']:.0f} tokens/s")
@@ -127,7 +126,7 @@ def run_compress(
         try:
             folder, manifest, reused = _build(fmt, ckpt, out, work, spec, calib_texts, calib, source_hash, ck_manifest)
             quality = manifest.get("quality")
-            if not (reused and quality and quality.get("reference") == ref_key):
+            if not (reused and quality and quality.get("reference") == ref_key and metric in quality.get("scores", {})):
                 quality = _measure(fmt, folder, manifest, tokenizer, spec, test_prompts, golds, agree_prompts, ref, ref_key, constraint)
             drop = fp_score - quality["scores"][metric]
             passed = drop <= max_drop + 1e-9
@@ -194,6 +193,8 @@ def _reference(ckpt, tokenizer, spec, test_prompts, golds, agree_prompts, path: 
 
         old = json.loads(path.read_text(encoding="utf-8"))
         if old.get("key") == key:
+            if spec.task.metric not in old["scores"]:  # cached before the task had this metric: score its answers again
+                old["scores"] = {**old["scores"], **spec.task.scores(golds, old["preds"])}
             return old
     from edgedistill.runtimes.hf import HFRuntime
 

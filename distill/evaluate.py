@@ -8,7 +8,7 @@ from typing import Any
 
 from edgedistill.distill.teacher import ChatRequest, Teacher
 
-from edgedistill.metrics import agreement, primary_metric
+from edgedistill.metrics import agreement
 from edgedistill.task import Messages, Task
 
 
@@ -35,7 +35,7 @@ def add_agreement(scores: dict[str, Any], preds: list[Any], teacher_preds: list[
 def table_markdown(spec: Any, results: dict[str, dict[str, Any]]) -> str:
     """A readable markdown table of the evaluation, one row per model."""
     keys = list(dict.fromkeys(k for s in results.values() for k, v in s.items() if isinstance(v, float)))
-    main = primary_metric(spec.type)
+    main = spec.task.metric
     keys = [main] + [k for k in keys if k != main]
     head = "| model | params | " + " | ".join(keys) + " | invalid | n |"
     sep = "|" + "---|" * (len(keys) + 4)

@@ -25,7 +25,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from edgedistill.errors import GateFailed
 from edgedistill.manifest import read_manifest, sha256_file, sha256_json, write_json_atomic, write_manifest
-from edgedistill.metrics import primary_metric
 from edgedistill.spec import TaskSpec, load_spec
 
 console = Console(stderr=True)
@@ -96,7 +95,7 @@ def teacher_gate(spec: TaskSpec, teacher: Teacher, test: list, out: Path, skip_g
     reqs = answer_requests(spec.task, [r.input for r in rows], spec.task.teacher_messages)
     raw = [r.text for r in run_with_progress(teacher, reqs, "teacher gate")]
     _, scores = spec.task.score_answers([r.output for r in rows], raw)
-    metric = primary_metric(spec.type)
+    metric = spec.task.metric
     gate = {"metric": metric, "score": scores[metric], "min_score": spec.teacher.gate.min_score, "scores": scores,
             "decoded_as": decoded_as(teacher, reqs), "teacher": teacher.describe()}
     gate["passed"] = scores[metric] >= spec.teacher.gate.min_score
@@ -277,7 +276,7 @@ def teacher_version(spec: TaskSpec) -> str:
 
 def write_model_card(spec: TaskSpec, teacher: Teacher, student_dir: Path, report: dict, train_info: dict, results: dict) -> None:
     s = results["student"]
-    metric = primary_metric(spec.type)
+    metric = spec.task.metric
     card = f"""---
 library_name: transformers
 tags: [edgedistill, distillation, {spec.type}]

@@ -6,7 +6,19 @@ Conventions, the same in every function:
 * A prediction of ``None`` is an invalid answer (unparseable output): it is always wrong and, for
   structured outputs, has no slots.
 * Empty inputs give ``0.0`` for every metric (and ``n == 0``), never a ``ZeroDivisionError``.
-* A ratio whose denominator is zero is ``0.0`` (scikit-learn's ``zero_division=0``).
+* A ratio whose denominator is zero is ``0.0`` (scikit-learn's ``zero_division=0``), except the
+  micro F1s (slots, arguments) of rows that have nothing to extract and were answered with nothing:
+  that is a perfect answer, ``1.0``.
+
+Each task type has its metrics (:data:`TYPE_METRICS`), the first being the primary one a gate or a
+comparison uses unless the task spec chooses another of the list (``edgedistill.task.Task.metric``):
+
+* classification: ``accuracy``, ``macro_f1``;
+* extraction: micro ``slot_f1`` with ``slot_precision`` and ``slot_recall``, ``exact_match`` of the object;
+* tool_call: ``exact_match`` of the whole call, ``name_accuracy``, micro ``argument_f1`` (with precision
+  and recall); a call is ``{"name": ..., "arguments": {...}}`` and "no call" is ``{}`` (or a null name);
+* qa: ``token_f1`` and ``exact_match``, both after SQuAD's answer normalisation;
+* generation: ``chrf`` (sacrebleu's corpus chrF, divided by 100) and ``exact_match``.
 """
 
 from __future__ import annotations
@@ -14,8 +26,10 @@ from __future__ import annotations
 import json
 import math
 import re
+import string
 import unicodedata
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,6 +37,13 @@ import numpy as np
 CLASSIFICATION = "classification"
 STRUCTURED = ("extraction", "tool_call")
 TEXT = ("qa", "generation")
+TYPE_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy", "macro_f1"),
+    "extraction": ("slot_f1", "slot_precision", "slot_recall", "exact_match"),
+    "tool_call": ("exact_match", "name_accuracy", "argument_f1", "argument_precision", "argument_recall"),
+    "qa": ("token_f1", "exact_match"),
+    "generation": ("chrf", "exact_match"),
+}
 
 _WS = re.compile(r"\s+")
 
@@ -163,22 +184,137 @@ def _slots(value: Any, prefix: str = "") -> set[tuple[str, str]]:
     return out
 
 
-def slot_prf(golds: Sequence[Any], preds: Sequence[Any]) -> tuple[float, float, float]:
-    """Micro precision, recall and F1 over (key, normalised value) pairs, summed over all rows.
-    A ``None``/non-object prediction has no slots (it lowers recall only)."""
-    _check(golds, preds)
-    tp = n_pred = n_gold = 0
-    for g, p in zip(golds, preds):
-        gs, ps = _slots(g), _slots(p)
+def _micro_prf(rows: Iterable[tuple[set[Any], set[Any] | None]]) -> tuple[float, float, float]:
+    """Micro precision, recall and F1 over (gold items, predicted items) per row; predicted ``None``
+    is an invalid answer: no items, and on a row with nothing to find it is one false positive (it
+    is never a right answer). Rows that have nothing to find, all answered with nothing: 1.0."""
+    tp = n_pred = n_gold = n = 0
+    for gs, ps in rows:
+        n += 1
+        if ps is None:
+            n_pred += 0 if gs else 1
+            ps = set()
         tp += len(gs & ps)
         n_pred += len(ps)
         n_gold += len(gs)
+    if n and not n_pred and not n_gold:
+        return 1.0, 1.0, 1.0
     return _ratio(tp, n_pred), _ratio(tp, n_gold), _ratio(2 * tp, n_pred + n_gold)
+
+
+def slot_prf(golds: Sequence[Any], preds: Sequence[Any]) -> tuple[float, float, float]:
+    """Micro precision, recall and F1 over (key, normalised value) pairs, summed over all rows.
+
+    An input with nothing to extract counts: an empty object is right (it adds no error), an
+    invented field is a false positive. An invalid (``None``/non-object) prediction has no slots:
+    it lowers recall, and on a row with nothing to extract it is a false positive."""
+    _check(golds, preds)
+    return _micro_prf((_slots(g), _slots(p) if isinstance(p, dict) else None) for g, p in zip(golds, preds))
 
 
 def slot_f1(golds: Sequence[Any], preds: Sequence[Any]) -> float:
     """Micro F1 over slots; see :func:`slot_prf`."""
     return slot_prf(golds, preds)[2]
+
+
+# --- tool calls --------------------------------------------------------------------------------
+def _call(value: Any) -> dict[str, Any] | None:
+    """A tool-call answer in canonical form: ``{"name", "arguments"}`` for a call (arguments given
+    as a JSON string, as OpenAI's ``tool_calls`` carry them, are parsed), ``{}`` for "no call" (an
+    empty object or a null/empty name); None for a value that is not an object. Other keys are
+    ignored."""
+    if not isinstance(value, dict):
+        return None
+    name = value.get("name")
+    if name is None or (isinstance(name, str) and not name.strip()):
+        return {}
+    args = value.get("arguments")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError:
+            pass
+    return {"name": str(name).strip(), "arguments": {} if args is None else args}
+
+
+def call_matches(gold: Any, pred: Any) -> bool:
+    """The whole call is right: the same function and the same arguments, normalised as
+    :func:`answer_matches` does (key order, string case and whitespace, ``2 == 2.0``); a "no call"
+    gold is matched by a "no call" answer."""
+    g, p = _call(gold), _call(pred)
+    return g is not None and p is not None and canonical_json(g) == canonical_json(p)
+
+
+def name_accuracy(golds: Sequence[Any], preds: Sequence[Any]) -> float:
+    """Fraction of answers that call the gold function (case-insensitive), or make no call where the gold makes none."""
+    n = _check(golds, preds)
+    names = [(_call(g), _call(p)) for g, p in zip(golds, preds)]
+    return _ratio(sum(g is not None and p is not None and canonical_json(g.get("name")) == canonical_json(p.get("name")) for g, p in names), n)
+
+
+def argument_prf(golds: Sequence[Any], preds: Sequence[Any]) -> tuple[float, float, float]:
+    """Micro precision, recall and F1 over (argument, normalised value) pairs of the calls, as
+    :func:`slot_prf` (a "no call" has no arguments; arguments of a call nobody asked for are false positives)."""
+    _check(golds, preds)
+    rows = []
+    for g, p in zip(golds, preds):
+        gc, pc = _call(g), _call(p)
+        rows.append((_slots((gc or {}).get("arguments")), None if pc is None else _slots(pc.get("arguments"))))
+    return _micro_prf(rows)
+
+
+# --- qa: SQuAD's answer normalisation and token F1 ---------------------------------------------
+# The logic of the official SQuAD evaluation script (evaluate-v2.0.py, Rajpurkar et al.):
+# normalize_answer, compute_exact and compute_f1, an empty answer scoring 1 only against an empty gold.
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_PUNCT = frozenset(string.punctuation)
+
+
+def squad_normalize(text: Any) -> str:
+    """Lower case, punctuation removed, the articles a/an/the removed, whitespace collapsed (SQuAD's ``normalize_answer``)."""
+    s = "".join(ch for ch in str(text).lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", s).split())
+
+
+def qa_matches(gold: Any, pred: Any) -> bool:
+    """SQuAD's exact match: equal after :func:`squad_normalize` (``None`` never matches)."""
+    return pred is not None and squad_normalize(gold) == squad_normalize(pred)
+
+
+def _token_f1(gold: Any, pred: Any) -> float:
+    if pred is None:
+        return 0.0
+    g, p = squad_normalize(gold).split(), squad_normalize(pred).split()
+    if not g or not p:
+        return float(g == p)
+    same = sum((Counter(g) & Counter(p)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(p), same / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(golds: Sequence[Any], preds: Sequence[Any]) -> float:
+    """Mean over rows of SQuAD's token F1 (bag-of-tokens overlap after :func:`squad_normalize`)."""
+    n = _check(golds, preds)
+    return _ratio(sum(_token_f1(g, p) for g, p in zip(golds, preds)), n)
+
+
+# --- generation: chrF --------------------------------------------------------------------------
+def chrf(golds: Sequence[Any], preds: Sequence[Any]) -> float:
+    """sacrebleu's corpus-level chrF (character n-gram F-score, Popović 2015; default settings),
+    divided by 100 so it lies in [0, 1] like every other metric; ``None`` is an empty answer."""
+    n = _check(golds, preds)
+    if not n:
+        return 0.0
+    try:
+        from sacrebleu.metrics import CHRF
+    except ImportError:
+        from edgedistill.errors import UserError
+
+        raise UserError("generation's metric chrF needs sacrebleu: pip install 'edgedistill[distill]' (or pip install sacrebleu)") from None
+    hyps = ["" if p is None else str(p) for p in preds]
+    return float(CHRF().corpus_score(hyps, [[str(g) for g in golds]]).score) / 100.0
 
 
 # --- agreement and per-task summaries ----------------------------------------------------------
@@ -193,28 +329,62 @@ def agreement(preds_a: Sequence[Any], preds_b: Sequence[Any]) -> float:
     return _ratio(same, n)
 
 
+def type_metrics(task_type: str) -> tuple[str, ...]:
+    """The metrics of a task type, the primary one first."""
+    if task_type not in TYPE_METRICS:
+        raise ValueError(f"unknown task type {task_type!r}")
+    return TYPE_METRICS[task_type]
+
+
 def primary_metric(task_type: str) -> str:
-    """The metric a gate or a comparison uses for a task type."""
-    return "accuracy" if task_type == CLASSIFICATION else "exact_match"
+    """The metric a gate or a comparison uses for a task type unless the spec chooses another of
+    :func:`type_metrics` (stages ask ``Task.metric``, which knows the spec's choice)."""
+    return type_metrics(task_type)[0]
+
+
+def answer_correct(task_type: str, gold: Any, pred: Any) -> bool:
+    """One answer is right, per task type (``Task.is_correct``; ``None`` never is): classification,
+    the same label; extraction and generation, :func:`answer_matches`; tool_call,
+    :func:`call_matches`; qa, SQuAD's exact match (:func:`qa_matches`)."""
+    if pred is None:
+        return False
+    if task_type == CLASSIFICATION:
+        return pred == gold
+    if task_type == "tool_call":
+        return call_matches(gold, pred)
+    if task_type == "qa":
+        return qa_matches(gold, pred)
+    return answer_matches(gold, pred)
 
 
 def task_scores(
     task_type: str, golds: Sequence[Any], preds: Sequence[Any], labels: Sequence[Any] | None = None
 ) -> dict[str, float | int]:
-    """All the metrics of a task type, plus ``n``.
-
-    classification: accuracy, macro_f1; extraction/tool_call: exact_match, slot_f1, slot_precision,
-    slot_recall; qa/generation: exact_match (normalised text).
-    """
+    """All the metrics of a task type (:data:`TYPE_METRICS`, in that order), plus ``n``. Every
+    type's ``exact_match`` is the mean of :func:`answer_correct`."""
     n = _check(golds, preds)
+    names = type_metrics(task_type)
     if task_type == CLASSIFICATION:
         return {"accuracy": accuracy(golds, preds), "macro_f1": macro_f1(golds, preds, labels), "n": n}
-    if task_type in STRUCTURED:
+    out: dict[str, float | int] = {}
+    em = _ratio(sum(answer_correct(task_type, g, p) for g, p in zip(golds, preds)), n)
+    if task_type == "extraction":
         p, r, f = slot_prf(golds, preds)
-        return {"exact_match": exact_match(golds, preds), "slot_f1": f, "slot_precision": p, "slot_recall": r, "n": n}
-    if task_type in TEXT:
-        return {"exact_match": exact_match(golds, preds), "n": n}
-    raise ValueError(f"unknown task type {task_type!r}")
+        out = {"slot_f1": f, "slot_precision": p, "slot_recall": r, "exact_match": em}
+    elif task_type == "tool_call":
+        p, r, f = argument_prf(golds, preds)
+        out = {"exact_match": em, "name_accuracy": name_accuracy(golds, preds), "argument_f1": f,
+               "argument_precision": p, "argument_recall": r}
+    elif task_type == "qa":
+        out = {"token_f1": token_f1(golds, preds), "exact_match": em}
+    else:
+        out = {"chrf": chrf(golds, preds), "exact_match": em}
+    return {**{k: out[k] for k in names}, "n": n}
+
+
+def task_score(task_type: str, metric: str, golds: Sequence[Any], preds: Sequence[Any], labels: Sequence[Any] | None = None) -> float:
+    """One metric of a task type over parsed answers (a cascade's quality at one threshold)."""
+    return float(task_scores(task_type, golds, preds, labels)[metric])
 
 
 # --- calibration -------------------------------------------------------------------------------

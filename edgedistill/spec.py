@@ -22,7 +22,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgedistill.errors import UserError
-from edgedistill.task import Task, TaskType
+from edgedistill.metrics import type_metrics
+from edgedistill.task import Task, TaskType, metric_error
 
 STRATEGIES = ("length", "coverage", "complexity", "register", "noise", "edge_case")
 
@@ -50,7 +51,7 @@ class DataSource(_Model):
 
 
 class GateConfig(_Model):
-    min_score: float = Field(0.8, ge=0.0, le=1.0, description="Teacher's minimum score on the test set (accuracy / exact match).")
+    min_score: float = Field(0.8, ge=0.0, le=1.0, description="Teacher's minimum score on the test set, in the task's primary metric (the spec's metric).")
     max_examples: int | None = Field(None, ge=1, description="Evaluate the gate on at most this many test rows (stratified order).")
 
 
@@ -196,6 +197,13 @@ class TaskSpec(_Model):
     instructions: str = Field(min_length=1, description="What the model must do; the system prompt.")
     labels: list[str] | None = Field(None, description="Classification: the allowed labels.")
     output_schema: dict[str, Any] | None = Field(None, description="Extraction/tool_call: JSON schema of the output.")
+    metric: str | None = Field(
+        None,
+        description="The primary metric the gates, the bench, the cascade sweep and the reports use, one of the type's "
+        "(classification: accuracy, macro_f1; extraction: slot_f1, slot_precision, slot_recall, exact_match; tool_call: "
+        "exact_match, name_accuracy, argument_f1, argument_precision, argument_recall; qa: token_f1, exact_match; "
+        "generation: chrf, exact_match). Default: the first.",
+    )
     seeds: list[Example] | DataSource = Field(description="10-50 labelled examples, inline or from a file.")
     test_set: DataSource = Field(description="Held-out labelled test set: never trained, generated from or calibrated on.")
     pool: DataSource | None = Field(None, description="Unlabelled inputs for the teacher to label.")
@@ -219,6 +227,8 @@ class TaskSpec(_Model):
                 raise ValueError("labels has duplicates")
         if self.type in ("extraction", "tool_call") and not self.output_schema:
             raise ValueError(f"a {self.type} task needs output_schema (a JSON schema)")
+        if self.metric is not None and self.metric not in type_metrics(self.type):
+            raise ValueError(metric_error(self.type, self.metric))
         if isinstance(self.seeds, list) and not 10 <= len(self.seeds) <= 50:
             raise ValueError(f"seeds has {len(self.seeds)} examples; give 10-50")
         if self.student.init_from_teacher_layers is not None and self.teacher.kind != "local":
@@ -238,6 +248,7 @@ class TaskSpec(_Model):
             output_schema=self.output_schema,
             list_labels=self.teacher.list_labels,
             label_max_tokens=self.generation.label_max_tokens,
+            metric=self.metric or "",
         )
 
     # --- paths -------------------------------------------------------------------------------

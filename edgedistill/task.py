@@ -9,7 +9,13 @@ serve and bench load it from there (:meth:`Task.from_manifest`). The rules live 
 * the assistant text of a gold answer (:meth:`Task.format_answer`) and the parse of a model's
   answer (:meth:`Task.parse_answer`);
 * :meth:`Task.is_correct` (an answer against a gold one) and :meth:`Task.same_answer` (two model
-  answers, e.g. self-consistency), and the task's metrics (:meth:`Task.score_answers`).
+  answers, e.g. self-consistency), and the task's metrics (:meth:`Task.score_answers`), of which
+  :attr:`Task.metric` is the primary one every gate, comparison, sweep and report uses.
+
+The answer value per type: classification, one of the labels; extraction, a JSON object of the
+schema (``{}`` when the input has nothing to extract); tool_call, one call ``{"name": <function>,
+"arguments": {...}}`` or "no call" ``{}`` (a null name reads as no call too), under the spec's
+output_schema; qa and generation, the text.
 """
 
 from __future__ import annotations
@@ -18,10 +24,10 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edgedistill.errors import UserError
-from edgedistill.metrics import CLASSIFICATION, STRUCTURED, answer_matches, task_scores
+from edgedistill.metrics import CLASSIFICATION, STRUCTURED, answer_correct, primary_metric, task_score, task_scores, type_metrics
 
 TaskType = Literal["classification", "extraction", "qa", "tool_call", "generation"]
 Messages = list[dict[str, str]]
@@ -41,6 +47,20 @@ class Task(BaseModel):
     output_schema: dict[str, Any] | None = None
     list_labels: bool = Field(True, description="The teacher's prompt lists the labels (the spec's teacher.list_labels).")
     label_max_tokens: int = Field(32, ge=1, description="The output budget of one answer (the spec's generation.label_max_tokens).")
+    metric: str = Field("", description="The primary metric (the spec's metric; empty: the type's default, the first of metrics).")
+
+    @model_validator(mode="after")
+    def _resolve_metric(self) -> Task:
+        if not self.metric:
+            object.__setattr__(self, "metric", primary_metric(self.type))
+        elif self.metric not in self.metrics:
+            raise ValueError(metric_error(self.type, self.metric))
+        return self
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The task type's metrics (edgedistill.metrics.TYPE_METRICS), the type's default primary first."""
+        return type_metrics(self.type)
 
     @classmethod
     def from_manifest(cls, d: Any) -> Task:
@@ -64,6 +84,7 @@ class Task(BaseModel):
                 output_schema=d.get("output_schema"),
                 list_labels=bool(teacher.get("list_labels", True)),
                 label_max_tokens=int(gen.get("label_max_tokens", 32)),
+                metric=str(d.get("metric") or ""),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"the manifest's task is incomplete ({_first_line(e)}); rebuild the artifact") from None
@@ -158,21 +179,21 @@ class Task(BaseModel):
         return text, (None if text else "empty")
 
     def is_correct(self, pred: Any, gold: Any) -> bool:
-        """The one rule for "this answer is right", in every stage.
+        """The one rule for "this answer is right", in every stage (edgedistill.metrics.answer_correct).
 
-        ``None`` (no valid answer) is wrong. Classification: the same label. Extraction/tool_call:
-        the same object up to key order, string case and whitespace, ``2 == 2.0`` (a gold given as
-        a JSON string is parsed). qa/generation: the same text after ``normalize_text``."""
+        ``None`` (no valid answer) is wrong. Classification: the same label. Extraction: the same
+        object up to key order, string case and whitespace, ``2 == 2.0``; tool_call: the same
+        function and arguments so normalised, or "no call" for "no call" (for both, a gold given as
+        JSON text is parsed). qa: the same text after SQuAD's normalisation (case, punctuation,
+        articles); generation: the same text after ``normalize_text``."""
         if pred is None:
             return False
-        if self.type == CLASSIFICATION:
-            return pred == gold
         if self.structured and isinstance(gold, str):
             try:
                 gold = json.loads(gold)
             except json.JSONDecodeError:
                 return False
-        return answer_matches(gold, pred)
+        return answer_correct(self.type, gold, pred)
 
     def same_answer(self, a: Any, b: Any) -> bool:
         """Two model answers agree (self-consistency): the correctness rule, with neither missing."""
@@ -181,6 +202,10 @@ class Task(BaseModel):
     def scores(self, golds: list[Any], preds: list[Any]) -> dict[str, Any]:
         """The task type's metrics (edgedistill.metrics.task_scores) over parsed answers."""
         return task_scores(self.type, golds, preds, labels=self.labels)
+
+    def score(self, golds: list[Any], preds: list[Any]) -> float:
+        """The task's primary metric (:attr:`metric`) over parsed answers."""
+        return task_score(self.type, self.metric, golds, preds, labels=self.labels)
 
     def score_answers(self, golds: list[Any], raw: list[str]) -> tuple[list[Any], dict[str, Any]]:
         """Parse raw answers and compute the task's metrics; invalid answers count as wrong."""
@@ -234,6 +259,11 @@ def check_schema(value: Any, schema: dict[str, Any]) -> str | None:
     except jsonschema.ValidationError:
         return "schema"
     return None
+
+
+def metric_error(task_type: str, metric: str) -> str:
+    """The one-line error for a metric that is not one of the type's."""
+    return f"metric {metric!r} is not one of {task_type}'s metrics: {', '.join(type_metrics(task_type))}"
 
 
 def _first_line(e: Exception) -> str:

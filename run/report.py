@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgedistill.metrics import primary_metric
 from edgedistill.spec import TaskSpec
 
 MODEL_KEYS = ("teacher", "student", "undistilled student")
@@ -27,7 +26,7 @@ def _c1(rows: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
 
 
 def build_report(spec: TaskSpec, out: Path, state: dict[str, Any]) -> dict[str, Any]:
-    metric = primary_metric(spec.type)
+    metric = spec.task.metric
     distill = _load(out / "distill.json") or {}
     compress = _load(out / "artifacts" / "compress.json") or {}
     bench = _load(out / "bench" / "report.json") or {}
@@ -56,7 +55,7 @@ def build_report(spec: TaskSpec, out: Path, state: dict[str, Any]) -> dict[str, 
             "tokens_per_s": row["output_tokens_per_s"] if row else a.get("tokens_per_s"),
             "tokens_per_s_basis": "served, concurrency 1" if row else "in-process decode (compress)",
             "decode_tokens_per_s": a.get("tokens_per_s"), "passed_gate": a.get("passed"), "error": a.get("error"),
-            "served_accuracy": (quality.get(a["name"]) or {}).get("accuracy"),
+            "served_accuracy": (quality.get(a["name"]) or {}).get(metric),
             "latency_ms_p50": row["latency_ms"]["p50"] if row else None,
             "cost_per_1k_usd": row.get("cost_per_1k_usd") if row else None,
         })
@@ -69,7 +68,7 @@ def build_report(spec: TaskSpec, out: Path, state: dict[str, Any]) -> dict[str, 
         rep["cascade"] = {
             "artifact": spec.bench.cascade_artifact,
             "threshold": spec.bench.cascade_threshold,
-            "accuracy": q.get("accuracy"),
+            "accuracy": q.get(metric),
             "fallback_rate": q.get("fallback_rate"),
             "cost_per_1k_usd": cas.get("cost_per_1k_usd") if cas else None,
             "latency_ms_p50": cas["latency_ms"]["p50"] if cas else None,
@@ -78,7 +77,7 @@ def build_report(spec: TaskSpec, out: Path, state: dict[str, Any]) -> dict[str, 
         }
     t = _c1(rows, "teacher")
     if t is not None and "teacher" in rep:
-        rep["teacher"]["served_accuracy"] = (quality.get("teacher") or {}).get("accuracy")
+        rep["teacher"]["served_accuracy"] = (quality.get("teacher") or {}).get(metric)
         rep["teacher"]["cost_per_1k_usd"] = t.get("cost_per_1k_usd")
         rep["teacher"]["latency_ms_p50"] = t["latency_ms"]["p50"]
     rep["bench_report"] = str(out / "bench" / "report.json") if bench else None

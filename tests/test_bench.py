@@ -495,6 +495,29 @@ def test_cascade_sweep_and_threshold_choice():
     assert cascade.point(0.5, [True], [None], [False])["fallback_rate"] == 1.0  # no confidence: always unsure
 
 
+def test_cascade_quality_is_the_tasks_metric_over_the_mixed_answers():
+    """An extraction cascade: the quality at a threshold is slot F1 over the rows as answered (the
+    student's where it kept them, the teacher's where they fell back), not the share of exact matches."""
+    task = Task(type="extraction", instructions="x", output_schema={"type": "object"})
+    golds = [{"a": 1, "b": 2}, {"a": 3, "b": 4}, {}]
+    student = [{"a": 1, "b": 9}, {"a": 3, "b": 4}, {"c": 1}]  # half right, right, an invented field
+    teacher = [{"a": 1, "b": 2}, {"a": 3}, {}]  # right, half right, right
+    conf = [0.2, 0.9, 0.4]
+
+    def score(pairs):
+        return task.score([g for g, _ in pairs], [p for _, p in pairs])
+
+    s_pairs, t_pairs = list(zip(golds, student)), list(zip(golds, teacher))
+    p = cascade.point(0.3, s_pairs, conf, t_pairs, score=score)  # row 0 goes to the teacher
+    # answers: teacher's row 0 (2 of 2), student's row 1 (2 of 2), student's row 2 (1 invented): tp 4, pred 5, gold 4
+    assert p["fallback_rate"] == pytest.approx(1 / 3, abs=1e-4) and p["accuracy"] == pytest.approx(round(8 / 9, 4))
+    assert cascade.point(1.0, s_pairs, conf, t_pairs, score=score)["accuracy"] == pytest.approx(round(6 / 7, 4))  # teacher alone
+    sw = cascade.sweep({"c": (s_pairs, conf, t_pairs)}, calibration_key="c", report_key="c", target=None, target_relative=1.0,
+                       student_cost=None, teacher_cost=None, score=score, metric=task.metric)  # fmt: skip
+    assert sw["metric"] == "slot_f1" and sw["teacher_accuracy_test"] == pytest.approx(round(6 / 7, 4))
+    assert sw["chosen"]["threshold"] == 0.3 and sw["chosen"]["target_met_on_calibration"]  # the mix beats the teacher
+
+
 def test_costs_and_prices():
     assert cost.parse_price("0.10/h") == cost.Price(usd_per_hour=0.10)
     assert cost.parse_price("$2.5/hour").usd_per_hour == 2.5

@@ -159,3 +159,16 @@ def test_bad_formats_are_one_line_errors():
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(UserError, match="not an HF checkpoint"):
         pipeline.run_compress(tmp_path)
+
+
+def test_a_cached_reference_without_the_tasks_metric_is_rescored(tmp_path):
+    """A reference.json measured before the task had its metric (qa scored by exact match only) is
+    scored again from its stored answers, not re-measured and not a KeyError in the gate."""
+    from edgedistill.task import Task
+
+    spec = types.SimpleNamespace(task=Task(type="qa", instructions="x"))
+    golds, preds = ["Denver Broncos", "Paris"], ["the Broncos", "Paris"]
+    ref = {"key": "k", "scores": {"exact_match": 0.5, "n": 2}, "constrained": False, "tokens_per_s": 1.0, "preds": preds, "tokens": []}
+    (tmp_path / "reference.json").write_text(json.dumps(ref))
+    got = pipeline._reference(None, None, spec, [], golds, [], tmp_path / "reference.json", "k")
+    assert got["scores"]["token_f1"] == pytest.approx((2 / 3 + 1) / 2) and got["scores"]["exact_match"] == 0.5

@@ -5,19 +5,26 @@ from __future__ import annotations
 import pytest
 
 from edgedistill.metrics import (
+    TYPE_METRICS,
     accuracy,
     agreement,
+    call_matches,
     canonical_json,
+    chrf,
     exact_match,
     expected_calibration_error,
     macro_f1,
     normalize_text,
     per_label_f1,
     primary_metric,
+    qa_matches,
     reliability_bins,
     slot_f1,
     slot_prf,
+    squad_normalize,
     task_scores,
+    token_f1,
+    type_metrics,
 )
 
 approx = pytest.approx
@@ -132,16 +139,86 @@ def test_task_scores_and_primary_metric():
     # a: tp1 fp1 -> 2/3; b: fn1 -> 0
     assert s == {"accuracy": 0.5, "macro_f1": approx(1 / 3), "n": 2}
     s = task_scores("extraction", [{"a": 1, "b": 2}], [{"a": 1, "b": 3}])
-    assert s == {"exact_match": 0.0, "slot_f1": 0.5, "slot_precision": 0.5, "slot_recall": 0.5, "n": 1}
-    assert set(task_scores("tool_call", [], [])) == {"exact_match", "slot_f1", "slot_precision", "slot_recall", "n"}
-    assert task_scores("qa", ["Paris"], [" paris "]) == {"exact_match": 1.0, "n": 1}
-    assert task_scores("generation", [], []) == {"exact_match": 0.0, "n": 0}
+    assert s == {"slot_f1": 0.5, "slot_precision": 0.5, "slot_recall": 0.5, "exact_match": 0.0, "n": 1}
+    assert list(task_scores("tool_call", [], [])) == [*TYPE_METRICS["tool_call"], "n"]
+    assert task_scores("qa", ["Paris"], [" paris "]) == {"token_f1": 1.0, "exact_match": 1.0, "n": 1}
+    assert task_scores("generation", [], []) == {"chrf": 0.0, "exact_match": 0.0, "n": 0}
     assert task_scores("classification", [], []) == {"accuracy": 0.0, "macro_f1": 0.0, "n": 0}
-    assert primary_metric("classification") == "accuracy"
-    for t in ("extraction", "tool_call", "qa", "generation"):
-        assert primary_metric(t) == "exact_match"
+    primaries = {t: primary_metric(t) for t in TYPE_METRICS}
+    assert primaries == {"classification": "accuracy", "extraction": "slot_f1", "tool_call": "exact_match",
+                         "qa": "token_f1", "generation": "chrf"}
+    for t in TYPE_METRICS:  # every metric a type lists is one task_scores computes, in that order
+        assert list(task_scores(t, [], [])) == [*type_metrics(t), "n"]
     with pytest.raises(ValueError):
         task_scores("poetry", [], [])
+    with pytest.raises(ValueError):
+        primary_metric("poetry")
+
+
+def test_extraction_empty_answer_is_right_and_an_invented_field_is_a_false_positive():
+    golds = [{"people": 2}, {}, {}]
+    # row 2: nothing to extract, answered with nothing: right; row 3: an invented field
+    preds = [{"people": 2}, {}, {"time": "7pm"}]
+    s = task_scores("extraction", golds, preds)
+    assert s["exact_match"] == approx(2 / 3)
+    assert (s["slot_precision"], s["slot_recall"], s["slot_f1"]) == approx((1 / 2, 1.0, 2 / 3))  # tp 1, predicted 2, gold 1
+    # nothing to extract anywhere, nothing answered: perfect, not 0/0
+    assert slot_prf([{}, {"note": None}], [{}, {}]) == (1.0, 1.0, 1.0)
+    assert task_scores("extraction", [{}, {}], [{}, {}])["exact_match"] == 1.0
+    # an invalid answer is never right: where there was nothing to extract it is a false positive
+    assert slot_prf([{}, {}], [{}, None]) == (0.0, 0.0, 0.0)
+    assert slot_prf([{}], ["not json"]) == (0.0, 0.0, 0.0)
+
+
+CALL = {"name": "book_table", "arguments": {"people": 2, "time": "7pm"}}
+
+
+def test_tool_call_exact_match_name_and_argument_f1():
+    golds = [CALL, CALL, CALL, {}]
+    preds = [
+        {"arguments": {"time": "7PM", "people": 2.0}, "name": "Book_Table"},  # the same call, normalised
+        {"name": "book_table", "arguments": {"people": 3, "time": "7pm"}},  # a wrong argument
+        {"name": "cancel", "arguments": {"people": 2, "time": "7pm"}},  # the wrong function
+        {"name": "book_table", "arguments": {"people": 1}},  # a call where none was asked for
+    ]
+    s = task_scores("tool_call", golds, preds)
+    assert s["exact_match"] == 0.25 and s["name_accuracy"] == 0.5
+    # gold pairs 2+2+2+0 = 6; predicted 2+2+2+1 = 7; right 2+1+2 = 5
+    assert (s["argument_precision"], s["argument_recall"], s["argument_f1"]) == approx((5 / 7, 5 / 6, 10 / 13))
+    assert call_matches(CALL, {"name": "book_table", "arguments": '{"time": "7pm", "people": 2}'})  # OpenAI's JSON-text arguments
+
+
+def test_tool_call_no_call_is_a_legitimate_answer():
+    golds = [{}, {"name": None}, CALL]
+    preds = [{"name": None, "arguments": {}}, {}, {}]  # two right "no call"s, one missed call
+    s = task_scores("tool_call", golds, preds)
+    assert s["exact_match"] == approx(2 / 3) and s["name_accuracy"] == approx(2 / 3)
+    assert (s["argument_precision"], s["argument_recall"], s["argument_f1"]) == (0.0, 0.0, 0.0)  # the missed call's 2 pairs
+    assert task_scores("tool_call", [{}, {}], [{}, {}])["argument_f1"] == 1.0
+    assert not call_matches({}, None) and not call_matches({}, "no") and not call_matches(CALL, {})
+    assert task_scores("tool_call", [{}], [None])["argument_precision"] == 0.0  # invalid is not "no call"
+
+
+def test_qa_token_f1_squad_values():
+    # SQuAD's normalisation: case, punctuation and the articles a/an/the go
+    assert squad_normalize("The  Eiffel-Tower, Paris!") == "eiffeltower paris"
+    assert squad_normalize("an apple a day") == "apple day"
+    # the official script's F1: bag-of-tokens overlap; "Denver Broncos" vs "the Broncos": p 1, r 1/2
+    s = task_scores("qa", ["Denver Broncos", "Denver Broncos", "Saint Bernadette Soubirous"],
+                    ["the Broncos", "Denver Broncos.", "Bernadette"])
+    assert s["token_f1"] == approx((2 / 3 + 1.0 + 0.5) / 3) and s["exact_match"] == approx(1 / 3)
+    assert token_f1(["a"], [""]) == 1.0  # both empty after normalisation: SQuAD v2 scores 1
+    assert token_f1(["Paris"], [""]) == 0.0 and token_f1(["Paris"], [None]) == 0.0
+    assert qa_matches("the Eiffel Tower", "Eiffel tower.") and not qa_matches("Paris", None)
+
+
+def test_chrf_is_sacrebleu_on_a_0_to_1_scale():
+    pytest.importorskip("sacrebleu")
+    text = ["The cat sat on the mat.", "A quick brown fox."]
+    assert chrf(text, text) == approx(1.0)
+    assert chrf(text, ["zzzz qqqq", "xxxx"]) < 0.05
+    assert 0.3 < chrf(["The cat sat on the mat."], ["The cat sat on a mat"]) < 1.0
+    assert chrf(["abc"], [None]) == 0.0 and chrf([], []) == 0.0
 
 
 def test_calibration_hand_computed():

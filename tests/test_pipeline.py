@@ -152,3 +152,62 @@ def test_local_teacher_layer_init_and_logit_kd(tmp_path, tiny_model_dir):
     assert results["teacher"]["params"] > results["student"]["params"]  # 4 layers vs 2
     manifest = json.loads((out / "student" / "manifest.json").read_text())
     assert manifest["settings"]["student"]["init_from_teacher_layers"] == [0, 3]
+
+
+class JsonTeacher(KeywordTeacher):
+    """An extraction teacher on loopback: answers each test input with the JSON ``answers`` maps it to."""
+
+    def __init__(self, answers: dict[str, dict]):
+        super().__init__({})
+        self.answers = answers
+        handler = self.server.RequestHandlerClass
+        fake = self
+
+        def do_POST(h):
+            body = json.loads(h.rfile.read(int(h.headers["Content-Length"])))
+            text = json.dumps(fake.answers[body["messages"][-1]["content"]])
+            data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                               "usage": {"prompt_tokens": 20, "completion_tokens": 5}}).encode()
+            h.send_response(200)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            h.wfile.write(data)
+
+        handler.do_POST = do_POST
+
+
+@pytest.mark.parametrize("metric, passed", [(None, True), ("exact_match", False)])
+def test_an_extraction_teacher_is_gated_on_slot_f1_or_the_specs_metric(tmp_path, tiny_model_dir, metric, passed):
+    from edgedistill.distill.cache import ResponseCache
+    from edgedistill.distill.pipeline import teacher_gate
+    from edgedistill.distill.teacher import make_teacher
+
+    from edgedistill.spec import load_spec
+
+    gold = {"a table for 2 at 7pm": {"people": 2, "time": "7pm"}, "4 of us at noon": {"people": 4, "time": "noon"},
+            "what is on the menu": {}, "opening hours?": {}}
+    said = {"a table for 2 at 7pm": {"people": 2, "time": "7pm"}, "4 of us at noon": {"people": 4, "time": "1pm"},
+            "what is on the menu": {}, "opening hours?": {"people": 1}}  # one wrong slot, one invented field
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"input": k, "output": v}) + "\n" for k, v in gold.items()))
+    teacher = JsonTeacher(said)
+    raw = {
+        "name": "slots", "type": "extraction", "instructions": "Extract the booking.",
+        "output_schema": {"type": "object", "properties": {"people": {"type": "integer"}, "time": {"type": "string"}}},
+        "seeds": [{"input": f"seed {i}", "output": {"people": i}} for i in range(10)],
+        "test_set": {"path": "test.jsonl"},
+        "teacher": {"kind": "openai", "base_url": teacher.url, "model": "json", "gate": {"min_score": 0.6}},
+        "student": {"path": str(tiny_model_dir)},
+    }  # fmt: skip
+    if metric:
+        raw["metric"] = metric
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump(raw))
+    try:
+        spec = load_spec(tmp_path / "task.yaml")
+        model = make_teacher(spec.teacher, spec.base_dir, ResponseCache(tmp_path / "cache.sqlite"))
+        gate = teacher_gate(spec, model, spec.load_test_set(), tmp_path, skip_gate=True)
+    finally:
+        teacher.close()
+    # slot F1: 3 of 4 gold slots right, 5 predicted -> 6/9; exact match: 2 of 4 rows (the empty one counts)
+    assert gate["metric"] == (metric or "slot_f1") and gate["passed"] is passed
+    assert gate["scores"]["slot_f1"] == pytest.approx(6 / 9) and gate["scores"]["exact_match"] == 0.5

@@ -82,3 +82,41 @@ def test_stratified_sees_every_label_first():
     rows = [Example(input=f"q{i}", output=lab) for i, lab in enumerate("aaaabbc")]
     assert [r.output for r in cls.stratified(rows, 4)] == ["a", "b", "c", "a"]
     assert cls.stratified(rows, None) == rows and cls.stratified(rows, 99) == rows
+
+
+def test_the_task_metric_is_the_types_primary_unless_the_spec_chooses_another(tmp_path):
+    from tests.test_spec import one_line_error
+
+    defaults = {t: Task(type=t, instructions="x", labels=["a", "b"]).metric
+                for t in ("classification", "extraction", "tool_call", "qa", "generation")}
+    assert defaults == {"classification": "accuracy", "extraction": "slot_f1", "tool_call": "exact_match",
+                        "qa": "token_f1", "generation": "chrf"}
+    assert Task(type="qa", instructions="x").metrics == ("token_f1", "exact_match")
+    raw = base_spec(tmp_path)
+    raw["metric"] = "macro_f1"
+    spec = load_spec(write(tmp_path, raw))
+    assert spec.task.metric == "macro_f1"
+    assert Task.from_manifest(spec.model_dump(mode="json")).metric == "macro_f1"  # the artifact keeps the choice
+    raw["metric"] = "slot_f1"  # not a classification metric
+    msg = one_line_error(write(tmp_path, raw))
+    assert "metric 'slot_f1' is not one of classification's metrics: accuracy, macro_f1" in msg
+    with pytest.raises(ValueError, match="not one of qa's metrics"):
+        Task(type="qa", instructions="x", metric="chrf")
+
+
+def test_score_is_the_primary_metric_over_the_answers():
+    ext = Task(type="extraction", instructions="x", output_schema=SCHEMA)
+    golds, preds = [{"people": 2, "time": "7pm"}, {"people": 4}], [{"people": 2, "time": "8pm"}, {"people": 4}]
+    assert ext.score(golds, preds) == pytest.approx(2 / 3)  # slot F1: 2 of 3 gold, 2 of 3 predicted
+    assert ext.model_copy(update={"metric": "exact_match"}).score(golds, preds) == 0.5
+
+
+def test_tool_call_is_correct_and_same_answer():
+    tc = Task(type="tool_call", instructions="x", output_schema={"type": "object"})
+    call = {"name": "book_table", "arguments": {"people": 2}}
+    assert tc.is_correct({"name": "Book_Table", "arguments": {"people": 2.0}}, call)
+    assert tc.is_correct({"name": None}, {}) and tc.same_answer({}, {"name": None, "arguments": {}})  # "no call" twice
+    assert not tc.is_correct({}, call) and not tc.is_correct({"name": "book_table", "arguments": {"people": 3}}, call)
+    assert tc.is_correct(call, json.dumps(call))  # a gold given as JSON text
+    qa = Task(type="qa", instructions="x")
+    assert qa.same_answer("The Eiffel Tower.", "eiffel tower")  # SQuAD's normalisation drops the article
