@@ -274,7 +274,7 @@ def make_config(
         if spec is None:
             max_tokens = 64
         else:
-            max_tokens = spec.generation.label_max_tokens if spec.type == "classification" else spec.generation.max_tokens
+            max_tokens = spec.task.output_budget  # the task's one output budget, as serve's /v1/predict decodes
     return BenchConfig(
         endpoints=list(endpoints),
         out=Path(out),

@@ -92,7 +92,7 @@ def measure(
     ``constraint`` (``constrained`` says whether they were)."""
     special = set(tokenizer.all_special_ids)
     t = time.perf_counter()
-    raw = answer_test_set(rt, tokenizer, spec, test_prompts, spec.generation.label_max_tokens, constraint)
+    raw = answer_test_set(rt, tokenizer, spec, test_prompts, spec.task.output_budget, constraint)
     eval_s = time.perf_counter() - t
     preds, scores = spec.task.score_answers(golds, raw)
     tokens = greedy_tokens(rt, agree_prompts, agree_len, special)

@@ -18,7 +18,7 @@ def answer_requests(task: Task, inputs: list[str], messages_fn: Callable[[str], 
     local model (the student, the undistilled student, a local teacher) decodes under the task's
     constraint as serve does, so the scores are what the served model delivers; an API teacher is
     sent the schema as response_format (``teacher_api``)."""
-    return [ChatRequest(messages=messages_fn(x), max_tokens=task.label_max_tokens, temperature=0.0, constrain_to=task) for x in inputs]
+    return [ChatRequest(messages=messages_fn(x), max_tokens=task.output_budget, temperature=0.0, constrain_to=task) for x in inputs]
 
 
 def decoded_as(model: Teacher, reqs: list[ChatRequest]) -> str:

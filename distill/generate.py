@@ -130,7 +130,7 @@ def label_requests(spec: Any, rows: list[dict], sample: int = 0, temperature: fl
     return [
         ChatRequest(
             messages=spec.task.teacher_messages(r["input"]),
-            max_tokens=spec.generation.label_max_tokens,
+            max_tokens=spec.task.output_budget,
             temperature=temperature,
             seed=spec.generation.seed + sample,
             sample=sample,
@@ -141,12 +141,14 @@ def label_requests(spec: Any, rows: list[dict], sample: int = 0, temperature: fl
 
 
 def attach_labels(spec: Any, rows: list[dict], reqs: list[ChatRequest], results: list[ChatResult], teacher: Teacher, key: str = "output") -> None:
-    """Put the teacher's parsed answer (None when unparseable) and its provenance on each row."""
+    """Put the teacher's parsed answer (None when unparseable or cut off by the output budget), its
+    text and finish_reason (for the labels) and its provenance on each row."""
     for row, req, res in zip(rows, reqs, results):
-        value, err = spec.task.parse_answer(res.text)
+        value, err = spec.task.parse_answer(res.text, res.finish_reason)  # a truncated answer is None
         prov = row.setdefault("provenance", {})
         if key == "output":
             row["raw_output"] = res.text
+            row["finish_reason"] = res.finish_reason  # validation rejects "length" as truncated
             row["output"] = None if err else value
             prov.update(
                 teacher_model=teacher.model_id,

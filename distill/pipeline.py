@@ -93,8 +93,9 @@ def run_with_progress(model: Teacher, reqs: list[ChatRequest], what: str) -> lis
 def teacher_gate(spec: TaskSpec, teacher: Teacher, test: list, out: Path, skip_gate: bool) -> dict[str, Any]:
     rows = spec.task.stratified(test, spec.teacher.gate.max_examples)
     reqs = answer_requests(spec.task, [r.input for r in rows], spec.task.teacher_messages)
-    raw = [r.text for r in run_with_progress(teacher, reqs, "teacher gate")]
-    _, scores = spec.task.score_answers([r.output for r in rows], raw)
+    answers = run_with_progress(teacher, reqs, "teacher gate")
+    # an answer cut off by the output budget is invalid (truncated), not parsed
+    _, scores = spec.task.score_answers([r.output for r in rows], [a.text for a in answers], [a.finish_reason for a in answers])
     metric = spec.task.metric
     gate = {"metric": metric, "score": scores[metric], "min_score": spec.teacher.gate.min_score, "scores": scores,
             "decoded_as": decoded_as(teacher, reqs), "teacher": teacher.describe()}
@@ -243,8 +244,8 @@ def evaluate_all(spec: TaskSpec, teacher: Teacher, test: list, student_dir: Path
     inputs, golds = [r.input for r in test], [r.output for r in test]
     results: dict[str, dict] = {}
     t_reqs = answer_requests(spec.task, inputs, spec.task.teacher_messages)
-    t_raw = [r.text for r in run_with_progress(teacher, t_reqs, "eval: teacher")]
-    t_preds, results["teacher"] = spec.task.score_answers(golds, t_raw)
+    t_answers = run_with_progress(teacher, t_reqs, "eval: teacher")
+    t_preds, results["teacher"] = spec.task.score_answers(golds, [a.text for a in t_answers], [a.finish_reason for a in t_answers])
     results["teacher"]["decoded_as"] = decoded_as(teacher, t_reqs)
     teacher_path = spec.resolve(spec.teacher.path) if spec.teacher.kind == "local" else None
     if teacher_path is not None and (teacher_path / "config.json").exists():
@@ -287,7 +288,7 @@ Distilled by edgedistill from **{teacher.model_id}** ({json.dumps(teacher.descri
 
 - Task: {spec.type}; instructions: {spec.instructions.strip()!r}
 - Labels: {", ".join(spec.labels) if spec.labels else "-"}
-- Teacher decoding for labels: temperature 0, max_tokens {spec.generation.label_max_tokens}
+- Teacher decoding for labels: temperature 0, max_tokens {spec.task.output_budget} (the task's output budget)
 - Input generation: {spec.generation.num_inputs} inputs, strategies {", ".join(spec.generation.strategies)}, temperature {spec.generation.temperature}, top_p {spec.generation.top_p}, seed {spec.generation.seed}
 - Training data: {report["kept"]} rows kept of {report["total"]} (rejected: {json.dumps(report["rejected"])}); data hash in manifest.json
 - Filters: {json.dumps(spec.validation.model_dump(mode="json"))}

@@ -1,13 +1,17 @@
 """Filtering of teacher-labelled training rows before training.
 
 A row is a dict with at least ``id``, ``input``, ``output`` (the parsed answer or None),
-``raw_output`` (the teacher's text; absent for seeds, whose ``output`` is checked instead) and
+``raw_output`` (the teacher's text; absent for seeds, whose ``output`` is checked instead),
+optionally ``finish_reason`` (why the teacher's answer stopped: ``"stop"``, or ``"length"`` when it
+ran into the task's output budget) and
 ``source`` (``"seed"``, ``"pool"`` or ``"synthetic"``), and optionally ``consistency_output`` (the
 teacher's second, sampled answer when self-consistency is on; None when it did not parse).
 
 Checks, in this order; a row gets the reason of the first one it fails:
 
-1. ``parse``           -- the teacher's answer is not valid (not a label, not JSON, fails the schema).
+1. ``truncated``       -- the teacher's answer stopped on the length limit (``finish_reason``
+   ``"length"``): cut off, so not parsed even where the cut text would pass as an answer.
+   ``parse``           -- the teacher's answer is not valid (not a label, not JSON, fails the schema).
 2. ``too_short`` / ``too_long`` -- the stripped input is outside ``validation.min_chars/max_chars``.
 3. ``contaminated``    -- the input overlaps the held-out test set (see :class:`_TestIndex`).
 4. ``exact_duplicate`` -- same input as a kept row after :func:`normalize_text`.
@@ -39,8 +43,9 @@ from typing import Any
 from datasketch import MinHash, MinHashLSH
 
 from edgedistill.metrics import normalize_text
+from edgedistill.task import TRUNCATED
 
-REASONS = ("parse", "too_short", "too_long", "contaminated", "exact_duplicate", "near_duplicate", "inconsistent")
+REASONS = ("truncated", "parse", "too_short", "too_long", "contaminated", "exact_duplicate", "near_duplicate", "inconsistent")
 NUM_PERM = 128
 MINHASH_SEED = 1
 SHINGLE = 3
@@ -172,8 +177,7 @@ def _check_parse(spec: Any, row: dict) -> tuple[Any, str | None]:
         if row.get("output") is None:
             return None, "no answer"
         raw = spec.task.format_answer(row["output"])
-    value, err = spec.task.parse_answer(raw)
-    return value, err
+    return spec.task.parse_answer(raw, row.get("finish_reason"))
 
 
 def _consistency(spec: Any, row: dict, value: Any) -> str | None:
@@ -213,6 +217,9 @@ def validate_rows(spec: Any, rows: list[dict], test_inputs: list[str]) -> tuple[
     for i, row in enumerate(out):
         value, err = _check_parse(spec, row)
         values[i] = value
+        if err == TRUNCATED:
+            reason[i], detail[i] = TRUNCATED, f"stopped on the length limit ({spec.task.output_budget} tokens)"
+            continue
         if err:
             reason[i], detail[i] = "parse", err
             continue

@@ -109,7 +109,9 @@ class GenerationConfig(_Model):
     temperature: float = Field(0.9, ge=0.0, le=2.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     max_tokens: int = Field(256, ge=1)
-    label_max_tokens: int = Field(32, ge=1, description="Max tokens for a labelling answer.")
+    label_max_tokens: int | None = Field(
+        None, ge=1, description="The task's output budget, max tokens of one answer in every stage (unset: derived from the labels or the schema)."
+    )
     seed: int = 0
     generator: TeacherConfig | None = Field(None, description="Model that writes new inputs (defaults to the teacher).")
 

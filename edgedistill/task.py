@@ -26,12 +26,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from edgedistill.budget import derived_budget
 from edgedistill.errors import UserError
 from edgedistill.metrics import CLASSIFICATION, STRUCTURED, answer_correct, primary_metric, task_score, task_scores, type_metrics
 
 TaskType = Literal["classification", "extraction", "qa", "tool_call", "generation"]
 Messages = list[dict[str, str]]
 
+TRUNCATED = "truncated"  # the error of an answer that stopped on the length limit (the output budget)
 _JSON_OBJ = re.compile(r"\{.*\}", re.DOTALL)
 
 
@@ -46,7 +48,9 @@ class Task(BaseModel):
     labels: list[str] | None = None
     output_schema: dict[str, Any] | None = None
     list_labels: bool = Field(True, description="The teacher's prompt lists the labels (the spec's teacher.list_labels).")
-    label_max_tokens: int = Field(32, ge=1, description="The output budget of one answer (the spec's generation.label_max_tokens).")
+    label_max_tokens: int | None = Field(
+        None, ge=1, description="The spec's output budget (generation.label_max_tokens); None: derived, see output_budget."
+    )
     metric: str = Field("", description="The primary metric (the spec's metric; empty: the type's default, the first of metrics).")
 
     @model_validator(mode="after")
@@ -56,6 +60,17 @@ class Task(BaseModel):
         elif self.metric not in self.metrics:
             raise ValueError(metric_error(self.type, self.metric))
         return self
+
+    @property
+    def output_budget(self) -> int:
+        """The most tokens one answer may take, the same in every stage (teacher labelling, the
+        teacher gate and evaluation, compress's gate, serve's /v1/predict, the bench): the spec's
+        ``generation.label_max_tokens`` when set, else derived from the labels or the schema
+        (edgedistill.budget.derived_budget: the longest label's bytes + 2; a structured answer's
+        characters with every value at its bound, at most 512; 256 for qa and generation)."""
+        if self.label_max_tokens is not None:
+            return self.label_max_tokens
+        return derived_budget(self.type, self.labels, self.output_schema)
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -83,7 +98,7 @@ class Task(BaseModel):
                 labels=list(d["labels"]) if d.get("labels") else None,
                 output_schema=d.get("output_schema"),
                 list_labels=bool(teacher.get("list_labels", True)),
-                label_max_tokens=int(gen.get("label_max_tokens", 32)),
+                label_max_tokens=None if gen.get("label_max_tokens") is None else int(gen["label_max_tokens"]),
                 metric=str(d.get("metric") or ""),
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -150,13 +165,17 @@ class Task(BaseModel):
         return out
 
     # --- answers -------------------------------------------------------------------------------
-    def parse_answer(self, text: str) -> tuple[Any, str | None]:
+    def parse_answer(self, text: str, finish_reason: str | None = None) -> tuple[Any, str | None]:
         """Parse a model's answer. Returns (value, error); error is None when the answer is valid.
 
-        Classification: the label, matched exactly after trimming whitespace/quotes/trailing
+        An answer that stopped on the length limit (``finish_reason`` ``"length"``) is not parsed:
+        it is invalid, ``"truncated"`` (a cut label or JSON object may still parse, as the wrong
+        answer). Classification: the label, matched exactly after trimming whitespace/quotes/trailing
         punctuation, then case-insensitively. Extraction/tool_call: the first JSON object, checked
         against the schema. qa/generation: the trimmed text.
         """
+        if finish_reason == "length":
+            return None, TRUNCATED
         text = (text or "").strip()
         if self.type == CLASSIFICATION:
             labels = self.labels or []
@@ -207,15 +226,22 @@ class Task(BaseModel):
         """The task's primary metric (:attr:`metric`) over parsed answers."""
         return task_score(self.type, self.metric, golds, preds, labels=self.labels)
 
-    def score_answers(self, golds: list[Any], raw: list[str]) -> tuple[list[Any], dict[str, Any]]:
-        """Parse raw answers and compute the task's metrics; invalid answers count as wrong."""
-        preds, invalid = [], 0
-        for text in raw:
-            value, err = self.parse_answer(text)
+    def score_answers(
+        self, golds: list[Any], raw: list[str], finish_reasons: list[str] | None = None
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """Parse raw answers and compute the task's metrics; invalid answers count as wrong, and an
+        answer that stopped on the length limit (``finish_reasons``, one per answer) is invalid,
+        counted in ``truncated_answers`` too."""
+        preds, invalid, truncated = [], 0, 0
+        for i, text in enumerate(raw):
+            value, err = self.parse_answer(text, finish_reasons[i] if finish_reasons else None)
             invalid += err is not None
+            truncated += err == TRUNCATED
             preds.append(None if err else value)
         scores = self.scores(golds, preds)
         scores["invalid_answers"] = invalid
+        if finish_reasons is not None:
+            scores["truncated_answers"] = truncated
         return preds, scores
 
 

@@ -251,8 +251,8 @@ async def student_predict(st: State, text: str, request: Request | None = None) 
     task = st.artifact.task  # type: ignore[union-attr]
     runner = st.engine.runner
     prompt = runner.tokenize(runner.render_chat(task.student_messages(text)), special=True, add_bos=True)
-    limit = task.label_max_tokens if task.type == "classification" else st.settings.default_max_tokens
-    max_tokens = _max_tokens(st, limit, len(prompt), param="input")
+    # the task's output budget, as every stage decodes an answer, clipped to the slot's context
+    max_tokens = _max_tokens(st, min(task.output_budget, runner.ctx_per_slot - len(prompt)), len(prompt), param="input")
     params = GenParams(
         max_tokens=max_tokens, temperature=0.0, confidence=True, label_trie=st.label_trie, constraint=st.task_constraint
     )
@@ -313,12 +313,13 @@ async def predict(st: State, text: str, policy: Policy, request: Request | None 
         ttext = (data["choices"][0].get("message") or {}).get("content")
         if not isinstance(ttext, str):  # a teacher that called a tool instead of answering
             raise TeacherError("invalid_answer (no content)")
-        tvalue, terr = task.parse_answer(ttext)
+        tvalue, terr = task.parse_answer(ttext, data["choices"][0].get("finish_reason"))
         if terr and not ans.error:
             raise TeacherError(f"invalid_answer ({terr})")
         parsed["answer"] = (tvalue, terr)
 
-    body = {"messages": task.teacher_messages(text), "max_tokens": max(ans.max_tokens, 64), "temperature": 0}
+    # the teacher's budget is the task's, the one the student has before the context clips it
+    body = {"messages": task.teacher_messages(text), "max_tokens": task.output_budget, "temperature": 0}
     shaped = task.response_format() if not st.teacher_refuses_response_format else None
     if shaped:  # the teacher answers in shape too (its API's own constraint); the prompt still names the schema
         body["response_format"] = shaped

@@ -184,6 +184,7 @@ def test_all_reasons_together(spec):
         "r18": "parse",
     }
     assert report["rejected"] == {
+        "truncated": 0,
         "parse": 1,
         "too_short": 1,
         "too_long": 0,
