@@ -6,6 +6,7 @@ serve and bench load it from there (:meth:`Task.from_manifest`). The rules live 
 
 * the student's prompt (what it is trained on and served with) and the teacher's labelling prompt
   (which may list the labels or the schema, because an API model has not been trained on the task);
+* the output budget of one answer (:attr:`Task.output_budget`, the same in every stage);
 * the assistant text of a gold answer (:meth:`Task.format_answer`) and the parse of a model's
   answer (:meth:`Task.parse_answer`);
 * :meth:`Task.is_correct` (an answer against a gold one) and :meth:`Task.same_answer` (two model
