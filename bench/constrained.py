@@ -17,24 +17,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+from edgedistill.bench.serve_speed import _port, start
 
 from edgedistill.metrics import expected_calibration_error, wilson_interval
 from edgedistill.task import Task
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _serve(artifact: Path, port: int, threads: int, threshold: float, constrain: bool) -> subprocess.Popen:
@@ -42,19 +34,10 @@ def _serve(artifact: Path, port: int, threads: int, threshold: float, constrain:
         sys.executable, "-m", "edgedistill.serve.cli", str(artifact), "--port", str(port), "--n-threads", str(threads),
         "--threshold", str(threshold), "--log-level", "warning", "--constrain" if constrain else "--no-constrain",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "EDGEDISTILL_CONFIG": ""})
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"edgedistill serve exited: {proc.stderr.read().decode()[-1500:]}")  # type: ignore[union-attr]
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("edgedistill serve did not become ready in 300 s")
+    try:
+        return start(cmd, port, ready="/ready", timeout_s=300)
+    except RuntimeError as e:
+        raise SystemExit(f"edgedistill serve: {e}") from None
 
 
 async def _answers(base: str, inputs: list[str], concurrency: int) -> list[dict[str, Any]]:

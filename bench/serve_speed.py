@@ -220,16 +220,17 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def start(cmd: list[str], port: int) -> subprocess.Popen:
+def start(cmd: list[str], port: int, ready: str = "/v1/models", timeout_s: float = 120) -> subprocess.Popen:
+    """Start a server and wait until ``ready`` answers 200 (its stderr in the error when it exits)."""
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "EDGEDISTILL_CONFIG": ""}
     )
-    deadline = time.time() + 120
+    deadline = time.time() + timeout_s
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{cmd[:3]} exited: {proc.stderr.read().decode()[-2000:]}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}{ready}", timeout=1).status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass
