@@ -67,3 +67,10 @@ llama-tools:
 # the llm-compressor venv that builds GPTQ artifacts (its own transformers pin; made on first use otherwise)
 gptq-env: $(STAMP)
 	$(BIN)/python -m edgedistill.compress.gptq --prepare
+
+# Extraction on real data (restaurant8k): data + fine-tuned teacher, then the whole pipeline.
+R8K_OUT ?= runs/restaurant8k
+.PHONY: demo-restaurant8k
+demo-restaurant8k: $(STAMP)
+	$(BIN)/python examples/restaurant8k/prepare.py --out $(R8K_OUT)
+	$(BIN)/edgedistill run examples/restaurant8k/task.yaml --out $(R8K_OUT)
