@@ -60,6 +60,9 @@ def build_report(spec: TaskSpec, out: Path, state: dict[str, Any]) -> dict[str, 
             "cost_per_1k_usd": row.get("cost_per_1k_usd") if row else None,
         })
     rep["artifacts"] = arts
+    qt = quantized_teacher_rows(out, rows, quality, metric, rep.get("teacher"))
+    if qt:
+        rep["quantized_teacher"] = qt
 
     cas = _c1(rows, "cascade")
     sweep = (bench.get("cascade") or {}).get("cascade")
@@ -86,6 +89,30 @@ def build_report(spec: TaskSpec, out: Path, state: dict[str, Any]) -> dict[str, 
     return rep
 
 
+def quantized_teacher_rows(
+    out: Path, rows: list[dict[str, Any]], quality: dict[str, Any], metric: str, teacher: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """The baseline "why not just quantize the teacher?": the teacher in the student's 4-bit GGUF
+    format (``teacher_artifacts/compress.json``), gated against the FP teacher and served like the others."""
+    from edgedistill.run.servers import QUANTIZED_TEACHER
+
+    compress = _load(out / "teacher_artifacts" / "compress.json") or {}
+    out_rows = []
+    for a in compress.get("artifacts", []):
+        name = QUANTIZED_TEACHER.format(a["name"])
+        row = _c1(rows, name)
+        out_rows.append({
+            "name": name, "format": a["format"], "bits": a["bits"], "path": a.get("path"), "size_mb": a.get("size_mb"),
+            "params": (teacher or {}).get("params"), "accuracy": a.get(metric), metric: a.get(metric),
+            "drop_vs_teacher": a.get("drop"), "token_agreement": a.get("token_agreement"), "error": a.get("error"),
+            "served_accuracy": (quality.get(name) or {}).get(metric),
+            "tokens_per_s": row["output_tokens_per_s"] if row else a.get("tokens_per_s"),
+            "latency_ms_p50": row["latency_ms"]["p50"] if row else None,
+            "cost_per_1k_usd": row.get("cost_per_1k_usd") if row else None,
+        })  # fmt: skip
+    return out_rows
+
+
 def _f(v: Any, fmt: str = ".3f") -> str:
     return "-" if v is None else format(v, fmt)
 
@@ -107,6 +134,13 @@ def report_markdown(rep: dict[str, Any]) -> str:
         lines.append(f"| {a['name']} | {a['bits']} | {_f(a.get('size_mb'), '.1f')} | {_f(a.get('accuracy'))} | {_f(a.get('drop_vs_fp'), '+.3f')} "
                      f"| {_f(a.get('token_agreement'))} | {_f(a.get('tokens_per_s'), '.0f')} | {_f(a.get('latency_ms_p50'), '.0f')} "
                      f"| {_f(a.get('cost_per_1k_usd'), '.4f')} | {gate} |")
+    qt = rep.get("quantized_teacher") or []
+    if qt:
+        lines += ["", "## Baseline: the teacher quantized\n",
+                  f"| model | bits | MB | {metric} | drop vs teacher | p50 latency ms | $ per 1k |", "|---|---|---|---|---|---|---|"]
+        for a in qt:
+            lines.append(f"| {a['name']} | {a['bits']} | {_f(a.get('size_mb'), '.1f')} | {_f(a.get('accuracy'))} | {_f(a.get('drop_vs_teacher'), '+.3f')} "
+                         f"| {_f(a.get('latency_ms_p50'), '.0f')} | {_f(a.get('cost_per_1k_usd'), '.4f')} |")
     c = rep.get("cascade")
     if c:
         lines += ["", "## Cascade\n",

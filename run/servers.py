@@ -26,10 +26,16 @@ from edgedistill.errors import UserError
 from edgedistill.manifest import MANIFEST, read_manifest, write_manifest
 from edgedistill.spec import TaskSpec
 
+QUANTIZED_TEACHER = "teacher-{}"  # the endpoint name of the quantized-teacher baseline, e.g. teacher-gguf-q4_k_m
 
-def serve_and_bench(spec: TaskSpec, spec_path: Path, out: Path, passed: list[dict[str, Any]], bench_dir: Path) -> dict[str, Any]:
-    """Serve each artifact in ``passed`` (compress's rows that passed the gate), the teacher, the cascade
-    and the peer; measure them with bench into ``bench_dir``; stop them. Returns bench's report."""
+
+def serve_and_bench(
+    spec: TaskSpec, spec_path: Path, out: Path, passed: list[dict[str, Any]], bench_dir: Path,
+    quantized_teacher: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Serve each artifact in ``passed`` (compress's rows that passed the gate), the teacher, the
+    quantized teacher (the baseline, ``quantized_teacher``: compress's rows for the teacher), the
+    cascade and the peer; measure them with bench into ``bench_dir``; stop them. Returns bench's report."""
     from edgedistill.bench.config import Ceiling, Endpoint, make_config, parse_list
     from edgedistill.bench.cost import Price
 
@@ -68,6 +74,8 @@ def serve_and_bench(spec: TaskSpec, spec_path: Path, out: Path, passed: list[dic
 
         for row in passed:
             local(row["name"], _serve_cmd(Path(row["path"]), _free_port(), threads))
+        for row in quantized_teacher or []:
+            local(QUANTIZED_TEACHER.format(row["name"]), _serve_cmd(Path(row["path"]), _free_port(), threads))
 
         by_name = {r["name"]: r for r in passed}
         cascade = by_name.get(b.cascade_artifact) or passed[0]

@@ -104,25 +104,39 @@ def run_all(spec_path: Path, out: Path | None = None, *, skip_gate: bool = False
     from edgedistill.compress.pipeline import passed_artifacts, run_compress
 
     passed: list[dict[str, Any]] = []
+    teacher_fmt = quantized_teacher_format(spec)
+    teacher_artifacts = out / "teacher_artifacts"
 
     def do_compress() -> None:
         passed[:] = passed_artifacts(run_compress(student, calibration=data, task=spec_path, out=artifacts, strict=False))
+        if teacher_fmt:  # the baseline "why not just quantize the teacher?", built and gated by the same code
+            console.print(f"[bold]baseline[/]: the teacher quantized to {teacher_fmt}")
+            run_compress(spec.resolve(str(spec.teacher.path)), formats=teacher_fmt, calibration=data, task=spec_path,
+                         out=teacher_artifacts, strict=False)  # fmt: skip
+
+    def compress_outputs() -> dict[str, str]:
+        outputs = _artifact_outputs(artifacts)
+        if teacher_fmt:
+            outputs.update({f"teacher/{k}": v for k, v in _artifact_outputs(teacher_artifacts, passed_only=False).items()})
+        return outputs
 
     stage(
         "compress",
-        {"student": state["stages"]["distill"]["outputs"], "compress": spec.compress.model_dump(mode="json"), "task": _task_core(spec)},
-        lambda: _artifact_outputs(artifacts),
+        {"student": state["stages"]["distill"]["outputs"], "compress": spec.compress.model_dump(mode="json"), "task": _task_core(spec),
+         "quantized_teacher": teacher_fmt},
+        compress_outputs,
         do_compress,
     )
     if not passed:  # compress was skipped: what it made before
         passed = passed_artifacts(artifacts)
+    quantized_teacher = _built_artifacts(teacher_artifacts) if teacher_fmt else []
 
     # 3. serve + bench
     stage(
         "bench",
         {"artifacts": state["stages"]["compress"]["outputs"], "bench": spec.bench.model_dump(mode="json"), "task": _task_core(spec)},
         lambda: {"report": sha256_file(bench_dir / "report.json")} if (bench_dir / "report.json").exists() else None,
-        lambda: serve_and_bench(spec, spec_path, out, passed, bench_dir),
+        lambda: serve_and_bench(spec, spec_path, out, passed, bench_dir, quantized_teacher=quantized_teacher),
     )
 
     report = write_report(spec, out, timings, state)
@@ -170,10 +184,31 @@ def _outputs(*folders: Path) -> dict[str, str]:
     return {f.name: sha256_json(read_manifest(f, verify=True)["files"]) for f in folders}
 
 
-def _artifact_outputs(artifacts: Path) -> dict[str, str]:
+def quantized_teacher_format(spec: TaskSpec) -> str | None:
+    """The format the teacher is quantized to as the baseline (the student's 4-bit GGUF format among
+    compress.formats, e.g. ``gguf:q4_k_m``), or None: the teacher is not a local HF checkpoint (an API,
+    or already a GGUF file), or the student gets no 4-bit GGUF."""
+    from edgedistill.compress.formats import parse_formats
+
+    if spec.teacher.kind != "local" or not spec.resolve(str(spec.teacher.path)).is_dir():
+        return None
+    fmt = next((f for f in parse_formats(spec.compress.formats) if f.family == "gguf" and f.bits == 4), None)
+    return f"{fmt.family}:{fmt.variant}" if fmt else None
+
+
+def _built_artifacts(folder: Path) -> list[dict[str, Any]]:
+    """compress.json's rows that were built (passed or not: a baseline is measured either way)."""
+    path = folder / "compress.json"
+    if not path.exists():
+        return []
+    return [r for r in json.loads(path.read_text())["artifacts"] if r.get("path") and not r.get("error")]
+
+
+def _artifact_outputs(artifacts: Path, passed_only: bool = True) -> dict[str, str]:
     from edgedistill.compress.pipeline import passed_artifacts
 
-    return {row["name"]: sha256_json(read_manifest(Path(row["path"]), verify=True)["files"]) for row in passed_artifacts(artifacts)}
+    rows = passed_artifacts(artifacts) if passed_only else _built_artifacts(artifacts)
+    return {row["name"]: sha256_json(read_manifest(Path(row["path"]), verify=True)["files"]) for row in rows}
 
 
 def _safe(check) -> Any:

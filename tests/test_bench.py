@@ -625,3 +625,14 @@ def test_real_gguf_server_and_ceiling(tmp_path):
         assert r["output_tokens"] <= 8 * 3 and r["token_count_mismatches"] == 0
         assert_ordered(r["latency_ms"])
         assert 0 < r["ceiling_fraction"] and r["ceiling_tokens_per_s"] > 0
+
+
+def test_pareto_plot_has_one_point_per_endpoint():
+    """The plot draws each endpoint once, at its cheapest measured load, however many loads were run."""
+    from edgedistill.bench.plot import endpoint_points
+
+    rows = [{"name": "a", "concurrency": 1, "cost_per_1k_usd": 0.02, "accuracy": 0.9},
+            {"name": "a", "concurrency": 4, "cost_per_1k_usd": 0.01, "accuracy": 0.9},
+            {"name": "b", "concurrency": 1, "cost_per_1k_usd": None, "accuracy": 0.8},
+            {"name": "c", "concurrency": 1, "cost_per_1k_usd": 0.5, "accuracy": None}]  # fmt: skip
+    assert endpoint_points(rows, lambda r: r.get("cost_per_1k_usd")) == {"a": (0.01, 0.9)}

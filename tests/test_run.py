@@ -62,8 +62,8 @@ def calls(monkeypatch):
         write_json_atomic(out / "distill.json", {"eval": {"teacher": res, "student": {**res, "agreement_with_teacher": 0.95},
                                                           "undistilled student": {**res, "accuracy": 0.1}}})
 
-    def fake_compress(student, *, calibration, task, out, strict):
-        calls.append("compress")
+    def fake_compress(student, *, calibration, task, out, strict, formats=None):
+        calls.append("compress" if formats is None else f"compress {Path(student).name} {formats}")
         art = out / "gguf-q4_k_m"
         art.mkdir(parents=True, exist_ok=True)
         (art / "model.gguf").write_text("g")
@@ -73,12 +73,12 @@ def calls(monkeypatch):
         write_json_atomic(out / "compress.json", {"artifacts": rows})
         return {"artifacts": rows}
 
-    def fake_bench(spec, spec_path, out, passed, bench_dir):
-        calls.append("bench")
+    def fake_bench(spec, spec_path, out, passed, bench_dir, quantized_teacher=None):
+        calls.append("bench" if not quantized_teacher else f"bench + {[r['name'] for r in quantized_teacher]}")
         assert [r["name"] for r in passed] == ["gguf-q4_k_m"]  # what compress passed, also when it was skipped
         lat = {"p50": 10.0, "p90": 12.0, "p99": 15.0}
         rows = [{"name": n, "concurrency": 1, "output_tokens_per_s": 50.0, "latency_ms": lat, "cost_per_1k_usd": c}
-                for n, c in (("gguf-q4_k_m", 0.001), ("teacher", 0.1), ("cascade", 0.01))]
+                for n, c in (("gguf-q4_k_m", 0.001), ("teacher", 0.1), ("cascade", 0.01), ("teacher-gguf-q4_k_m", 0.004))]
         write_json_atomic(bench_dir / "report.json", {"results": rows, "quality": {"cascade": {"accuracy": 0.9, "fallback_rate": 0.1}},
                                                       "cascade": {}})
 
@@ -189,3 +189,34 @@ def test_missing_model_is_a_clear_error(spec_path, calls, tmp_path):
     spec_path.write_text(yaml.safe_dump(spec))
     with pytest.raises(UserError, match="nope does not exist"):
         run_mod.run_all(spec_path, tmp_path / "out")
+
+
+def test_local_teacher_is_also_quantized_as_the_baseline(spec_path, calls, tmp_path):
+    """A local HF teacher is compressed to the student's 4-bit GGUF format by the same compress code,
+    served beside the others, and reported as quantized_teacher (report.json and report.md)."""
+    spec = yaml.safe_load(spec_path.read_text())
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "config.json").write_text("{}")
+    spec["teacher"] = {"kind": "local", "path": "teacher"}
+    spec_path.write_text(yaml.safe_dump(spec))
+    rep = run_mod.run_all(spec_path, tmp_path / "run")
+    assert calls == ["distill", "compress", "compress teacher gguf:q4_k_m", "bench + ['gguf-q4_k_m']"]
+    (qt,) = rep["quantized_teacher"]
+    assert qt["name"] == "teacher-gguf-q4_k_m" and qt["bits"] == 4 and qt["accuracy"] == 0.88 and qt["drop_vs_teacher"] == 0.02
+    assert qt["cost_per_1k_usd"] == 0.004 and qt["params"] == 1000
+    assert "teacher-gguf-q4_k_m" in (tmp_path / "run" / "report.md").read_text()
+    calls.clear()
+    run_mod.run_all(spec_path, tmp_path / "run")  # unchanged: nothing reruns, the baseline's outputs verified too
+    assert calls == []
+
+
+def test_no_baseline_for_an_api_teacher_or_without_a_4bit_gguf(spec_path, tmp_path):
+    from edgedistill.spec import load_spec
+
+    assert run_mod.quantized_teacher_format(load_spec(spec_path)) is None  # an API teacher
+    spec = yaml.safe_load(spec_path.read_text())
+    (tmp_path / "teacher").mkdir()
+    spec["teacher"] = {"kind": "local", "path": "teacher"}
+    spec["compress"] = {"formats": "gguf:q8_0,onnx:int4"}
+    spec_path.write_text(yaml.safe_dump(spec))
+    assert run_mod.quantized_teacher_format(load_spec(spec_path)) is None
