@@ -272,13 +272,24 @@ def within_noise(comparison: dict[str, Any] | None) -> bool | None:
     return comparison["p_value"] >= ALPHA
 
 
-def fmt_ci(value: Any, ci: Any, digits: int = 3) -> str:
-    """``"0.950 (0.912–0.973)"``: a number with its interval, for the markdown tables (``-`` when missing)."""
+def fmt_ci(value: Any, ci: Any, digits: int = 3, ci_digits: int = 2, sign: str = "") -> str:
+    """``"0.950 (0.91–0.97)"``: a number with its interval, for the markdown tables (``-`` when
+    missing; ``sign="+"`` writes differences as ``+0.010 (-0.02–+0.04)``)."""
     if value is None:
         return "-"
     if not isinstance(value, int | float):
         return str(value)
-    s = f"{value:.{digits}f}"
+    def num(v: float, d: int) -> str:
+        return f"{round(v, d) + 0.0:{sign}.{d}f}"  # + 0.0: what rounds to -0 prints as 0
+
+    s = num(value, digits)
     if isinstance(ci, list | tuple) and len(ci) == 2:
-        s += f" ({ci[0]:.{digits}f}–{ci[1]:.{digits}f})"
+        s += f" ({num(ci[0], ci_digits)}–{num(ci[1], ci_digits)})"
     return s
+
+
+def fmt_difference(d: dict[str, Any] | None) -> str:
+    """``"-0.010 (-0.04–+0.02), p 0.61"``: a :func:`paired_difference` for the markdown tables."""
+    if not d or d.get("diff") is None:
+        return "-"
+    return f"{fmt_ci(d['diff'], d.get('diff_ci'), sign='+')}, p {d['p_value']:.2g}"

@@ -147,6 +147,11 @@ def test_task_scores_carry_an_interval_beside_every_metric():
 
 
 def test_fmt_ci():
-    assert I.fmt_ci(0.95, [0.9102, 0.9726]) == "0.950 (0.910–0.973)"
+    assert I.fmt_ci(0.95, [0.9104, 0.9727]) == "0.950 (0.91–0.97)"
     assert I.fmt_ci(0.95, None) == "0.950"
     assert I.fmt_ci(None, [0, 1]) == "-"
+    d = {"diff": -0.01, "diff_ci": [-0.0412, 0.0213], "p_value": 0.6072}
+    assert I.fmt_difference(d) == "-0.010 (-0.04–+0.02), p 0.61"
+    assert I.fmt_difference(None) == "-"
+    assert I.fmt_ci(-0.0, [-0.0001, 0.2], sign="+") == "+0.000 (+0.00–+0.20)"  # no "-0.000"
+    assert I.fmt_ci(-0.0, None) == "0.000"
