@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgedistill.errors import UserError
-from edgedistill.intervals import ALPHA, fmt_ci
+from edgedistill.intervals import ALPHA, fmt_ci, fmt_p
 from edgedistill.manifest import MANIFEST, hash_files, read_manifest, sha256_json, write_json_atomic, write_manifest
 from edgedistill.spec import TaskSpec, load_spec, spec_from_manifest
 
@@ -322,7 +322,7 @@ def _cells(r: dict[str, Any], metric: str) -> list[str]:
     if "error" in r:
         return [r["name"], str(r["bits"]), "-", "-", "-", "-", "-", "-", "ERROR"]
     ci = r.get("drop_ci")
-    change = fmt_ci(-r["drop"], [-ci[1], -ci[0]] if ci else None, sign="+") + (f", p {r['drop_p_value']:.2g}" if r.get("drop_p_value") is not None else "")
+    change = fmt_ci(-r["drop"], [-ci[1], -ci[0]] if ci else None, sign="+") + (f", {fmt_p(r['drop_p_value'])}" if r.get("drop_p_value") is not None else "")
     return [r["name"], str(r["bits"]), f"{r['size_mb']:.1f}", f"{r['size_vs_fp']:.0%}" if r.get("size_vs_fp") else "-",
             fmt_ci(r[metric], r.get(f"{metric}_ci")), change,
             f"{r['token_agreement']:.3f}" if r.get("token_agreement") is not None else "-",

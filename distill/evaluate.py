@@ -8,7 +8,7 @@ from typing import Any
 
 from edgedistill.distill.teacher import ChatRequest, Teacher
 
-from edgedistill.intervals import agreement_ci, fmt_ci, fmt_difference, within_noise
+from edgedistill.intervals import agreement_ci, fmt_ci, fmt_difference, fmt_p, within_noise
 from edgedistill.metrics import agreement
 from edgedistill.task import Messages, Task
 
@@ -62,7 +62,7 @@ def noise_note(results: dict[str, dict[str, Any]], metric: str) -> str:
     cmp = {name: s["vs_teacher"] for name, s in results.items() if s.get("vs_teacher")}
     if not cmp:
         return ""
-    said = [f"{name} {d['diff']:+.3f} ({'within noise' if within_noise(d) else 'a real difference'}, p {d['p_value']:.2g})"
+    said = [f"{name} {d['diff']:+.3f} ({'within noise' if within_noise(d) else 'a real difference'}, {fmt_p(d['p_value'])})"
             for name, d in cmp.items()]
     test = ", ".join(dict.fromkeys(d["test"].replace("_", " ") for d in cmp.values()))
     return (f"\nIn parentheses: 95 % intervals (Wilson for proportions, bootstrap otherwise). {metric} vs the teacher on the "

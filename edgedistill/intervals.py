@@ -18,8 +18,9 @@ The rules, the same in every stage and report:
   other metric a paired bootstrap (the same resampled rows for both): the percentile interval of
   the differences, and a p-value twice the smaller share of them on either side of zero.
 
-Interval ends are rounded outwards to 4 decimals; a difference is :func:`within_noise` when its
-p-value is at least 0.05. An empty sample gives ``[0.0, 1.0]`` (a difference ``[-1.0, 1.0]``, p 1).
+Interval ends are rounded outwards to 4 decimals, p-values to 4 significant digits; a difference
+is :func:`within_noise` when its p-value is at least 0.05. An empty sample gives ``[0.0, 1.0]`` (a
+difference ``[-1.0, 1.0]``, p 1).
 """
 
 from __future__ import annotations
@@ -261,7 +262,7 @@ def paired_difference(
     else:
         diff, ci, p = paired_bootstrap(row_stats(task_type, metric, golds, preds_a, labels), row_stats(task_type, metric, golds, preds_b, labels))
         out["test"] = "paired_bootstrap"
-    out.update(diff=round(diff, 4), diff_ci=ci, p_value=round(p, 4), n=n, within_noise=p >= ALPHA)
+    out.update(diff=round(diff, 4), diff_ci=ci, p_value=float(f"{p:.4g}"), n=n, within_noise=p >= ALPHA)
     return out
 
 
@@ -292,4 +293,9 @@ def fmt_difference(d: dict[str, Any] | None) -> str:
     """``"-0.010 (-0.04–+0.02), p 0.61"``: a :func:`paired_difference` for the markdown tables."""
     if not d or d.get("diff") is None:
         return "-"
-    return f"{fmt_ci(d['diff'], d.get('diff_ci'), sign='+')}, p {d['p_value']:.2g}"
+    return f"{fmt_ci(d['diff'], d.get('diff_ci'), sign='+')}, {fmt_p(d['p_value'])}"
+
+
+def fmt_p(p: float | None) -> str:
+    """``"p 0.11"``, ``"p 1"``, ``"p < 0.001"``."""
+    return "p -" if p is None else "p < 0.001" if p < 0.001 else f"p {p:.2g}"
