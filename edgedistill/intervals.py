@@ -11,12 +11,16 @@ The rules, the same in every stage and report:
   Each resample recomputes the metric (micro counts summed, corpus chrF from summed n-gram counts;
   macro F1 over the sample's label set less the labels a resample lost every row of: scoring those
   0 would pull every resample down when there are many labels on few rows).
-  An interval is widened, if ever needed, to include its estimate;
+  An interval is widened, if ever needed, to include its estimate. Macro F1 with few rows per
+  label is itself biased low and its interval too narrow: simulated, 10 labels on 200 rows covered
+  the metric's mean at that size 99 % of the time, 77 labels on 200 rows only 76 %;
 * two models on the same rows (``diff = a - b``): for a proportion, the exact McNemar test (a
   two-sided binomial test on the rows where exactly one of them is right) with Newcombe's interval
   for a paired difference of proportions (his method 10, built from Wilson intervals); for every
   other metric a paired bootstrap (the same resampled rows for both): the percentile interval of
-  the differences, and a p-value twice the smaller share of them on either side of zero.
+  the differences, and a p-value twice the smaller share of them on either side of zero (simulated
+  under no difference, 10 labels on 200 rows: p < 0.05 in 2.7 % of trials for accuracy, 3.7 % for
+  macro F1, i.e. both tests err on the side of "noise").
 
 Interval ends are rounded outwards to 4 decimals, p-values to 4 significant digits; a difference
 is :func:`within_noise` when its p-value is at least 0.05. An empty sample gives ``[0.0, 1.0]`` (a
