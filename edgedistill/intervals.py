@@ -12,8 +12,8 @@ The rules, the same in every stage and report:
   macro F1 over the sample's label set less the labels a resample lost every row of: scoring those
   0 would pull every resample down when there are many labels on few rows).
   An interval is widened, if ever needed, to include its estimate. Macro F1 with few rows per
-  label is itself biased low and its interval too narrow: simulated, 10 labels on 200 rows covered
-  the metric's mean at that size 99 % of the time, 77 labels on 200 rows only 76 %;
+  label is itself biased low and its interval too narrow: simulated (100 trials), 10 labels on
+  200 rows covered the metric's mean at that size 99 % of the time, 77 labels on 200 rows 76 %;
 * two models on the same rows (``diff = a - b``): for a proportion, the exact McNemar test (a
   two-sided binomial test on the rows where exactly one of them is right) with Newcombe's interval
   for a paired difference of proportions (his method 10, built from Wilson intervals); for every
