@@ -60,6 +60,8 @@ def run_dir(tmp_path):
                      "accuracy_ci": s["accuracy_ci"], "n": s["n"], "drop": d["diff"], "drop_ci": d["diff_ci"],
                      "drop_p_value": d["p_value"], "drop_test": d["test"], "token_agreement": 0.9, "tokens_per_s": 10.0, "passed": True})
     write_json_atomic(out / "artifacts" / "compress.json", {"artifacts": rows})
+    # the quantized-teacher baseline, gated by the same compress code against the FP teacher: q4 vs fp
+    write_json_atomic(out / "teacher_artifacts" / "compress.json", {"artifacts": [{**rows[1], "name": "gguf-q4_k_m"}]})
 
     # bench: the cascade's served answers vs the teacher's
     t_ans = quality.Answers(t_preds, [None] * N, ["student"] * N, 0)
@@ -92,6 +94,11 @@ def test_report_json_carries_intervals_sizes_and_paired_tests(run_dir):
     assert q4["drop_vs_fp"] == pytest.approx(0.125) and q4["drop_vs_fp_p_value"] < 0.001 and q4["drop_vs_fp_ci"][0] > 0
     assert q4["n"] == N and q4["accuracy_ci"][0] < q4["accuracy"] < q4["accuracy_ci"][1] and q4["drop_vs_fp_test"] == "mcnemar_exact"
 
+    (qt,) = rep["quantized_teacher"]
+    assert qt["name"] == "teacher-gguf-q4_k_m" and qt["drop_vs_teacher"] == q4["drop_vs_fp"]
+    assert qt["drop_vs_teacher_ci"] == q4["drop_vs_fp_ci"] and qt["drop_vs_teacher_p_value"] == q4["drop_vs_fp_p_value"]
+    assert qt["accuracy_ci"] == q4["accuracy_ci"] and qt["n"] == N
+
     c = rep["cascade"]
     assert c["accuracy"] == pytest.approx(0.975) and c["n"] == N and c["accuracy_ci"][0] < 0.975 < c["accuracy_ci"][1]
     assert c["fallback_rate"] == pytest.approx(0.1) and c["fallback_rate_ci"][0] < 0.1 < c["fallback_rate_ci"][1]
@@ -104,4 +111,5 @@ def test_report_markdown_shows_intervals_and_which_differences_are_noise(run_dir
     assert "| student | 0.0M | 0.950 (0.91–0.97) | -0.030 (" in md and "| 200 |" in md
     assert "| gguf-q8_0 | 8 | 1.0 | 0.950 (0.91–0.97) | +0.000 (" in md and ", p 1 |" in md
     assert ("Paired tests on the same rows (p >= 0.05 is noise): within noise: student vs teacher, gguf-q8_0 vs FP; "
-            "a real difference: undistilled vs teacher, gguf-q4_k_m vs FP.") in md
+            "a real difference: undistilled vs teacher, gguf-q4_k_m vs FP, teacher-gguf-q4_k_m vs teacher.") in md
+    assert "| teacher-gguf-q4_k_m | 8 | 1.0 | 0.825 (0.77–0.87) | +0.125 (+0.08–+0.18), p < 0.001 |" in md
