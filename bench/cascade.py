@@ -21,14 +21,21 @@ from typing import Any
 import numpy as np
 from edgedistill.bench.cost import cascade_cost_per_1k, sig
 
+from edgedistill.intervals import proportion_ci
+
 GRID = tuple(round(x, 2) for x in np.linspace(0.0, 1.0, 21))
 
 
 Score = Callable[[list[Any]], float]
+Interval = Callable[[list[Any]], list[float]]
 
 
 def _mean_ok(answers: list[Any]) -> float:
     return float(np.mean(np.asarray(answers, dtype=bool))) if answers else 0.0
+
+
+def _wilson_ok(answers: list[Any]) -> list[float]:
+    return proportion_ci(sum(bool(a) for a in answers), len(answers))
 
 
 def _fallback(threshold: float, conf: Sequence[float | None], n: int) -> list[bool]:
@@ -47,9 +54,11 @@ def point(
     student_cost: float | None = None,
     teacher_cost: float | None = None,
     score: Score | None = None,
+    interval: Interval | None = None,
 ) -> dict[str, Any]:
-    """Quality (``accuracy``: ``score`` over the mixed answers), fallback rate and cost per 1k of the
-    cascade at one threshold."""
+    """Quality (``accuracy``: ``score`` over the mixed answers), fallback rate (with its 95 % Wilson
+    interval ``fallback_rate_ci``) and cost per 1k of the cascade at one threshold; with ``interval``
+    (the quality's 95 % interval over the mixed answers), ``accuracy_ci`` too."""
     n = len(student)
     if len(teacher) != n:
         raise ValueError("student, conf and teacher must have the same length")
@@ -58,13 +67,17 @@ def point(
     acc = (score or _mean_ok)(mixed) if n else 0.0
     rate = float(np.mean(fallback)) if n else 0.0
     cost = cascade_cost_per_1k(student_cost, rate, teacher_cost)
-    return {
+    out = {
         "threshold": round(float(threshold), 6),
         "accuracy": round(float(acc), 4),
         "fallback_rate": round(rate, 4),
+        "fallback_rate_ci": proportion_ci(sum(fallback), n),
         "cost_per_1k_usd": sig(cost),
         "n": n,
     }
+    if interval is not None:
+        out["accuracy_ci"] = interval(mixed)
+    return out
 
 
 def candidate_thresholds(conf: Sequence[float | None]) -> list[float]:
@@ -107,14 +120,18 @@ def sweep(
     teacher_cost: float | None,
     score: Score | None = None,
     metric: str = "accuracy",
+    interval: Interval | None = None,
 ) -> dict[str, Any]:
     """Choose the threshold on ``splits[calibration_key]``, report it on ``splits[report_key]``.
 
     Each value is ``(student answers, confidence, teacher answers)`` per row, scored by ``score``
     (see the module's docstring); ``metric`` is the name of what ``score`` computes. Without an
     absolute ``target`` the target is ``target_relative`` times the teacher's quality on the
-    calibration rows. The quality keys keep the name ``accuracy`` (``metric`` says what it is)."""
+    calibration rows. The quality keys keep the name ``accuracy`` (``metric`` says what it is).
+    The chosen threshold's points and the student's and teacher's test quality carry their 95 %
+    intervals (``interval`` over answers; without ``score``, Wilson's of the booleans)."""
     sc = score or _mean_ok
+    ci = interval or (_wilson_ok if score is None else None)
     cal, rep = splits[calibration_key], splits[report_key]
 
     def of(answers: Sequence[Any]) -> float:
@@ -139,14 +156,16 @@ def sweep(
         "target_basis": "absolute" if target is not None else f"{target_relative:g} x teacher {metric} on the calibration split",
         "teacher_accuracy_calibration": teacher_cal_acc,
         "teacher_accuracy_test": of(rep[2]),
+        "teacher_accuracy_test_ci": ci(list(rep[2])) if ci else None,
         "student_accuracy_test": of(rep[0]),
+        "student_accuracy_test_ci": ci(list(rep[0])) if ci else None,
         "student_cost_per_1k_usd": student_cost,
         "teacher_cost_per_1k_usd": teacher_cost,
         "chosen": {
             "threshold": round(th, 6),
             "target_met_on_calibration": met,
-            "calibration": point(th, *cal, student_cost, teacher_cost, score),
-            "test": point(th, *rep, student_cost, teacher_cost, score),
+            "calibration": point(th, *cal, student_cost, teacher_cost, score, ci),
+            "test": point(th, *rep, student_cost, teacher_cost, score, ci),
         },
         "sweep": rows,
     }

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from edgedistill.bench.client import Sample
 
+from edgedistill.intervals import agreement_ci, proportion_ci
 from edgedistill.metrics import agreement, expected_calibration_error, reliability_bins
 from edgedistill.task import Task
 
@@ -77,14 +78,20 @@ class Answers:
 
 
 def scores(task: Any, golds: Sequence[Any], answers: Answers, teacher: Answers | None) -> dict[str, Any]:
-    """Task metrics (each under its name; ``metric`` names the task's primary one, the number
-    tables and plots use), agreement with the teacher, and the share the teacher answered (a cascade)."""
+    """Task metrics (each under its name with its 95 % interval ``<name>_ci``, and ``n``; ``metric``
+    names the task's primary one, the number tables and plots use), agreement with the teacher, and
+    the share the teacher answered (a cascade), each with its interval too; ``vs_teacher``: this
+    endpoint minus the teacher on the primary metric over the same rows, with a paired test."""
     out: dict[str, Any] = dict(task.scores(golds, answers.preds))
     out["metric"] = task.metric
     out["errors"] = answers.errors
     out["agreement_with_teacher"] = round(agreement(answers.preds, teacher.preds), 4) if teacher is not None else None
+    out["agreement_with_teacher_ci"] = agreement_ci(answers.preds, teacher.preds) if teacher is not None else None
+    out["vs_teacher"] = task.compare(list(golds), answers.preds, teacher.preds) if teacher is not None else None
     routed = [a for a in answers.answered_by if a is not None]
-    out["fallback_rate"] = round(sum(a == "teacher" for a in routed) / len(routed), 4) if routed else None
+    fell_back = sum(a == "teacher" for a in routed)
+    out["fallback_rate"] = round(fell_back / len(routed), 4) if routed else None
+    out["fallback_rate_ci"] = proportion_ci(fell_back, len(routed)) if routed else None
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 

@@ -8,6 +8,8 @@ from typing import Any
 
 from edgedistill.bench.plot import row_label
 
+from edgedistill.intervals import fmt_ci, fmt_difference, fmt_p, within_noise
+
 
 def _f(v: Any, digits: int = 1) -> str:
     if v is None:
@@ -27,6 +29,10 @@ def _money(v: float | None) -> str:
 
 def _share(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f} %"
+
+
+def _share_ci(ci: list[float] | None) -> str:
+    return "" if not ci else f" ({100 * ci[0]:.1f}–{100 * ci[1]:.1f} %)"
 
 
 def write_json(report: dict[str, Any], out: Path) -> Path:
@@ -49,27 +55,34 @@ def load_table(rows: list[dict[str, Any]], metric: str = "accuracy") -> list[str
         lines.append(
             f"| {r['name']} | {load} | {r['requests']} / {r['sent']} | {errs} | {_pct(r['latency_ms'])} | {_pct(r['ttft_ms'])} "
             f"| {_pct(r['itl_ms'], digits=2)} | {_f((r['tpot_ms'] or {}).get('p50'), 2)} | {_f(r['output_tokens_per_s'])} "
-            f"| {_f(r['requests_per_s'], 2)} | {_money(r['cost_per_1k_usd'])} | {_f(r['accuracy'], 3)} | {_share(r['fallback_rate'])} "
+            f"| {_f(r['requests_per_s'], 2)} | {_money(r['cost_per_1k_usd'])} | {fmt_ci(r['accuracy'], r.get('accuracy_ci'))} | {_share(r['fallback_rate'])} "
             f"| {_share(r['ceiling_fraction'])} |"
         )
     return lines
 
 
 def quality_table(quality: dict[str, dict[str, Any]]) -> list[str]:
-    """One row per endpoint: the task's primary metric (its ``metric``) first, then its other metrics."""
+    """One row per endpoint: the task's primary metric (its ``metric``) with its 95 % interval first,
+    then its other metrics, the difference from the teacher (a paired test), and a line saying which
+    differences are within noise."""
     metric = next((q.get("metric") for q in quality.values() if q.get("metric")), "accuracy")
     lines = [
-        f"| endpoint | {metric} | other metrics | agreement with teacher | teacher share | ECE of served confidence | rows | errors |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| endpoint | {metric} | other metrics | {metric} vs teacher | agreement with teacher | teacher share | ECE of served confidence | rows | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     skip = {metric, "n", "errors", "agreement_with_teacher", "fallback_rate", "calibration"}
     for name, q in quality.items():
         other = ", ".join(f"{k} {_f(v, 3)}" for k, v in q.items() if k not in skip and isinstance(v, float))
         cal = q.get("calibration")
         lines.append(
-            f"| {name} | {_f(q.get(metric), 3)} | {other or '-'} | {_f(q['agreement_with_teacher'], 3)} | {_share(q['fallback_rate'])} "
+            f"| {name} | {fmt_ci(q.get(metric), q.get(f'{metric}_ci'))} | {other or '-'} | {fmt_difference(q.get('vs_teacher'))} "
+            f"| {_f(q['agreement_with_teacher'], 3)} | {_share(q['fallback_rate'])} "
             f"| {_f(cal['ece'], 3) if cal else '-'} | {q['n']} | {q['errors']} |"
         )
+    said = [f"{name} {'within noise' if within_noise(q['vs_teacher']) else 'a real difference'} ({fmt_p(q['vs_teacher']['p_value'])})"
+            for name, q in quality.items() if q.get("vs_teacher")]
+    if said:
+        lines += ["", f"In parentheses: 95 % intervals. {metric} vs the teacher on the same rows (paired test): {'; '.join(said)}."]
     return lines
 
 
@@ -82,14 +95,16 @@ def cascade_section(name: str, sw: dict[str, Any]) -> list[str]:
         "",
         f"Split: {sw['split']}. Target {m} {sw['target_accuracy']:.4f} ({sw['target_basis']}), {met} on the calibration split.",
         (
-            f"Student's own answers: {sw['student_source']}. Teacher {m} on the test split {sw['teacher_accuracy_test']:.4f}, "
-            f"student alone {sw['student_accuracy_test']:.4f}. Cost: student {_money(sw['student_cost_per_1k_usd'])} + "
+            f"Student's own answers: {sw['student_source']}. Teacher {m} on the test split "
+            f"{fmt_ci(sw['teacher_accuracy_test'], sw.get('teacher_accuracy_test_ci'), 4)}, student alone "
+            f"{fmt_ci(sw['student_accuracy_test'], sw.get('student_accuracy_test_ci'), 4)}. Cost: student {_money(sw['student_cost_per_1k_usd'])} + "
             f"teacher share x {_money(sw['teacher_cost_per_1k_usd'])} $ / 1k requests."
         ),
         "",
         (
-            f"**Chosen threshold {ch['threshold']:.4g}**: on the test split {m} {ch['test']['accuracy']:.4f}, teacher share "
-            f"{_share(ch['test']['fallback_rate'])}, {_money(ch['test']['cost_per_1k_usd'])} $ / 1k requests "
+            f"**Chosen threshold {ch['threshold']:.4g}**: on the test split ({ch['test']['n']} rows) {m} "
+            f"{fmt_ci(ch['test']['accuracy'], ch['test'].get('accuracy_ci'), 4)}, teacher share "
+            f"{_share(ch['test']['fallback_rate'])}{_share_ci(ch['test'].get('fallback_rate_ci'))}, {_money(ch['test']['cost_per_1k_usd'])} $ / 1k requests "
             f"(calibration split: {ch['calibration']['accuracy']:.4f}, {_share(ch['calibration']['fallback_rate'])})."
         ),
         "",

@@ -23,6 +23,8 @@ from edgedistill.bench.cost import cascade_cost_per_1k, own_cost_per_1k, sig
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from edgedistill.intervals import metric_interval
+
 ROW_KEYS = ("name", "mode", "concurrency", "rate", "offered_rate", "sent")
 
 # The student-only pass asks chat with X-Edgedistill-Fallback: off; a server older than that mode
@@ -310,6 +312,7 @@ def assemble(cfg: BenchConfig, m: Measured, test_rows, cal_rows, ceilings) -> di
             r["cost_basis"] = ep.price.kind
         qn = q.get(r["name"], {})
         r["accuracy"] = qn.get(task.metric) if task is not None else None  # the task's primary metric (rep["metric"])
+        r["accuracy_ci"], r["n"] = (qn.get(f"{task.metric}_ci"), qn.get("n")) if task is not None else (None, None)
         r["agreement_with_teacher"] = qn.get("agreement_with_teacher")
         r.setdefault("accuracy_load", None)
     _ceiling_fractions(rows, ceilings)
@@ -362,6 +365,9 @@ def _sweeps(cfg, m: Measured, test_rows, cal_rows, answers, rows, t_cost, notes)
     def score(pairs: list[tuple[Any, Any]]) -> float:  # the task's primary metric over (gold, answer) pairs
         return task.score([g for g, _ in pairs], [p for _, p in pairs])
 
+    def interval(pairs: list[tuple[Any, Any]]) -> list[float]:  # its 95 % interval
+        return metric_interval(task.type, task.metric, [g for g, _ in pairs], [p for _, p in pairs], task.labels)
+
     t_ok = list(zip(golds, answers[cfg.teacher].preds))
     out = {}
     for ep in cascades:
@@ -405,6 +411,7 @@ def _sweeps(cfg, m: Measured, test_rows, cal_rows, answers, rows, t_cost, notes)
             teacher_cost=t_cost,
             score=score,
             metric=task.metric,
+            interval=interval,
         )
         sw["split"] = split
         sw["student_source"] = m.student_via.get(ep.name, "chat answers as served")

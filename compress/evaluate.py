@@ -89,7 +89,9 @@ def measure(
     constraint: Constraint | None = None,
 ) -> dict[str, Any]:
     """Everything the summary table and the gate need for one runtime; the test-set answers under
-    ``constraint`` (``constrained`` says whether they were)."""
+    ``constraint`` (``constrained`` says whether they were). The scores carry their 95 % intervals;
+    with the FP student's answers (``ref_preds``), ``drop_test`` is the drop on the primary metric
+    (FP minus this runtime, ``Task.compare``) with its interval and a paired test."""
     special = set(tokenizer.all_special_ids)
     t = time.perf_counter()
     raw = answer_test_set(rt, tokenizer, spec, test_prompts, spec.task.output_budget, constraint)
@@ -102,5 +104,7 @@ def measure(
         out["token_agreement"] = round(token_agreement(ref_tokens, tokens), 4)
     if ref_preds is not None:
         out["answer_agreement"] = round(sum(a == b for a, b in zip(preds, ref_preds, strict=True)) / max(len(preds), 1), 4)
+        # the FP student minus this runtime on the same rows (the gate's drop), with a paired test
+        out["drop_test"] = spec.task.compare(golds, ref_preds, preds)
     out["_preds"], out["_tokens"] = preds, tokens
     return out

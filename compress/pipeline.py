@@ -38,6 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgedistill.errors import UserError
+from edgedistill.intervals import ALPHA, fmt_ci, fmt_p
 from edgedistill.manifest import MANIFEST, hash_files, read_manifest, sha256_json, write_json_atomic, write_manifest
 from edgedistill.spec import TaskSpec, load_spec, spec_from_manifest
 
@@ -126,17 +127,21 @@ def run_compress(
         try:
             folder, manifest, reused = _build(fmt, ckpt, out, work, spec, calib_texts, calib, source_hash, ck_manifest)
             quality = manifest.get("quality")
-            if not (reused and quality and quality.get("reference") == ref_key and metric in quality.get("scores", {})):
+            if not (reused and quality and quality.get("reference") == ref_key and (quality.get("drop_test") or {}).get("metric") == metric):
                 quality = _measure(fmt, folder, manifest, tokenizer, spec, test_prompts, golds, agree_prompts, ref, ref_key, constraint)
             drop = fp_score - quality["scores"][metric]
             passed = drop <= max_drop + 1e-9
+            paired = quality["drop_test"]
             manifest["quality"] = quality
             manifest["gate"] = {"metric": metric, "fp": fp_score, "value": quality["scores"][metric], "drop": round(drop, 4),
+                                "drop_ci": paired["diff_ci"], "drop_p_value": paired["p_value"],
                                 "max_drop": max_drop, "constrained": constraint is not None, "passed": passed}
             write_json_atomic(folder / MANIFEST, manifest)
             row = {"name": fmt.name, "format": fmt.family, "variant": fmt.variant, "bits": fmt.bits, "path": str(folder),
                    "size_mb": manifest["size_mb"], "size_vs_fp": round(manifest["size_mb"] / fp_mb, 3) if fp_mb else None,
-                   metric: quality["scores"][metric], "constrained": quality.get("constrained", False), "drop": round(drop, 4), "token_agreement": quality.get("token_agreement"),
+                   metric: quality["scores"][metric], f"{metric}_ci": quality["scores"].get(f"{metric}_ci"), "n": quality["scores"].get("n"),
+                   "constrained": quality.get("constrained", False), "drop": round(drop, 4), "drop_ci": paired["diff_ci"],
+                   "drop_p_value": paired["p_value"], "drop_test": paired["test"], "token_agreement": quality.get("token_agreement"),
                    "tokens_per_s": quality["tokens_per_s"], "method": manifest["method"], "passed": passed,
                    "reused": reused, "seconds": round(time.time() - t0, 1)}
             if not passed and not keep_failed:
@@ -149,7 +154,8 @@ def run_compress(
 
     # --- 4. summary ----------------------------------------------------------------------------
     summary = {"checkpoint": str(ckpt), "task": spec.name, "metric": metric, "max_drop": max_drop, "constrained": constraint is not None,
-               "fp": {"size_mb": round(fp_mb, 1), metric: fp_score, "tokens_per_s": ref["tokens_per_s"]},
+               "fp": {"size_mb": round(fp_mb, 1), metric: fp_score, f"{metric}_ci": ref["scores"].get(f"{metric}_ci"),
+                      "n": ref["scores"].get("n"), "tokens_per_s": ref["tokens_per_s"]},
                "calibration": {"path": str(calib.path), "rows": len(calib.rows), "hash": calib.data_hash},
                "test_rows": len(test), "artifacts": rows}
     write_json_atomic(out / "compress.json", summary)
@@ -193,7 +199,7 @@ def _reference(ckpt, tokenizer, spec, test_prompts, golds, agree_prompts, path: 
 
         old = json.loads(path.read_text(encoding="utf-8"))
         if old.get("key") == key:
-            if spec.task.metric not in old["scores"]:  # cached before the task had this metric: score its answers again
+            if f"{spec.task.metric}_ci" not in old["scores"]:  # cached before the task had this metric (or intervals): score again
                 old["scores"] = {**old["scores"], **spec.task.scores(golds, old["preds"])}
             return old
     from edgedistill.runtimes.hf import HFRuntime
@@ -315,9 +321,25 @@ COLUMNS = ("format", "bits", "MB", "size vs FP", "{metric}", "drop vs FP", "toke
 def _cells(r: dict[str, Any], metric: str) -> list[str]:
     if "error" in r:
         return [r["name"], str(r["bits"]), "-", "-", "-", "-", "-", "-", "ERROR"]
+    ci = r.get("drop_ci")
+    change = fmt_ci(-r["drop"], [-ci[1], -ci[0]] if ci else None, sign="+") + (f", {fmt_p(r['drop_p_value'])}" if r.get("drop_p_value") is not None else "")
     return [r["name"], str(r["bits"]), f"{r['size_mb']:.1f}", f"{r['size_vs_fp']:.0%}" if r.get("size_vs_fp") else "-",
-            f"{r[metric]:.3f}", f"{-r['drop']:+.3f}", f"{r['token_agreement']:.3f}" if r.get("token_agreement") is not None else "-",
+            fmt_ci(r[metric], r.get(f"{metric}_ci")), change,
+            f"{r['token_agreement']:.3f}" if r.get("token_agreement") is not None else "-",
             f"{r['tokens_per_s']:.0f}", "pass" if r["passed"] else "FAIL"]
+
+
+def noise_note(summary: dict[str, Any]) -> str:
+    """One line: which artifacts' changes vs the FP student are within noise (p >= 0.05, paired test)."""
+    rows = [r for r in summary["artifacts"] if r.get("drop_p_value") is not None]
+    if not rows:
+        return ""
+    quiet = [r["name"] for r in rows if r["drop_p_value"] >= ALPHA]
+    real = [r["name"] for r in rows if r["drop_p_value"] < ALPHA]
+    said = (f"within noise: {', '.join(quiet)}" if quiet else "") + ("; " if quiet and real else "") + (f"a real change: {', '.join(real)}" if real else "")
+    test = ", ".join(dict.fromkeys(str(r.get("drop_test", "paired test")).replace("_", " ") for r in rows))
+    return (f"\nIn parentheses: 95 % intervals over {summary['test_rows']} rows; the change vs FP is a paired test on the same rows "
+            f"({test}), {said} (p >= {ALPHA:g} is noise).\n")
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
@@ -325,11 +347,12 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     cols = [c.format(metric=metric) for c in COLUMNS]
     fp = summary["fp"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
-             f"| FP student (transformers) | 32 | {fp['size_mb']:.1f} | 100% | {fp[metric]:.3f} | - | 1.000 | {fp['tokens_per_s']:.0f} | - |"]
+             (f"| FP student (transformers) | 32 | {fp['size_mb']:.1f} | 100% | {fmt_ci(fp[metric], fp.get(f'{metric}_ci'))} | - | 1.000 "
+              f"| {fp['tokens_per_s']:.0f} | - |")]
     lines += ["| " + " | ".join(_cells(r, metric)) + " |" for r in summary["artifacts"]]
     shaped = ", answers decoded under the task's constraint as served" if summary.get("constrained") else ""
     return (f"# {summary['task']}: compressed artifacts ({summary['test_rows']} held-out rows{shaped}, max drop {summary['max_drop']:g})\n\n"
-            + "\n".join(lines) + "\n")
+            + "\n".join(lines) + "\n" + noise_note(summary))
 
 
 def _table(summary: dict[str, Any]) -> Table:
@@ -338,7 +361,7 @@ def _table(summary: dict[str, Any]) -> Table:
     for c in COLUMNS:
         t.add_column(c.format(metric=metric))
     fp = summary["fp"]
-    t.add_row("FP student", "32", f"{fp['size_mb']:.1f}", "100%", f"{fp[metric]:.3f}", "-", "1.000", f"{fp['tokens_per_s']:.0f}", "-")
+    t.add_row("FP student", "32", f"{fp['size_mb']:.1f}", "100%", fmt_ci(fp[metric], fp.get(f"{metric}_ci")), "-", "1.000", f"{fp['tokens_per_s']:.0f}", "-")
     for r in summary["artifacts"]:
         cells = _cells(r, metric)
         style = "red" if not r["passed"] else None

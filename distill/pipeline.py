@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from edgedistill.distill.cache import ResponseCache
-from edgedistill.distill.evaluate import add_agreement, answer_requests, decoded_as, table_markdown
+from edgedistill.distill.evaluate import add_agreement, add_vs_teacher, answer_requests, decoded_as, table_markdown
 from edgedistill.distill.generate import attach_labels, generation_requests, label_requests, synthetic_inputs
 from edgedistill.distill.teacher import ChatRequest, Teacher, make_teacher
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from edgedistill.errors import GateFailed
+from edgedistill.intervals import fmt_ci
 from edgedistill.manifest import read_manifest, sha256_file, sha256_json, write_json_atomic, write_manifest
 from edgedistill.spec import TaskSpec, load_spec
 
@@ -97,11 +98,13 @@ def teacher_gate(spec: TaskSpec, teacher: Teacher, test: list, out: Path, skip_g
     # an answer cut off by the output budget is invalid (truncated), not parsed
     _, scores = spec.task.score_answers([r.output for r in rows], [a.text for a in answers], [a.finish_reason for a in answers])
     metric = spec.task.metric
-    gate = {"metric": metric, "score": scores[metric], "min_score": spec.teacher.gate.min_score, "scores": scores,
+    gate = {"metric": metric, "score": scores[metric], "score_ci": scores[f"{metric}_ci"], "n": scores["n"],
+            "min_score": spec.teacher.gate.min_score, "scores": scores,
             "decoded_as": decoded_as(teacher, reqs), "teacher": teacher.describe()}
     gate["passed"] = scores[metric] >= spec.teacher.gate.min_score
     write_json_atomic(out / "gate.json", gate)
-    line = f"teacher gate: {metric} {scores[metric]:.3f} on {len(rows)} test rows (min {spec.teacher.gate.min_score})"
+    lo, hi = scores[f"{metric}_ci"]
+    line = f"teacher gate: {metric} {scores[metric]:.3f} (95 % {lo:.2f}–{hi:.2f}) on {len(rows)} test rows (min {spec.teacher.gate.min_score})"
     if not gate["passed"]:
         if not skip_gate:
             raise GateFailed(
@@ -257,6 +260,7 @@ def evaluate_all(spec: TaskSpec, teacher: Teacher, test: list, student_dir: Path
         preds, results[name] = spec.task.score_answers(golds, raw)
         results[name]["decoded_as"] = decoded_as(model, reqs)  # the task's constraint, as serve decodes
         add_agreement(results[name], preds, t_preds)
+        add_vs_teacher(spec.task, results[name], golds, preds, t_preds)
         results[name]["params"] = count_params(path)
     eval_dir = out / "eval"
     write_json_atomic(eval_dir / "eval.json", {"task": spec.name, "test_rows": len(test), "results": results})
@@ -298,6 +302,6 @@ Distilled by edgedistill from **{teacher.model_id}** ({json.dumps(teacher.descri
 ## Held-out evaluation ({s["n"]} rows)
 
 {table_markdown(spec, results)}
-Student {metric}: {s[metric]:.3f}; agreement with the teacher: {s.get("agreement_with_teacher", 0):.3f}.
+Student {metric}: {fmt_ci(s[metric], s.get(f"{metric}_ci"))} on {s["n"]} rows; agreement with the teacher: {s.get("agreement_with_teacher", 0):.3f}.
 """
     (student_dir / "README.md").write_text(card, encoding="utf-8")

@@ -29,7 +29,7 @@ import re
 import string
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -191,12 +191,20 @@ def _micro_prf(rows: Iterable[tuple[set[Any], set[Any] | None]]) -> tuple[float,
     tp = n_pred = n_gold = n = 0
     for gs, ps in rows:
         n += 1
-        if ps is None:
-            n_pred += 0 if gs else 1
-            ps = set()
-        tp += len(gs & ps)
-        n_pred += len(ps)
-        n_gold += len(gs)
+        t, np_, ng = micro_counts(gs, ps)
+        tp, n_pred, n_gold = tp + t, n_pred + np_, n_gold + ng
+    return micro_prf_from_counts(tp, n_pred, n_gold, n)
+
+
+def micro_counts(gs: set[Any], ps: set[Any] | None) -> tuple[int, int, int]:
+    """One row's (true positives, predicted items, gold items) under :func:`_micro_prf`'s rules."""
+    if ps is None:
+        return 0, 0 if gs else 1, len(gs)
+    return len(gs & ps), len(ps), len(gs)
+
+
+def micro_prf_from_counts(tp: float, n_pred: float, n_gold: float, n: float) -> tuple[float, float, float]:
+    """Micro precision, recall and F1 from counts summed over ``n`` rows (see :func:`_micro_prf`)."""
     if n and not n_pred and not n_gold:
         return 1.0, 1.0, 1.0
     return _ratio(tp, n_pred), _ratio(tp, n_gold), _ratio(2 * tp, n_pred + n_gold)
@@ -208,8 +216,13 @@ def slot_prf(golds: Sequence[Any], preds: Sequence[Any]) -> tuple[float, float, 
     An input with nothing to extract counts: an empty object is right (it adds no error), an
     invented field is a false positive. An invalid (``None``/non-object) prediction has no slots:
     it lowers recall, and on a row with nothing to extract it is a false positive."""
+    return _micro_prf(slot_sets(golds, preds))
+
+
+def slot_sets(golds: Sequence[Any], preds: Sequence[Any]) -> list[tuple[set[Any], set[Any] | None]]:
+    """Per row, (gold slots, predicted slots or None for an invalid answer): what :func:`slot_prf` counts."""
     _check(golds, preds)
-    return _micro_prf((_slots(g), _slots(p) if isinstance(p, dict) else None) for g, p in zip(golds, preds))
+    return [(_slots(g), _slots(p) if isinstance(p, dict) else None) for g, p in zip(golds, preds)]
 
 
 def slot_f1(golds: Sequence[Any], preds: Sequence[Any]) -> float:
@@ -248,19 +261,29 @@ def call_matches(gold: Any, pred: Any) -> bool:
 def name_accuracy(golds: Sequence[Any], preds: Sequence[Any]) -> float:
     """Fraction of answers that call the gold function (case-insensitive), or make no call where the gold makes none."""
     n = _check(golds, preds)
-    names = [(_call(g), _call(p)) for g, p in zip(golds, preds)]
-    return _ratio(sum(g is not None and p is not None and canonical_json(g.get("name")) == canonical_json(p.get("name")) for g, p in names), n)
+    return _ratio(sum(name_matches(g, p) for g, p in zip(golds, preds)), n)
+
+
+def name_matches(gold: Any, pred: Any) -> bool:
+    """The answer calls the gold function (case-insensitive), or makes no call where the gold makes none."""
+    g, p = _call(gold), _call(pred)
+    return g is not None and p is not None and canonical_json(g.get("name")) == canonical_json(p.get("name"))
 
 
 def argument_prf(golds: Sequence[Any], preds: Sequence[Any]) -> tuple[float, float, float]:
     """Micro precision, recall and F1 over (argument, normalised value) pairs of the calls, as
     :func:`slot_prf` (a "no call" has no arguments; arguments of a call nobody asked for are false positives)."""
+    return _micro_prf(argument_sets(golds, preds))
+
+
+def argument_sets(golds: Sequence[Any], preds: Sequence[Any]) -> list[tuple[set[Any], set[Any] | None]]:
+    """Per row, (gold arguments, predicted arguments or None for an invalid answer): what :func:`argument_prf` counts."""
     _check(golds, preds)
     rows = []
     for g, p in zip(golds, preds):
         gc, pc = _call(g), _call(p)
         rows.append((_slots((gc or {}).get("arguments")), None if pc is None else _slots(pc.get("arguments"))))
-    return _micro_prf(rows)
+    return rows
 
 
 # --- qa: SQuAD's answer normalisation and token F1 ---------------------------------------------
@@ -281,7 +304,8 @@ def qa_matches(gold: Any, pred: Any) -> bool:
     return pred is not None and squad_normalize(gold) == squad_normalize(pred)
 
 
-def _token_f1(gold: Any, pred: Any) -> float:
+def row_token_f1(gold: Any, pred: Any) -> float:
+    """One row's SQuAD token F1 (``None`` scores 0)."""
     if pred is None:
         return 0.0
     g, p = squad_normalize(gold).split(), squad_normalize(pred).split()
@@ -297,7 +321,7 @@ def _token_f1(gold: Any, pred: Any) -> float:
 def token_f1(golds: Sequence[Any], preds: Sequence[Any]) -> float:
     """Mean over rows of SQuAD's token F1 (bag-of-tokens overlap after :func:`squad_normalize`)."""
     n = _check(golds, preds)
-    return _ratio(sum(_token_f1(g, p) for g, p in zip(golds, preds)), n)
+    return _ratio(sum(row_token_f1(g, p) for g, p in zip(golds, preds)), n)
 
 
 # --- generation: chrF --------------------------------------------------------------------------
@@ -307,14 +331,29 @@ def chrf(golds: Sequence[Any], preds: Sequence[Any]) -> float:
     n = _check(golds, preds)
     if not n:
         return 0.0
+    hyps = ["" if p is None else str(p) for p in preds]
+    return float(_chrf_metric().corpus_score(hyps, [[str(g) for g in golds]]).score) / 100.0
+
+
+def _chrf_metric() -> Any:
     try:
         from sacrebleu.metrics import CHRF
     except ImportError:
         from edgedistill.errors import UserError
 
         raise UserError("generation's metric chrF needs sacrebleu: pip install 'edgedistill[distill]' (or pip install sacrebleu)") from None
+    return CHRF()
+
+
+def chrf_statistics(golds: Sequence[Any], preds: Sequence[Any]) -> tuple[np.ndarray, Callable[[Sequence[float]], float]]:
+    """Per row, sacrebleu's chrF n-gram counts (hypothesis, reference, matched, per order), and the
+    function that turns counts summed over rows into the corpus chrF (/ 100): :func:`chrf` is that
+    function of all rows' sums, so a bootstrap can resample rows without re-tokenising them."""
+    _check(golds, preds)
+    metric = _chrf_metric()
     hyps = ["" if p is None else str(p) for p in preds]
-    return float(CHRF().corpus_score(hyps, [[str(g) for g in golds]]).score) / 100.0
+    stats = metric._extract_corpus_statistics(hyps, [[str(g) for g in golds]])
+    return np.asarray(stats, dtype=float).reshape(len(hyps), -1), lambda sums: float(metric._compute_f_score(list(sums))) / 100.0
 
 
 # --- agreement and per-task summaries ----------------------------------------------------------

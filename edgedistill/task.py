@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edgedistill.budget import derived_budget
 from edgedistill.errors import UserError
+from edgedistill.intervals import paired_difference, with_intervals
 from edgedistill.metrics import CLASSIFICATION, STRUCTURED, answer_correct, primary_metric, task_score, task_scores, type_metrics
 
 TaskType = Literal["classification", "extraction", "qa", "tool_call", "generation"]
@@ -220,8 +221,14 @@ class Task(BaseModel):
         return a is not None and b is not None and self.is_correct(a, b)
 
     def scores(self, golds: list[Any], preds: list[Any]) -> dict[str, Any]:
-        """The task type's metrics (edgedistill.metrics.task_scores) over parsed answers."""
-        return task_scores(self.type, golds, preds, labels=self.labels)
+        """The task type's metrics (edgedistill.metrics.task_scores) over parsed answers, each with
+        its 95 % interval ``<metric>_ci`` ([low, high], edgedistill.intervals), and ``n``."""
+        return with_intervals(self.type, task_scores(self.type, golds, preds, labels=self.labels), golds, preds, labels=self.labels)
+
+    def compare(self, golds: list[Any], preds_a: list[Any], preds_b: list[Any]) -> dict[str, Any]:
+        """Model a minus model b on the same rows, on the primary metric, with its 95 % interval and
+        a paired test (edgedistill.intervals.paired_difference: ``diff``, ``diff_ci``, ``p_value``)."""
+        return paired_difference(self.type, self.metric, golds, preds_a, preds_b, labels=self.labels)
 
     def score(self, golds: list[Any], preds: list[Any]) -> float:
         """The task's primary metric (:attr:`metric`) over parsed answers."""

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from edgedistill.intervals import ALPHA, fmt_ci, fmt_difference, fmt_p
 from edgedistill.spec import TaskSpec
 
 MODEL_KEYS = ("teacher", "student", "undistilled student")
@@ -42,20 +43,24 @@ def build_report(spec: TaskSpec, out: Path, state: dict[str, Any]) -> dict[str, 
         if key in ev:
             m = ev[key]
             rep[key.replace("undistilled student", "undistilled")] = {
-                "params": m.get("params"), "accuracy": m.get("accuracy", m.get(metric)), metric: m.get(metric),
-                **{k: v for k, v in m.items() if k not in ("params", "accuracy", metric) and not isinstance(v, dict | list)},
+                "params": m.get("params"), "accuracy": m.get("accuracy", m.get(metric)),
+                "accuracy_ci": m.get("accuracy_ci", m.get(f"{metric}_ci")), metric: m.get(metric),
+                **{k: v for k, v in m.items() if k not in ("params", "accuracy", "accuracy_ci", metric) and _kept(k, v)},
             }
 
     arts = []
     for a in compress.get("artifacts", []):
         row = _c1(rows, a["name"])
+        served = quality.get(a["name"]) or {}
         arts.append({
             "name": a["name"], "format": a["format"], "bits": a["bits"], "path": a.get("path"), "size_mb": a.get("size_mb"),
-            "accuracy": a.get(metric), "drop_vs_fp": a.get("drop"), "token_agreement": a.get("token_agreement"),
+            "accuracy": a.get(metric), "accuracy_ci": a.get(f"{metric}_ci"), "n": a.get("n"),
+            "drop_vs_fp": a.get("drop"), "drop_vs_fp_ci": a.get("drop_ci"), "drop_vs_fp_p_value": a.get("drop_p_value"),
+            "drop_vs_fp_test": a.get("drop_test"), "token_agreement": a.get("token_agreement"),
             "tokens_per_s": row["output_tokens_per_s"] if row else a.get("tokens_per_s"),
             "tokens_per_s_basis": "served, concurrency 1" if row else "in-process decode (compress)",
             "decode_tokens_per_s": a.get("tokens_per_s"), "passed_gate": a.get("passed"), "error": a.get("error"),
-            "served_accuracy": (quality.get(a["name"]) or {}).get(metric),
+            "served_accuracy": served.get(metric), "served_accuracy_ci": served.get(f"{metric}_ci"), "served_n": served.get("n"),
             "latency_ms_p50": row["latency_ms"]["p50"] if row else None,
             "cost_per_1k_usd": row.get("cost_per_1k_usd") if row else None,
         })
@@ -72,7 +77,11 @@ def build_report(spec: TaskSpec, out: Path, state: dict[str, Any]) -> dict[str, 
             "artifact": spec.bench.cascade_artifact,
             "threshold": spec.bench.cascade_threshold,
             "accuracy": q.get(metric),
+            "accuracy_ci": q.get(f"{metric}_ci"),
+            "n": q.get("n"),
             "fallback_rate": q.get("fallback_rate"),
+            "fallback_rate_ci": q.get("fallback_rate_ci"),
+            "vs_teacher": q.get("vs_teacher"),
             "cost_per_1k_usd": cas.get("cost_per_1k_usd") if cas else None,
             "latency_ms_p50": cas["latency_ms"]["p50"] if cas else None,
             "recommended": ({"threshold": sweep["chosen"]["threshold"], "target_accuracy": sweep["target_accuracy"],
@@ -81,6 +90,7 @@ def build_report(spec: TaskSpec, out: Path, state: dict[str, Any]) -> dict[str, 
     t = _c1(rows, "teacher")
     if t is not None and "teacher" in rep:
         rep["teacher"]["served_accuracy"] = (quality.get("teacher") or {}).get(metric)
+        rep["teacher"]["served_accuracy_ci"] = (quality.get("teacher") or {}).get(f"{metric}_ci")
         rep["teacher"]["cost_per_1k_usd"] = t.get("cost_per_1k_usd")
         rep["teacher"]["latency_ms_p50"] = t["latency_ms"]["p50"]
     rep["bench_report"] = str(out / "bench" / "report.json") if bench else None
@@ -104,8 +114,10 @@ def quantized_teacher_rows(
         out_rows.append({
             "name": name, "format": a["format"], "bits": a["bits"], "path": a.get("path"), "size_mb": a.get("size_mb"),
             "params": (teacher or {}).get("params"), "accuracy": a.get(metric), metric: a.get(metric),
-            "drop_vs_teacher": a.get("drop"), "token_agreement": a.get("token_agreement"), "error": a.get("error"),
-            "served_accuracy": (quality.get(name) or {}).get(metric),
+            "accuracy_ci": a.get(f"{metric}_ci"), "n": a.get("n"),
+            "drop_vs_teacher": a.get("drop"), "drop_vs_teacher_ci": a.get("drop_ci"), "drop_vs_teacher_p_value": a.get("drop_p_value"),
+            "drop_vs_teacher_test": a.get("drop_test"), "token_agreement": a.get("token_agreement"), "error": a.get("error"),
+            "served_accuracy": (quality.get(name) or {}).get(metric), "served_accuracy_ci": (quality.get(name) or {}).get(f"{metric}_ci"),
             "tokens_per_s": row["output_tokens_per_s"] if row else a.get("tokens_per_s"),
             "latency_ms_p50": row["latency_ms"]["p50"] if row else None,
             "cost_per_1k_usd": row.get("cost_per_1k_usd") if row else None,
@@ -113,44 +125,83 @@ def quantized_teacher_rows(
     return out_rows
 
 
+def _kept(key: str, value: Any) -> bool:
+    """A model's eval field report.json carries: numbers and strings, intervals, the paired test."""
+    return not isinstance(value, dict | list) or key.endswith("_ci") or key == "vs_teacher"
+
+
 def _f(v: Any, fmt: str = ".3f") -> str:
     return "-" if v is None else format(v, fmt)
+
+
+def _drop(a: dict[str, Any], key: str = "drop_vs_fp") -> str:
+    """An artifact's drop (``key``: vs the FP student, or ``drop_vs_teacher``) with its interval
+    and p-value (``+0.005 (-0.01–+0.02), p 0.5``)."""
+    if a.get(key) is None:
+        return "-"
+    p = a.get(f"{key}_p_value")
+    return fmt_ci(a[key], a.get(f"{key}_ci"), sign="+") + ("" if p is None else f", {fmt_p(p)}")
+
+
+def noise_line(rep: dict[str, Any]) -> str:
+    """Which differences are within noise: the students vs the teacher, the artifacts vs the FP
+    student, the quantized teacher vs the teacher (paired tests on the same rows; p >= 0.05 is
+    noise). Empty without any test."""
+    tests = [(f"{k} vs teacher", rep[k]["vs_teacher"].get("p_value")) for k in ("student", "undistilled")
+             if (rep.get(k) or {}).get("vs_teacher")]
+    tests += [(f"{a['name']} vs FP", a.get("drop_vs_fp_p_value")) for a in rep.get("artifacts", [])]
+    tests += [(f"{a['name']} vs teacher", a.get("drop_vs_teacher_p_value")) for a in rep.get("quantized_teacher") or []]
+    tests = [(what, p) for what, p in tests if p is not None]
+    if not tests:
+        return ""
+    quiet = [w for w, p in tests if p >= ALPHA]
+    real = [w for w, p in tests if p < ALPHA]
+    parts = ([f"within noise: {', '.join(quiet)}"] if quiet else []) + ([f"a real difference: {', '.join(real)}"] if real else [])
+    return f"Paired tests on the same rows (p >= {ALPHA:g} is noise): {'; '.join(parts)}."
 
 
 def report_markdown(rep: dict[str, Any]) -> str:
     metric = rep["task"]["metric"]
     lines = [f"# {rep['task']['name']}: from teacher to edge\n", "## Models (held-out test set)\n",
-             f"| model | params | {metric} | agreement with teacher |", "|---|---|---|---|"]
+             f"| model | params | {metric} (95 % interval) | vs teacher | agreement with teacher | n |", "|---|---|---|---|---|---|"]
     for key in ("teacher", "student", "undistilled"):
         m = rep.get(key)
         if m:
             params = f"{m['params'] / 1e6:.1f}M" if m.get("params") else "-"
-            lines.append(f"| {key} | {params} | {_f(m.get(metric))} | {_f(m.get('agreement_with_teacher'))} |")
+            lines.append(f"| {key} | {params} | {fmt_ci(m.get(metric), m.get(f'{metric}_ci'))} | {fmt_difference(m.get('vs_teacher'))} "
+                         f"| {_f(m.get('agreement_with_teacher'))} | {m.get('n', '-')} |")
     lines += ["", "## Artifacts\n",
-              f"| artifact | bits | MB | {metric} | drop vs FP | token agreement | tokens/s | p50 latency ms | $ per 1k | gate |",
+              f"| artifact | bits | MB | {metric} (95 % interval) | drop vs FP | token agreement | tokens/s | p50 latency ms | $ per 1k | gate |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for a in rep.get("artifacts", []):
         gate = "ERROR" if a.get("error") else ("pass" if a.get("passed_gate") else "FAIL")
-        lines.append(f"| {a['name']} | {a['bits']} | {_f(a.get('size_mb'), '.1f')} | {_f(a.get('accuracy'))} | {_f(a.get('drop_vs_fp'), '+.3f')} "
+        lines.append(f"| {a['name']} | {a['bits']} | {_f(a.get('size_mb'), '.1f')} | {fmt_ci(a.get('accuracy'), a.get('accuracy_ci'))} | {_drop(a)} "
                      f"| {_f(a.get('token_agreement'))} | {_f(a.get('tokens_per_s'), '.0f')} | {_f(a.get('latency_ms_p50'), '.0f')} "
                      f"| {_f(a.get('cost_per_1k_usd'), '.4f')} | {gate} |")
     qt = rep.get("quantized_teacher") or []
     if qt:
         lines += ["", "## Baseline: the teacher quantized\n",
-                  f"| model | bits | MB | {metric} | drop vs teacher | p50 latency ms | $ per 1k |", "|---|---|---|---|---|---|---|"]
+                  f"| model | bits | MB | {metric} (95 % interval) | drop vs teacher | p50 latency ms | $ per 1k |", "|---|---|---|---|---|---|---|"]
         for a in qt:
-            lines.append(f"| {a['name']} | {a['bits']} | {_f(a.get('size_mb'), '.1f')} | {_f(a.get('accuracy'))} | {_f(a.get('drop_vs_teacher'), '+.3f')} "
+            lines.append(f"| {a['name']} | {a['bits']} | {_f(a.get('size_mb'), '.1f')} | {fmt_ci(a.get('accuracy'), a.get('accuracy_ci'))} "
+                         f"| {_drop(a, 'drop_vs_teacher')} "
                          f"| {_f(a.get('latency_ms_p50'), '.0f')} | {_f(a.get('cost_per_1k_usd'), '.4f')} |")
+    note = noise_line(rep)
+    if note:
+        lines += ["", note]
     c = rep.get("cascade")
     if c:
+        on_rows = "" if c.get("n") is None else f" on {c['n']} rows"
         lines += ["", "## Cascade\n",
-                  (f"Served: {c['artifact']} with the teacher behind it at threshold {c['threshold']}: {metric} {_f(c.get('accuracy'))}, "
-                  f"fallback rate {_f(c.get('fallback_rate'))}, ${_f(c.get('cost_per_1k_usd'), '.4f')} per 1k requests, "
+                  (f"Served: {c['artifact']} with the teacher behind it at threshold {c['threshold']}: {metric} "
+                  f"{fmt_ci(c.get('accuracy'), c.get('accuracy_ci'))}, fallback rate {fmt_ci(c.get('fallback_rate'), c.get('fallback_rate_ci'))}"
+                  f"{on_rows}, ${_f(c.get('cost_per_1k_usd'), '.4f')} per 1k requests, "
                   f"p50 latency {_f(c.get('latency_ms_p50'), '.0f')} ms.")]
         r = c.get("recommended")
         if r:
             lines.append(f"\nRecommended threshold {r['threshold']} (target {metric} {r['target_accuracy']}; {r['split']}): "
-                         f"{metric} {_f(r['on_test'].get('accuracy'))}, fallback rate {_f(r['on_test'].get('fallback_rate'))}.")
+                         f"{metric} {fmt_ci(r['on_test'].get('accuracy'), r['on_test'].get('accuracy_ci'))}, fallback rate "
+                         f"{fmt_ci(r['on_test'].get('fallback_rate'), r['on_test'].get('fallback_rate_ci'))} on {r['on_test'].get('n', '-')} rows.")
     lines += ["", "## Stages\n", "| stage | seconds | status |", "|---|---|---|"]
     for name, s in rep.get("stages", {}).items():
         lines.append(f"| {name} | {_f(s.get('seconds'), '.0f')} | {s.get('status')} |")

@@ -30,6 +30,7 @@ from edgedistill.serve.engine import Engine
 from edgedistill.serve.settings import Settings
 
 from edgedistill.errors import UserError
+from edgedistill.intervals import proportion_ci
 from edgedistill.task import Task
 from tests.serve_fakes import FakeRunner, FakeTeacher, free_port
 
@@ -253,6 +254,13 @@ def test_task_cascade_quality_sweep_and_plots(tmp_path):
     assert q["ours"]["accuracy"] == 1.0 and q["ours"]["fallback_rate"] > 0  # the unsure rows went to the teacher
     assert q["api"]["accuracy"] == pytest.approx(sum(i % 3 == 1 for i in range(N_TEST)) / N_TEST, abs=1e-4)
     assert q["api"]["agreement_with_teacher"] == q["api"]["accuracy"]
+    # sample size and 95 % intervals beside every number; a paired test vs the teacher on the same rows
+    api_right = sum(i % 3 == 1 for i in range(N_TEST))
+    assert q["api"]["n"] == N_TEST and q["api"]["accuracy_ci"] == proportion_ci(api_right, N_TEST)
+    assert q["api"]["agreement_with_teacher_ci"] == proportion_ci(api_right, N_TEST)
+    assert q["api"]["vs_teacher"]["discordant"] == [0, N_TEST - api_right] and not q["api"]["vs_teacher"]["within_noise"]
+    assert q["ours"]["fallback_rate_ci"][0] <= q["ours"]["fallback_rate"] <= q["ours"]["fallback_rate_ci"][1]
+    assert q["teacher"]["vs_teacher"] is None and q["teacher"]["accuracy_ci"][1] == 1.0
     cal = q["ours"]["calibration"]
     assert cal["n"] == N_TEST and 0 <= cal["ece"] <= 1 and sum(b["count"] for b in cal["bins"]) == N_TEST
     assert cal["accuracy"] == pytest.approx(0.75)  # the student's own answers: every 4th wrong
@@ -267,6 +275,7 @@ def test_task_cascade_quality_sweep_and_plots(tmp_path):
         assert r["own_cost_per_1k_usd"] == pytest.approx(own, rel=1e-4)
         assert r["cost_per_1k_usd"] == pytest.approx(own + r["fallback_rate"] * t_cost, rel=1e-4)
         assert r["accuracy"] == 1.0 and r["agreement_with_teacher"] == 1.0
+        assert r["accuracy_ci"] == proportion_ci(N_TEST, N_TEST) and r["n"] == N_TEST
         # the cascade holds its stream until it has decided: the answer arrives in one chunk, so no ITL
         assert r["stream_chunks"] == r["requests"] and r["itl_ms"] is None and r["token_count_mismatches"] == r["requests"]
     # the sweep
@@ -283,6 +292,9 @@ def test_task_cascade_quality_sweep_and_plots(tmp_path):
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert "Cascade sweep: ours" in md and "(chosen)" in md and "Quality on the test set" in md
+    assert "accuracy vs the teacher on the same rows (paired test): ours within noise (p 1); api a real difference" in md
+    ch = sw["chosen"]["test"]
+    assert ch["accuracy_ci"][0] <= ch["accuracy"] <= ch["accuracy_ci"][1] and len(ch["fallback_rate_ci"]) == 2
     assert rep["pareto"]["cost"] and rep["pareto"]["p50 latency"]
 
 
@@ -493,6 +505,15 @@ def test_cascade_sweep_and_threshold_choice():
     best = max(cascade.point(t, student_ok, conf, teacher_ok)["accuracy"] for t in cascade.candidate_thresholds(conf))
     assert not met and cascade.point(th, student_ok, conf, teacher_ok)["accuracy"] == best
     assert cascade.point(0.5, [True], [None], [False])["fallback_rate"] == 1.0  # no confidence: always unsure
+    # the fallback rate's Wilson interval at every point; the quality's on the chosen point (booleans: Wilson)
+    for p in pts:
+        k = round(p["fallback_rate"] * 200)
+        assert p["fallback_rate_ci"] == proportion_ci(k, 200) and "accuracy_ci" not in p
+    sw = cascade.sweep({"c": (student_ok, conf, teacher_ok)}, calibration_key="c", report_key="c", target=0.9, target_relative=1.0,
+                       student_cost=None, teacher_cost=None)  # fmt: skip
+    ch = sw["chosen"]["test"]
+    assert ch["accuracy_ci"] == proportion_ci(round(ch["accuracy"] * 200), 200) and ch["n"] == 200
+    assert sw["teacher_accuracy_test_ci"] == proportion_ci(sum(teacher_ok), 200)
 
 
 def test_cascade_quality_is_the_tasks_metric_over_the_mixed_answers():
@@ -516,6 +537,7 @@ def test_cascade_quality_is_the_tasks_metric_over_the_mixed_answers():
                        student_cost=None, teacher_cost=None, score=score, metric=task.metric)  # fmt: skip
     assert sw["metric"] == "slot_f1" and sw["teacher_accuracy_test"] == pytest.approx(round(6 / 7, 4))
     assert sw["chosen"]["threshold"] == 0.3 and sw["chosen"]["target_met_on_calibration"]  # the mix beats the teacher
+    assert "accuracy_ci" not in sw["chosen"]["test"] and sw["teacher_accuracy_test_ci"] is None  # no interval rule given
 
 
 def test_costs_and_prices():

@@ -113,11 +113,27 @@ def test_artifacts_manifests_gate_and_reuse(student, monkeypatch):
         assert m["inputs"]["checkpoint"] and m["inputs"]["calibration"] and m["tools"] == {"fake": "1"}
         assert m["task"]["name"] == "tiny" and m["gate"]["passed"] and m["size_mb"] == pytest.approx(row["bits"] / 1000, abs=0.005)
         assert m["quality"]["constrained"] is True and m["gate"]["constrained"] is True and row["constrained"] is True
-    assert (out / "compress.md").read_text().count("| gguf-") == 2
+        # sample size, interval, and the drop's paired test vs the FP student on the same rows
+        assert row["n"] == len(TEST) and row["accuracy_ci"] == [0.7574, 1.0]  # Wilson, 12 of 12
+        assert row["drop_ci"][0] < 0 < row["drop_ci"][1] and row["drop_p_value"] == 1.0 and row["drop_test"] == "mcnemar_exact"
+        assert m["gate"]["drop_ci"] == row["drop_ci"] and m["quality"]["drop_test"]["discordant"] == [0, 0]
+    assert summary["fp"]["accuracy_ci"] == [0.7574, 1.0] and summary["fp"]["n"] == len(TEST)
+    md = (out / "compress.md").read_text()
+    assert md.count("| gguf-") == 2 and "1.000 (0.76–1.00)" in md and "within noise: gguf-q8_0, gguf-q4_k_m" in md
 
     builds.clear()
     again = run(student, monkeypatch, {}, builds)
     assert builds == [] and all(r["reused"] for r in again["artifacts"])  # same inputs and settings: nothing rebuilt
+
+    # an artifact measured before the paired test existed is measured again (its answers were not kept), not a KeyError
+    for name in ("gguf-q8_0", "gguf-q4_k_m"):
+        m = json.loads((out / name / "manifest.json").read_text())
+        del m["quality"]["drop_test"]
+        (out / name / "manifest.json").write_text(json.dumps(m))
+    Oracle.constrained = []
+    third = run(student, monkeypatch, {}, builds)
+    assert builds == [] and all(r["drop_p_value"] == 1.0 for r in third["artifacts"])
+    assert len([c for c in Oracle.constrained if c is not None]) == 2 * len(TEST)  # the two artifacts, not the cached FP
 
 
 def test_gate_fails_loudly_and_keeps_the_artifact_aside(student, monkeypatch):
@@ -129,6 +145,9 @@ def test_gate_fails_loudly_and_keeps_the_artifact_aside(student, monkeypatch):
     assert (out / "gguf-q8_0" / "manifest.json").exists()
     rejected = read_manifest(out / "rejected" / "gguf-q4_k_m", verify=True)
     assert rejected["gate"]["passed"] is False and rejected["gate"]["drop"] == pytest.approx(0.5)
+    # wrong on 6 of 12 rows the FP student gets right: exact McNemar 2 / 2^6
+    assert rejected["gate"]["drop_p_value"] == pytest.approx(0.0312, abs=1e-4) and rejected["gate"]["drop_ci"][0] > 0
+    assert "a real change: gguf-q4_k_m" in (out / "compress.md").read_text()
 
     summary = run(student, monkeypatch, {"q4_k_m": 2}, builds, keep_failed=True)
     row = {r["name"]: r for r in summary["artifacts"]}["gguf-q4_k_m"]
@@ -172,3 +191,4 @@ def test_a_cached_reference_without_the_tasks_metric_is_rescored(tmp_path):
     (tmp_path / "reference.json").write_text(json.dumps(ref))
     got = pipeline._reference(None, None, spec, [], golds, [], tmp_path / "reference.json", "k")
     assert got["scores"]["token_f1"] == pytest.approx((2 / 3 + 1) / 2) and got["scores"]["exact_match"] == 0.5
+    assert got["scores"]["exact_match_ci"] == [0.0945, 0.9055] and len(got["scores"]["token_f1_ci"]) == 2  # Wilson 1 of 2

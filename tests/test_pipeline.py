@@ -107,6 +107,20 @@ def test_distill_end_to_end_and_resume(tmp_path, teacher, tiny_model_dir):
     assert set(results) == {"teacher", "student", "undistilled student"}
     assert results["teacher"]["accuracy"] == 1.0
     assert 0.0 <= results["student"]["agreement_with_teacher"] <= 1.0
+    # every number carries its sample size and 95 % interval; the students a paired test vs the teacher
+    n = json.loads((out / "eval" / "eval.json").read_text())["test_rows"]
+    for r in results.values():
+        assert r["n"] == n and isinstance(r["accuracy"], float)
+        assert r["accuracy_ci"][0] <= r["accuracy"] <= r["accuracy_ci"][1] and len(r["macro_f1_ci"]) == 2
+    for name in ("student", "undistilled student"):
+        vs = results[name]["vs_teacher"]
+        assert vs["metric"] == "accuracy" and vs["test"] == "mcnemar_exact" and vs["n"] == n
+        assert vs["diff"] == pytest.approx(results[name]["accuracy"] - 1.0, abs=1e-4) and 0 < vs["p_value"] <= 1
+        lo, hi = results[name]["agreement_with_teacher_ci"]
+        assert lo <= results[name]["agreement_with_teacher"] <= hi
+    eval_md = (out / "eval" / "eval.md").read_text()
+    assert "accuracy vs teacher" in eval_md and "95 % intervals" in eval_md and "mcnemar exact" in eval_md
+    assert summary["gate"]["n"] == summary["gate"]["scores"]["n"] and summary["gate"]["score_ci"][1] == 1.0
     assert summary["teacher_usage"]["cost_usd"] > 0
     # the students are scored decoding under the label constraint, as served: every answer a label;
     # the API teacher of a classification task is prompted (an API has no label constraint)

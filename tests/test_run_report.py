@@ -1,0 +1,115 @@
+"""`edgedistill run`'s report.json / report.md: every number with its sample size and 95 % interval,
+the student vs the teacher and each artifact vs the FP student with a paired test, and a line saying
+which differences are within noise. The stage outputs are made with the stages' own scoring code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from edgedistill.bench import quality
+from edgedistill.distill.evaluate import add_agreement, add_vs_teacher
+from edgedistill.run.report import build_report, report_markdown
+
+from edgedistill.manifest import write_json_atomic
+from edgedistill.spec import load_spec
+
+LABELS = ["a", "b"]
+N = 200
+GOLDS = [LABELS[i % 2] for i in range(N)]
+
+
+def _answers(wrong_every: int) -> list[str]:
+    return [("b" if g == "a" else "a") if wrong_every and i % wrong_every == 0 else g for i, g in enumerate(GOLDS)]
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"input": f"q{i}", "output": g}) + "\n" for i, g in enumerate(GOLDS)))
+    spec = {
+        "name": "tiny", "type": "classification", "instructions": "Classify.", "labels": LABELS,
+        "seeds": [{"input": f"seed {i}", "output": LABELS[i % 2]} for i in range(10)],
+        "test_set": {"path": "test.jsonl"},
+        "teacher": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "t"},
+        "student": {"path": "base"},
+    }
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump(spec))
+    spec = load_spec(tmp_path / "task.yaml")
+    task = spec.task
+    out = tmp_path / "out"
+
+    # distill's evaluation: teacher right on all but every 50th row, the student on all but every 20th
+    t_preds, teacher = task.score_answers(GOLDS, _answers(50))
+    results = {"teacher": teacher}
+    for name, every in (("student", 20), ("undistilled student", 2)):
+        preds, results[name] = task.score_answers(GOLDS, _answers(every))
+        add_agreement(results[name], preds, t_preds)
+        add_vs_teacher(task, results[name], GOLDS, preds, t_preds)
+        results[name]["params"] = 1000
+    write_json_atomic(out / "distill.json", {"eval": results})
+
+    # compress: the FP student (wrong every 20th row) vs a q8_0 equal to it and a q4 wrong on 25 more rows
+    fp = _answers(20)
+    rows = []
+    for name, preds in (("gguf-q8_0", fp), ("gguf-q4_k_m", [("b" if g == "a" else "a") if i % 8 == 1 else p
+                                                             for i, (g, p) in enumerate(zip(GOLDS, fp, strict=True))])):
+        s = task.scores(GOLDS, preds)
+        d = task.compare(GOLDS, fp, preds)
+        rows.append({"name": name, "format": "gguf", "bits": 8, "path": "x", "size_mb": 1.0, "accuracy": s["accuracy"],
+                     "accuracy_ci": s["accuracy_ci"], "n": s["n"], "drop": d["diff"], "drop_ci": d["diff_ci"],
+                     "drop_p_value": d["p_value"], "drop_test": d["test"], "token_agreement": 0.9, "tokens_per_s": 10.0, "passed": True})
+    write_json_atomic(out / "artifacts" / "compress.json", {"artifacts": rows})
+    # the quantized-teacher baseline, gated by the same compress code against the FP teacher: q4 vs fp
+    write_json_atomic(out / "teacher_artifacts" / "compress.json", {"artifacts": [{**rows[1], "name": "gguf-q4_k_m"}]})
+
+    # bench: the cascade's served answers vs the teacher's
+    t_ans = quality.Answers(t_preds, [None] * N, ["student"] * N, 0)
+    c_ans = quality.Answers(_answers(40), [0.9] * N, ["teacher" if i % 10 == 0 else "student" for i in range(N)], 0)
+    q = {"teacher": quality.scores(task, GOLDS, t_ans, None), "cascade": quality.scores(task, GOLDS, c_ans, t_ans)}
+    row = {"name": "cascade", "concurrency": 1, "output_tokens_per_s": 50.0, "latency_ms": {"p50": 10.0}, "cost_per_1k_usd": 0.01}
+    write_json_atomic(out / "bench" / "report.json", {"results": [row], "quality": q, "cascade": {}})
+    return spec, out
+
+
+def test_report_json_carries_intervals_sizes_and_paired_tests(run_dir):
+    spec, out = run_dir
+    rep = build_report(spec, out, {})
+    json.dumps(rep)  # JSON-ready
+    for key, acc in (("teacher", 0.98), ("student", 0.95), ("undistilled", 0.5)):
+        m = rep[key]
+        assert m["accuracy"] == pytest.approx(acc) and isinstance(m["accuracy"], float) and m["n"] == N
+        assert m["accuracy_ci"][0] < acc < m["accuracy_ci"][1]
+        assert len(m["macro_f1_ci"]) == 2
+    vs = rep["student"]["vs_teacher"]
+    # every 20th row wrong vs every 50th: only the student is wrong on 8 rows (20, 40, 60, ...), only the
+    # teacher on 2 (50, 150): 0.95 vs 0.98 on 200 rows is within noise (exact McNemar 2 * P(X <= 2), X ~ Bin(10, 1/2))
+    assert vs["diff"] == pytest.approx(-0.03) and vs["test"] == "mcnemar_exact" and vs["discordant"] == [2, 8]
+    assert vs["p_value"] == pytest.approx(2 * (1 + 10 + 45) / 1024, abs=1e-4) and vs["within_noise"]
+    assert rep["undistilled"]["vs_teacher"]["p_value"] < 1e-6
+    assert rep["student"]["agreement_with_teacher_ci"][0] < rep["student"]["agreement_with_teacher"]
+
+    q8, q4 = rep["artifacts"]
+    assert q8["drop_vs_fp"] == 0 and q8["drop_vs_fp_p_value"] == 1.0 and q8["drop_vs_fp_ci"][0] < 0 < q8["drop_vs_fp_ci"][1]
+    assert q4["drop_vs_fp"] == pytest.approx(0.125) and q4["drop_vs_fp_p_value"] < 0.001 and q4["drop_vs_fp_ci"][0] > 0
+    assert q4["n"] == N and q4["accuracy_ci"][0] < q4["accuracy"] < q4["accuracy_ci"][1] and q4["drop_vs_fp_test"] == "mcnemar_exact"
+
+    (qt,) = rep["quantized_teacher"]
+    assert qt["name"] == "teacher-gguf-q4_k_m" and qt["drop_vs_teacher"] == q4["drop_vs_fp"]
+    assert qt["drop_vs_teacher_ci"] == q4["drop_vs_fp_ci"] and qt["drop_vs_teacher_p_value"] == q4["drop_vs_fp_p_value"]
+    assert qt["accuracy_ci"] == q4["accuracy_ci"] and qt["n"] == N
+
+    c = rep["cascade"]
+    assert c["accuracy"] == pytest.approx(0.975) and c["n"] == N and c["accuracy_ci"][0] < 0.975 < c["accuracy_ci"][1]
+    assert c["fallback_rate"] == pytest.approx(0.1) and c["fallback_rate_ci"][0] < 0.1 < c["fallback_rate_ci"][1]
+    assert c["vs_teacher"]["metric"] == "accuracy" and c["vs_teacher"]["within_noise"]
+
+
+def test_report_markdown_shows_intervals_and_which_differences_are_noise(run_dir):
+    spec, out = run_dir
+    md = report_markdown(build_report(spec, out, {}))
+    assert "| student | 0.0M | 0.950 (0.91–0.97) | -0.030 (" in md and "| 200 |" in md
+    assert "| gguf-q8_0 | 8 | 1.0 | 0.950 (0.91–0.97) | +0.000 (" in md and ", p 1 |" in md
+    assert ("Paired tests on the same rows (p >= 0.05 is noise): within noise: student vs teacher, gguf-q8_0 vs FP; "
+            "a real difference: undistilled vs teacher, gguf-q4_k_m vs FP, teacher-gguf-q4_k_m vs teacher.") in md
+    assert "| teacher-gguf-q4_k_m | 8 | 1.0 | 0.825 (0.77–0.87) | +0.125 (+0.08–+0.18), p < 0.001 |" in md
