@@ -52,6 +52,11 @@ class CompressGateFailed(UserError):
     exit_code = 3
 
 
+def type_metrics_of(task: Any, scores: dict[str, Any]) -> dict[str, Any]:
+    """Every metric of the task's type with its interval (``slot_f1``, ``slot_f1_ci``, ``exact_match``, ...)."""
+    return {k: scores[k] for m in task.metrics for k in (m, f"{m}_ci") if k in scores}
+
+
 def passed_artifacts(summary: dict[str, Any] | Path) -> list[dict[str, Any]]:
     """The artifacts that passed the quality gate, from ``run_compress``'s summary or the folder it
     wrote (``compress.json``): what serve and bench take next. Each row has name, format, path, bits."""
@@ -143,7 +148,8 @@ def run_compress(
                    "constrained": quality.get("constrained", False), "drop": round(drop, 4), "drop_ci": paired["diff_ci"],
                    "drop_p_value": paired["p_value"], "drop_test": paired["test"], "token_agreement": quality.get("token_agreement"),
                    "tokens_per_s": quality["tokens_per_s"], "method": manifest["method"], "passed": passed,
-                   "reused": reused, "seconds": round(time.time() - t0, 1)}
+                   "reused": reused, "seconds": round(time.time() - t0, 1),
+                   **type_metrics_of(spec.task, quality["scores"])}
             if not passed and not keep_failed:
                 row["path"] = str(_reject(folder, out))
         except UserError as e:

@@ -63,9 +63,10 @@ def build_report(spec: TaskSpec, out: Path, state: dict[str, Any]) -> dict[str, 
             "served_accuracy": served.get(metric), "served_accuracy_ci": served.get(f"{metric}_ci"), "served_n": served.get("n"),
             "latency_ms_p50": row["latency_ms"]["p50"] if row else None,
             "cost_per_1k_usd": row.get("cost_per_1k_usd") if row else None,
+            **_type_metrics(spec, a),
         })
     rep["artifacts"] = arts
-    qt = quantized_teacher_rows(out, rows, quality, metric, rep.get("teacher"))
+    qt = quantized_teacher_rows(out, rows, quality, metric, rep.get("teacher"), spec.task.metrics)
     if qt:
         rep["quantized_teacher"] = qt
 
@@ -86,6 +87,7 @@ def build_report(spec: TaskSpec, out: Path, state: dict[str, Any]) -> dict[str, 
             "latency_ms_p50": cas["latency_ms"]["p50"] if cas else None,
             "recommended": ({"threshold": sweep["chosen"]["threshold"], "target_accuracy": sweep["target_accuracy"],
                              "on_test": sweep["chosen"]["test"], "split": sweep.get("split")} if sweep else None),
+            **_type_metrics(spec, q),
         }
     t = _c1(rows, "teacher")
     if t is not None and "teacher" in rep:
@@ -100,7 +102,8 @@ def build_report(spec: TaskSpec, out: Path, state: dict[str, Any]) -> dict[str, 
 
 
 def quantized_teacher_rows(
-    out: Path, rows: list[dict[str, Any]], quality: dict[str, Any], metric: str, teacher: dict[str, Any] | None
+    out: Path, rows: list[dict[str, Any]], quality: dict[str, Any], metric: str, teacher: dict[str, Any] | None,
+    type_metrics: tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
     """The baseline "why not just quantize the teacher?": the teacher in the student's 4-bit GGUF
     format (``teacher_artifacts/compress.json``), gated against the FP teacher and served like the others."""
@@ -121,6 +124,7 @@ def quantized_teacher_rows(
             "tokens_per_s": row["output_tokens_per_s"] if row else a.get("tokens_per_s"),
             "latency_ms_p50": row["latency_ms"]["p50"] if row else None,
             "cost_per_1k_usd": row.get("cost_per_1k_usd") if row else None,
+            **{k: a[k] for m in type_metrics for k in (m, f"{m}_ci") if k in a},
         })  # fmt: skip
     return out_rows
 
@@ -128,6 +132,11 @@ def quantized_teacher_rows(
 def _kept(key: str, value: Any) -> bool:
     """A model's eval field report.json carries: numbers and strings, intervals, the paired test."""
     return not isinstance(value, dict | list) or key.endswith("_ci") or key == "vs_teacher"
+
+
+def _type_metrics(spec: TaskSpec, scores: dict[str, Any]) -> dict[str, Any]:
+    """The task type's metrics under their names, with their intervals (e.g. ``slot_f1``, ``exact_match``)."""
+    return {k: scores[k] for m in spec.task.metrics for k in (m, f"{m}_ci") if k in scores}
 
 
 def _f(v: Any, fmt: str = ".3f") -> str:

@@ -113,3 +113,32 @@ def test_report_markdown_shows_intervals_and_which_differences_are_noise(run_dir
     assert ("Paired tests on the same rows (p >= 0.05 is noise): within noise: student vs teacher, gguf-q8_0 vs FP; "
             "a real difference: undistilled vs teacher, gguf-q4_k_m vs FP, teacher-gguf-q4_k_m vs teacher.") in md
     assert "| teacher-gguf-q4_k_m | 8 | 1.0 | 0.825 (0.77–0.87) | +0.125 (+0.08–+0.18), p < 0.001 |" in md
+
+
+def test_an_extraction_report_names_the_types_metrics(tmp_path):
+    """Every row of an extraction run's report carries slot_f1, exact_match, ... under their names
+    (with intervals), not only the primary metric as `accuracy`."""
+    from edgedistill.compress.pipeline import type_metrics_of
+
+    golds = [{"people": "2"}, {}, {"time": "7pm", "people": "4"}, {}] * 10
+    preds = [{"people": "2"}, {}, {"time": "8pm", "people": "4"}, {"date": "today"}] * 10
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"input": f"q{i}", "output": g}) + "\n" for i, g in enumerate(golds)))
+    raw = {"name": "slots", "type": "extraction", "instructions": "Extract.",
+           "output_schema": {"type": "object", "properties": {"people": {"type": "string"}, "time": {"type": "string"}, "date": {"type": "string"}}},
+           "seeds": [{"input": f"seed {i}", "output": {}} for i in range(10)], "test_set": {"path": "test.jsonl"},
+           "teacher": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "t"}, "student": {"path": "base"}}  # fmt: skip
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump(raw))
+    spec = load_spec(tmp_path / "task.yaml")
+    out = tmp_path / "out"
+    texts = [json.dumps(p) for p in preds]
+    _, scores = spec.task.score_answers(golds, texts)
+    write_json_atomic(out / "distill.json", {"eval": {"teacher": scores, "student": scores}})
+    row = {"name": "gguf-q4_k_m", "format": "gguf", "bits": 4, "path": "x", "passed": True, **type_metrics_of(spec.task, scores)}
+    write_json_atomic(out / "artifacts" / "compress.json", {"artifacts": [row]})
+    rep = build_report(spec, out, {"stages": {}})
+    # per 4 rows: 3 gold slots, 4 predicted (a wrong time, an invented date), 2 right: P 2/4, R 2/3, F1 4/7
+    for entry in (rep["student"], rep["artifacts"][0]):
+        assert entry["slot_f1"] == pytest.approx(4 / 7) and entry["exact_match"] == pytest.approx(0.5)
+        assert len(entry["slot_f1_ci"]) == 2 and entry["slot_f1_ci"][0] <= entry["slot_f1"] <= entry["slot_f1_ci"][1]
+        assert "slot_precision" in entry and "exact_match_ci" in entry
+    assert rep["artifacts"][0]["accuracy"] == rep["artifacts"][0]["slot_f1"]  # `accuracy` holds the primary metric
