@@ -16,7 +16,7 @@ against them.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator, model_validator
 
@@ -316,7 +316,11 @@ class CompletionRequest(_Sampling):
 class PredictRequest(_Req):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    input: StrictStr = Field(min_length=1, description="The task input; the task's prompt template is applied server-side.")
+    input: Annotated[StrictStr, Field(min_length=1)] | Annotated[list[ChatMessage], Field(min_length=1)] = Field(
+        description="The task input, a text or a conversation (chat messages: user, assistant with content or tool_calls, "
+        "tool; ending with the user's or a tool's) whose next answer the model gives; the task's prompt template (its "
+        "instructions as the system message, its tools) is applied server-side."
+    )
     threshold: float | None = Field(
         None,
         ge=0.0,
