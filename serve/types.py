@@ -321,6 +321,17 @@ class PredictRequest(_Req):
         "tool; ending with the user's or a tool's) whose next answer the model gives; the task's prompt template (its "
         "instructions as the system message, its tools) is applied server-side."
     )
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _text_or_messages(cls, v):
+        if isinstance(v, list) and not all(isinstance(m, dict) for m in v):
+            raise ValueError("must be a string or a list of chat messages (objects with role and content)")
+        if not isinstance(v, str | list):
+            raise ValueError("must be a string (the input text) or a list of chat messages")
+        if not v:  # said here: pydantic's union would only say "wrong type"
+            raise ValueError("String should have at least 1 character" if isinstance(v, str) else "needs at least 1 message")
+        return v
     threshold: float | None = Field(
         None,
         ge=0.0,
