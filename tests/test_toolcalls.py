@@ -269,3 +269,23 @@ def test_predict_takes_a_text_and_refuses_a_bad_conversation_naming_it():
     for r, message in ((bad, "input.1: the last message is the assistant's"), (system, "input.0.role")):
         err = r.json()["error"]
         assert r.status_code == 400 and err["param"] == "input" and message in err["message"], r.text
+
+
+# --- a tiny random student: conversations in, calls out ------------------------------------------------
+
+
+def test_a_tiny_student_answers_texts_and_conversations_with_valid_calls(tiny_model_dir):
+    from edgedistill.distill.evaluate import answer_requests
+    from edgedistill.distill.teacher_local import LocalHFTeacher
+
+    small = [
+        {"type": "function", "function": {"name": "book", "parameters": {"type": "object", "properties": {"people": {"type": "string", "maxLength": 4}}}}},
+        {"type": "function", "function": {"name": "none"}},
+    ]
+    t = Task(name="b", type="tool_call", instructions="Book.", tools=small, tool_choice="required")
+    inputs = ["table for 4", [{"role": "assistant", "content": "How many?"}, {"role": "user", "content": "4"}], "hello"]
+    student = LocalHFTeacher(tiny_model_dir, cache=None, batch_size=3)  # as distill's evaluation opens it
+    texts = [r.text for r in student.run_chat_many(answer_requests(t, inputs, t.student_messages))]
+    values = [t.parse_answer(x) for x in texts]
+    assert all(err is None for _, err in values), texts  # under the task's constraint: a call of one of the tools
+    assert {v["name"] for v, _ in values} <= {"book", "none"}
