@@ -115,6 +115,7 @@ student: {{path: unused}}
     assert test[1].output == CALL
     # the output schema comes from the tools; required: "no call" is not an answer
     assert spec.output_schema == spec.task.output_schema
+    assert Task.from_manifest(spec.spec_dict()) == spec.task  # what an artifact's manifest carries to serve
     jsonschema.validate(CALL, spec.output_schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({}, spec.output_schema)
