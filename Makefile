@@ -74,3 +74,10 @@ R8K_OUT ?= runs/restaurant8k
 demo-restaurant8k: $(STAMP)
 	$(BIN)/python examples/restaurant8k/prepare.py --out $(R8K_OUT)
 	$(BIN)/edgedistill run examples/restaurant8k/task.yaml --out $(R8K_OUT)
+
+# Tool calling on real data (restaurant8k as book_table / no_details calls, conversations included).
+TOOLS_OUT ?= runs/restaurant8k-tools
+.PHONY: demo-tools
+demo-tools: $(STAMP)
+	$(BIN)/python examples/restaurant8k-tools/prepare.py --out $(TOOLS_OUT)
+	$(BIN)/edgedistill run examples/restaurant8k-tools/task.yaml --out $(TOOLS_OUT)

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 from edgedistill.bench.config import Endpoint
 
+from edgedistill.conversation import TaskInput, input_text
 from edgedistill.errors import UserError
 from edgedistill.openai_client import OpenAIClient, OpenAIError
 
@@ -195,7 +196,7 @@ async def chat(
 async def predict(
     client: httpx.AsyncClient,
     ep: Endpoint,
-    text: str,
+    text: TaskInput,
     index: int,
     threshold: float | None = None,
     fallback: bool | None = None,
@@ -209,7 +210,7 @@ async def predict(
     if fallback is not None:
         body["fallback"] = fallback
     api = _api(client, ep)
-    s = Sample(index=index, start=time.perf_counter(), prompt_chars=len(text))
+    s = Sample(index=index, start=time.perf_counter(), prompt_chars=len(input_text(text)))
     try:
         obj = await api.post_json("/predict", body)
         _read_edgedistill(s, obj)

@@ -45,7 +45,7 @@ def load_calibration(path: Path, samples: int, seed: int = 0) -> Calibration:
         file = path
     else:
         raise UserError(f"--calibration {path} does not exist; pass the distill run's data/ folder or a CSV/JSONL with input,output")
-    rows = [{"input": str(r["input"]), "output": r["output"]} for r in read_rows(file, "--calibration", ["input", "output"], None)]
+    rows = [{"input": r["input"] if isinstance(r["input"], list) else str(r["input"]), "output": r["output"]} for r in read_rows(file, "--calibration", ["input", "output"], None)]
     if not rows:
         raise UserError(f"--calibration {file} has no rows")
     random.Random(seed).shuffle(rows)

@@ -1,6 +1,9 @@
 """Synthetic data: the generator writes new inputs from the instructions and seed examples, varied
 by mutation strategies; the teacher then labels them (and the unlabelled pool, when given).
 
+A conversation seed is shown by its last user turn, and every generated input is a single user
+turn: conversations are not mutated (they come from the seeds and the pool only).
+
 Everything is derived deterministically from the spec and the cached responses, so a run killed
 half-way and started again rebuilds the same rows and pays for no request twice.
 """
@@ -12,6 +15,8 @@ import re
 from typing import Any
 
 from edgedistill.distill.teacher import ChatRequest, ChatResult, Teacher
+
+from edgedistill.conversation import last_user_text
 
 REGISTERS = ["very casual", "formal and polite", "annoyed and impatient", "as a non-native English speaker", "terse, like a text message"]
 STRATEGY_HINTS = {
@@ -56,7 +61,7 @@ def generation_requests(spec: Any, seeds: list[Any]) -> list[tuple[ChatRequest, 
         hint, target = _hint(spec, strategy, i // len(g.strategies), rng)
         pool = [s for s in seeds if target is None or spec.task.format_answer(s.output) == target] or list(seeds)
         shots = rng.sample(pool, min(g.shots, len(pool)))
-        examples = "\n".join(f"- {s.input}" for s in shots)
+        examples = "\n".join(f"- {last_user_text(s.input)}" for s in shots)
         messages = [
             {"role": "system", "content": f"You write realistic example inputs for this task: {spec.instructions.strip()}"},
             {

@@ -167,7 +167,7 @@ def build_dataset(spec: TaskSpec, teacher: Teacher, seeds: list, test: list, cac
 
 
 def _data_settings(spec: TaskSpec) -> dict:
-    return spec.model_dump(mode="json", include={"name", "type", "instructions", "labels", "output_schema", "seeds", "pool", "teacher", "generation", "validation"})
+    return spec.model_dump(mode="json", include={"name", "type", "instructions", "labels", "output_schema", "tools", "tool_choice", "seeds", "pool", "teacher", "generation", "validation"})
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

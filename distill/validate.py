@@ -5,7 +5,9 @@ A row is a dict with at least ``id``, ``input``, ``output`` (the parsed answer o
 optionally ``finish_reason`` (why the teacher's answer stopped: ``"stop"``, or ``"length"`` when it
 ran into the task's output budget) and
 ``source`` (``"seed"``, ``"pool"`` or ``"synthetic"``), and optionally ``consistency_output`` (the
-teacher's second, sampled answer when self-consistency is on; None when it did not parse).
+teacher's second, sampled answer when self-consistency is on; None when it did not parse). An
+input that is a conversation is checked as its canonical text (``conversation.input_text``: one
+``role: content`` line per message), so two conversations differ when any turn does.
 
 Checks, in this order; a row gets the reason of the first one it fails:
 
@@ -42,6 +44,7 @@ from typing import Any
 
 from datasketch import MinHash, MinHashLSH
 
+from edgedistill.conversation import input_text
 from edgedistill.metrics import normalize_text
 from edgedistill.task import TRUNCATED
 
@@ -211,7 +214,7 @@ def validate_rows(spec: Any, rows: list[dict], test_inputs: list[str]) -> tuple[
     reason: list[str | None] = [None] * n_rows
     detail: list[str] = [""] * n_rows
     values: list[Any] = [None] * n_rows
-    texts = [str(r.get("input") or "") for r in rows]
+    texts = [input_text(r.get("input") or "") for r in rows]  # a conversation as its canonical text
 
     # 1-2: parse and length.
     for i, row in enumerate(out):
@@ -235,7 +238,7 @@ def validate_rows(spec: Any, rows: list[dict], test_inputs: list[str]) -> tuple[
     mhs = dict(zip(live, _minhashes([sets[i] for i in live])))
 
     # 3: contamination.
-    tests = [str(getattr(t, "input", t)) for t in test_inputs]  # strings, or spec.load_test_set()'s Examples
+    tests = [input_text(getattr(t, "input", t)) for t in test_inputs]  # inputs, or spec.load_test_set()'s Examples
     test = _TestIndex(tests, v.contamination_ngram, v.near_dup_threshold)
     for i in live:
         hit = test.hit(texts[i], sets[i], mhs[i])

@@ -21,6 +21,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from edgedistill import toolcalls
+from edgedistill.conversation import InputError, TaskInput, check_input, read_input
 from edgedistill.errors import UserError
 from edgedistill.metrics import type_metrics
 from edgedistill.task import Task, TaskType, metric_error
@@ -34,15 +36,25 @@ class _Model(BaseModel):
 
 
 class Example(_Model):
-    input: str = Field(min_length=1, description="The model's input text.")
+    input: TaskInput = Field(
+        description="The model's input: a text, or a conversation (OpenAI chat messages, user/assistant/tool, an assistant's "
+        "tool_calls included) whose next answer the model gives."
+    )
     output: Any = Field(description="The expected answer: a label, a JSON object, or text.")
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input(cls, v: Any) -> TaskInput:
+        return check_input(v)  # InputError is a ValueError: pydantic reports its one line
 
 
 class DataSource(_Model):
     """A CSV or JSONL file of examples; ``input_field``/``output_field`` name its columns."""
 
     path: Path = Field(description="CSV or JSONL file, relative to the spec file.")
-    input_field: str = Field("input", description="Column/key holding the input text.")
+    input_field: str = Field(
+        "input", description="Column/key holding the input: a text, or a list of chat messages (in a CSV, that list as JSON text)."
+    )
     output_field: str | None = Field("output", description="Column/key holding the answer (absent for an unlabelled pool).")
     limit: int | None = Field(None, ge=1, description="Read at most this many rows (after label filtering).")
     filter_field: str | None = Field(
@@ -198,7 +210,17 @@ class TaskSpec(_Model):
     type: TaskType = Field(description="What the model answers: a label, a JSON object (extraction/tool_call), or text.")
     instructions: str = Field(min_length=1, description="What the model must do; the system prompt.")
     labels: list[str] | None = Field(None, description="Classification: the allowed labels.")
-    output_schema: dict[str, Any] | None = Field(None, description="Extraction/tool_call: JSON schema of the output.")
+    output_schema: dict[str, Any] | None = Field(
+        None, description="Extraction/tool_call: JSON schema of the output (tool_call with tools: derived from them when not given)."
+    )
+    tools: list[dict[str, Any]] | None = Field(
+        None,
+        description="tool_call: the functions, as OpenAI's tools list ({type: function, function: {name, description, "
+        "parameters}}); the student answers an OpenAI client's chat request with these tools with message.tool_calls.",
+    )
+    tool_choice: Literal["auto", "required"] = Field(
+        "auto", description="tool_call with tools: auto allows \"no call\" (the answer {}); required: every answer is a call."
+    )
     metric: str | None = Field(
         None,
         description="The primary metric the gates, the bench, the cascade sweep and the reports use, one of the type's "
@@ -227,8 +249,14 @@ class TaskSpec(_Model):
                 raise ValueError("a classification task needs labels: at least 2")
             if len(set(self.labels)) != len(self.labels):
                 raise ValueError("labels has duplicates")
+        if self.tools is not None:
+            if self.type != "tool_call":
+                raise ValueError("tools are for a tool_call task (type: tool_call)")
+            self.tools = toolcalls.canonical_tools(self.tools)
+            if not self.output_schema:
+                self.output_schema = toolcalls.value_schema(self.tools, self.tool_choice)
         if self.type in ("extraction", "tool_call") and not self.output_schema:
-            raise ValueError(f"a {self.type} task needs output_schema (a JSON schema)")
+            raise ValueError(f"a {self.type} task needs output_schema (a JSON schema)" + (" or tools" if self.type == "tool_call" else ""))
         if self.metric is not None and self.metric not in type_metrics(self.type):
             raise ValueError(metric_error(self.type, self.metric))
         if isinstance(self.seeds, list) and not 10 <= len(self.seeds) <= 50:
@@ -251,6 +279,8 @@ class TaskSpec(_Model):
             list_labels=self.teacher.list_labels,
             label_max_tokens=self.generation.label_max_tokens,
             metric=self.metric or "",
+            tools=self.tools,
+            tool_choice=self.tool_choice,
         )
 
     # --- paths -------------------------------------------------------------------------------
@@ -273,7 +303,7 @@ class TaskSpec(_Model):
             raise UserError(f"test_set: {self.test_set.path} has no usable rows")
         return rows
 
-    def load_pool(self) -> list[str]:
+    def load_pool(self) -> list[TaskInput]:
         if self.pool is None:
             return []
         src = self.pool
@@ -281,7 +311,7 @@ class TaskSpec(_Model):
         rows = read_rows(self.resolve(src.path), "pool", need, None)
         if src.filter_field:
             rows = [r for r in rows if r[src.filter_field] in (self.labels or [])]
-        texts = [str(r[src.input_field]) for r in rows]
+        texts = [_input(r[src.input_field], src.path, i, "pool") for i, r in enumerate(rows, 1)]
         return texts[: src.limit] if src.limit else texts
 
     def _read_labelled(self, src: DataSource, field: str) -> list[Example]:
@@ -289,7 +319,7 @@ class TaskSpec(_Model):
             raise UserError(f"{field}: output_field is required for labelled data")
         rows = read_rows(self.resolve(src.path), field, [src.input_field, src.output_field], None)
         out = []
-        for r in rows:
+        for i, r in enumerate(rows, 1):
             value = r[src.output_field]
             if self.type in ("extraction", "tool_call") and isinstance(value, str):
                 try:
@@ -298,7 +328,7 @@ class TaskSpec(_Model):
                     raise UserError(f"{field}: {src.path}: output {value[:60]!r} is not JSON") from None
             if self.type == "classification" and value not in (self.labels or []):
                 continue  # a subset task keeps only the rows of its own labels
-            out.append(Example(input=str(r[src.input_field]), output=value))
+            out.append(Example(input=_input(r[src.input_field], src.path, i, field), output=value))
             if src.limit and len(out) >= src.limit:
                 break
         return out
@@ -306,6 +336,16 @@ class TaskSpec(_Model):
     def spec_dict(self) -> dict[str, Any]:
         """JSON-safe dict, stored in manifests so a later stage can rebuild prompts."""
         return json.loads(self.model_dump_json())
+
+
+def _input(value: Any, path: Path, row: int, field: str) -> TaskInput:
+    """One data row's input (``conversation.read_input``), or a one-line error naming the row."""
+    if field == "pool" and isinstance(value, str) and not value.lstrip().startswith("["):
+        return value  # an empty pool text is validation's to reject (too_short), not a reason to stop
+    try:
+        return read_input(value, csv=Path(path).suffix.lower() == ".csv")
+    except InputError as e:
+        raise UserError(f"{field}: {path} row {row}: {e}") from None
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

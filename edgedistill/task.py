@@ -17,6 +17,13 @@ The answer value per type: classification, one of the labels; extraction, a JSON
 schema (``{}`` when the input has nothing to extract); tool_call, one call ``{"name": <function>,
 "arguments": {...}}`` or "no call" ``{}`` (a null name reads as no call too), under the spec's
 output_schema; qa and generation, the text.
+
+An input is a text or a conversation (``edgedistill.conversation``: OpenAI chat messages, earlier
+assistant ``tool_calls`` included), whose next answer the model gives; the prompts render either.
+A tool_call task with ``tools`` (OpenAI's tools list) is asked and answers exactly as the chat route
+asks and parses an OpenAI client that sends those tools (``edgedistill.toolcalls``: llama.cpp's
+generic format), so its student answers ``client.chat.completions.create(tools=...)`` with
+``message.tool_calls``; its output_schema (the answer value's) is derived from the tools when not given.
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from edgedistill import toolcalls
 from edgedistill.budget import derived_budget
+from edgedistill.conversation import TaskInput, render_history
 from edgedistill.errors import UserError
 from edgedistill.intervals import paired_difference, with_intervals
 from edgedistill.metrics import CLASSIFICATION, STRUCTURED, answer_correct, primary_metric, task_score, task_scores, type_metrics
@@ -54,9 +63,19 @@ class Task(BaseModel):
         None, ge=1, description="The spec's output budget (generation.label_max_tokens); None: derived, see output_budget."
     )
     metric: str = Field("", description="The primary metric (the spec's metric; empty: the type's default, the first of metrics).")
+    tools: list[dict[str, Any]] | None = Field(None, description="tool_call: the OpenAI tools the answer calls (the spec's tools).")
+    tool_choice: Literal["auto", "required"] = Field(
+        "auto", description="tool_call with tools: auto allows \"no call\" ({}, a text response); required: always a call."
+    )
 
     @model_validator(mode="after")
     def _resolve_metric(self) -> Task:
+        if self.tools is not None:
+            if self.type != "tool_call":
+                raise ValueError("tools are for a tool_call task")
+            object.__setattr__(self, "tools", toolcalls.canonical_tools(self.tools))
+            if not self.output_schema:
+                object.__setattr__(self, "output_schema", toolcalls.value_schema(self.tools, self.tool_choice))
         if not self.metric:
             object.__setattr__(self, "metric", primary_metric(self.type))
         elif self.metric not in self.metrics:
@@ -72,7 +91,7 @@ class Task(BaseModel):
         characters with every value at its bound, at most 512; 256 for qa and generation)."""
         if self.label_max_tokens is not None:
             return self.label_max_tokens
-        return derived_budget(self.type, self.labels, self.output_schema)
+        return derived_budget(self.type, self.labels, self.answer_schema() if self.tools else self.output_schema)
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -102,6 +121,8 @@ class Task(BaseModel):
                 list_labels=bool(teacher.get("list_labels", True)),
                 label_max_tokens=None if gen.get("label_max_tokens") is None else int(gen["label_max_tokens"]),
                 metric=str(d.get("metric") or ""),
+                tools=d.get("tools"),
+                tool_choice=str(d.get("tool_choice") or "auto"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"the manifest's task is incomplete ({_first_line(e)}); rebuild the artifact") from None
@@ -116,7 +137,14 @@ class Task(BaseModel):
 
     def answer_schema(self) -> dict[str, Any] | None:
         """The JSON schema a structured answer is decoded under, with every object's properties in
-        sorted order: ``format_answer`` writes keys sorted, and a grammar keeps the schema's order."""
+        sorted order: ``format_answer`` writes keys sorted, and a grammar keeps the schema's order.
+        With ``tools``: the generic answer the chat route decodes (``toolcalls.answer_schema``, parallel
+        as an OpenAI client asks, one call; "no call" under auto the empty text response), in the
+        tools' own order, which ``format_answer`` keeps."""
+        if self.tools:
+            return toolcalls.answer_schema(
+                toolcalls.functions(self.tools), self.tool_choice, parallel=True, response_schema={"const": ""}, max_calls=1
+            )
         if not self.structured or not self.output_schema:
             return None
         return _sorted_properties(self.output_schema)
@@ -132,21 +160,31 @@ class Task(BaseModel):
         return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": _strict_ok(schema)}}
 
     # --- prompts -------------------------------------------------------------------------------
-    def student_messages(self, text: str) -> Messages:
-        """Chat messages the student sees for one input (training adds the assistant turn)."""
-        return [{"role": "system", "content": self.instructions.strip()}, {"role": "user", "content": text}]
+    def student_messages(self, text: TaskInput) -> Messages:
+        """Chat messages the student sees for one input, a text (one user message) or a conversation
+        (rendered by ``conversation.render_history``); training adds the assistant turn. With
+        ``tools``: what the chat route renders for ``[system: instructions, *conversation]`` and
+        those tools (``toolcalls.with_tools``, parallel calls as an OpenAI client asks)."""
+        messages = [{"role": "system", "content": self.instructions.strip()}, *_conversation(text)]
+        return toolcalls.with_tools(messages, self.tools, parallel=True) if self.tools else messages
 
-    def teacher_messages(self, text: str) -> Messages:
-        """Chat messages asking the teacher to answer one input."""
+    def teacher_messages(self, text: TaskInput) -> Messages:
+        """Chat messages asking the teacher to answer one input (with ``tools``: the student's, which
+        already list the tools and the answer's shape)."""
+        if self.tools:
+            return self.student_messages(text)
         system = self.instructions.strip()
         if self.type == CLASSIFICATION and self.list_labels:
             system += "\nAnswer with exactly one label from this list and nothing else: " + ", ".join(self.labels or [])
         elif self.structured and self.output_schema:
             system += "\nAnswer with one JSON object matching this JSON schema and nothing else:\n" + json.dumps(self.output_schema)
-        return [{"role": "system", "content": system}, {"role": "user", "content": text}]
+        return [{"role": "system", "content": system}, *_conversation(text)]
 
     def format_answer(self, output: Any) -> str:
-        """The assistant text for a gold/teacher answer (JSON for structured tasks)."""
+        """The assistant text for a gold/teacher answer (JSON for structured tasks; with ``tools``,
+        the generic tool-call JSON, ``toolcalls.call_text``)."""
+        if self.tools:
+            return toolcalls.call_text(output, self.tools, parallel=True)
         if self.structured:
             return json.dumps(output, ensure_ascii=False, sort_keys=True)
         return str(output).strip()
@@ -174,7 +212,8 @@ class Task(BaseModel):
         it is invalid, ``"truncated"`` (a cut label or JSON object may still parse, as the wrong
         answer). Classification: the label, matched exactly after trimming whitespace/quotes/trailing
         punctuation, then case-insensitively. Extraction/tool_call: the first JSON object, checked
-        against the schema. qa/generation: the trimmed text.
+        against the schema (with ``tools``, a generic answer read as its call first,
+        ``toolcalls.call_value``). qa/generation: the trimmed text.
         """
         if finish_reason == "length":
             return None, TRUNCATED
@@ -196,6 +235,8 @@ class Task(BaseModel):
                 value = json.loads(m.group(0))
             except json.JSONDecodeError:
                 return None, "not_json"
+            if self.tools:
+                value = toolcalls.call_value(value)
             return value, check_schema(value, self.output_schema or {})
         return text, (None if text else "empty")
 
@@ -251,6 +292,10 @@ class Task(BaseModel):
         if finish_reasons is not None:
             scores["truncated_answers"] = truncated
         return preds, scores
+
+
+def _conversation(text: TaskInput) -> Messages:
+    return [{"role": "user", "content": text}] if isinstance(text, str) else render_history(text)
 
 
 def _sorted_properties(schema: Any) -> Any:

@@ -35,7 +35,7 @@ async def collect(st: State, rows: list[dict[str, Any]]) -> tuple[list[list[floa
     scores, correct, confs = [], [], []
     wave = max(st.engine.runner.n_slots, 1)
     for i in range(0, len(rows), wave):
-        answers = await asyncio.gather(*[student_predict(st, str(r["input"])) for r in rows[i : i + wave]])
+        answers = await asyncio.gather(*[student_predict(st, r["input"] if isinstance(r["input"], list) else str(r["input"])) for r in rows[i : i + wave]])
         for r, a in zip(rows[i : i + wave], answers):
             if a.error is None:  # unparseable answers get confidence 0 whatever T is
                 scores.append(a.scores)

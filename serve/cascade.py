@@ -25,6 +25,8 @@ from edgedistill.serve.types import EdgedistillInfo
 from edgedistill.serve.validation import max_tokens as _max_tokens
 from fastapi import Request
 
+from edgedistill.conversation import TaskInput
+
 log = logging.getLogger("edgedistill.serve")
 
 # ---- the request's policy -------------------------------------------------------------------------
@@ -246,8 +248,9 @@ class StudentAnswer:
     fields: dict[str, float] | None = None  # a JSON answer's calibrated confidence per field
 
 
-async def student_predict(st: State, text: str, request: Request | None = None) -> StudentAnswer:
-    """The student's answer to one task input: task template, greedy, parse, calibrated confidence."""
+async def student_predict(st: State, text: TaskInput, request: Request | None = None) -> StudentAnswer:
+    """The student's answer to one task input (a text or a conversation): task template, greedy,
+    parse, calibrated confidence."""
     task = st.artifact.task  # type: ignore[union-attr]
     runner = st.engine.runner
     prompt = runner.tokenize(runner.render_chat(task.student_messages(text)), special=True, add_bos=True)
@@ -299,7 +302,7 @@ class TaskAnswer:
     teacher_usage: dict[str, Any] | None = None
 
 
-async def predict(st: State, text: str, policy: Policy, request: Request | None = None) -> TaskAnswer:
+async def predict(st: State, text: TaskInput, policy: Policy, request: Request | None = None) -> TaskAnswer:
     """The student's answer; the teacher's when the student is unsure or its answer is invalid for
     the task (whatever the threshold), unless the policy keeps the teacher out."""
     task = st.artifact.task  # type: ignore[union-attr]

@@ -11,10 +11,23 @@ from edgedistill.serve.errors import APIError
 from edgedistill.serve.openapi import BODY_ERRORS, body_schema, responses
 from edgedistill.serve.state import State
 from edgedistill.serve.submission import note_latency
+from edgedistill.serve.tools import message_dict
 from edgedistill.serve.types import PredictInfo, PredictRequest, PredictResponse
 from edgedistill.serve.validation import read_json, validate
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+
+from edgedistill.conversation import InputError, TaskInput, check_input
+
+
+def task_input(req: PredictRequest) -> TaskInput:
+    """The request's input as the task's (``conversation.check_input``); a 400 naming the message."""
+    if isinstance(req.input, str):
+        return req.input
+    try:
+        return check_input([message_dict(m) for m in req.input])
+    except InputError as e:
+        raise APIError(400, str(e), code="invalid_value", param="input") from None
 
 
 def add_predict_route(app: FastAPI, st: State) -> None:
@@ -33,7 +46,7 @@ def add_predict_route(app: FastAPI, st: State) -> None:
             policy.fallback if req.fallback is None else req.fallback,
         )
         t0 = time.perf_counter()
-        ans = await cascade_predict(st, req.input, policy, request)
+        ans = await cascade_predict(st, task_input(req), policy, request)
         d, res = ans.decision, ans.student.result
         st.metrics.count_answer(d.answered_by, res.prompt_tokens, res.completion_tokens, ans.teacher_usage)
         note_latency(st, t0)

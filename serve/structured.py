@@ -17,8 +17,10 @@ from typing import Any
 
 from edgedistill.runtimes.constrain import Constraint, Grammar, GrammarError, Vocab
 from edgedistill.serve.errors import APIError
-from edgedistill.serve.tools import ToolSpec, call_schema
+from edgedistill.serve.tools import ToolSpec
 from edgedistill.serve.types import ChatCompletionRequest
+
+from edgedistill.toolcalls import call_schema
 
 ANY_OBJECT = {"type": "object"}
 

@@ -29,6 +29,10 @@ grammar asks for (minja's example always shows ``tool_calls``).
 A tool call's confidence is per field of the call (its name and each argument; see
 ``serve.confidence.field_confidence``), the lowest deciding; :func:`openai_paths` names the fields
 as the OpenAI message does (``tool_calls.0.arguments.city``).
+
+The prompt, the schema and the history's rendering live in the core (``edgedistill.toolcalls``,
+``edgedistill.conversation``), which a tool_call task with ``tools`` shares: its student is trained
+on the very prompt this route renders for those tools.
 """
 
 from __future__ import annotations
@@ -41,11 +45,8 @@ from typing import Any
 from edgedistill.serve.errors import APIError
 from edgedistill.serve.types import ChatCompletionRequest, ChatMessage, NamedToolChoice
 
-RESPOND_IN_JSON = (
-    "Respond in JSON format, either with `tool_call` (a request to call tools) or with `response` reply to the user's request"
-)
-TOOLS_INTRO = "You can call any of the following tools to satisfy the user's requests: "
-NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
+from edgedistill import toolcalls
+from edgedistill.conversation import Message, render_history
 
 
 @dataclass
@@ -64,12 +65,7 @@ class ToolSpec:
         return answer_schema(self)
 
     def system_prompt(self) -> str:
-        example_call = {"name": "tool_name", "arguments": {"arg1": "some_value"}}
-        example = {"tool_calls": [example_call]} if self.parallel else {"tool_call": example_call}
-        return (
-            f"{RESPOND_IN_JSON}\n\n{TOOLS_INTRO}{json.dumps(self.tools, indent=2, ensure_ascii=False)}"
-            f"\n\nExample tool call syntax:\n\n{json.dumps(example, indent=2)}\n\n"
-        )
+        return toolcalls.system_prompt(self.tools, self.parallel)
 
 
 def tool_spec(req: ChatCompletionRequest, response_schema: dict[str, Any] | None = None) -> ToolSpec | None:
@@ -95,7 +91,7 @@ def tool_spec(req: ChatCompletionRequest, response_schema: dict[str, Any] | None
                 param=f"tools.{i}.function.name",
             )
         seen[f.name] = i
-        functions.append({"name": f.name, "parameters": _closed(f.parameters)})
+        functions.append({"name": f.name, "parameters": toolcalls.closed(f.parameters)})
     forced = None
     if isinstance(choice, NamedToolChoice):
         forced = choice.function.name
@@ -111,80 +107,34 @@ def tool_spec(req: ChatCompletionRequest, response_schema: dict[str, Any] | None
         mode = choice or "auto"
     if mode == "none":
         return None
-    tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    tools = toolcalls.canonical_tools([t.model_dump(exclude_none=True) for t in req.tools])
     return ToolSpec(tools, functions, mode, req.parallel_tool_calls, forced, response_schema)
-
-
-def _closed(parameters: dict[str, Any] | None) -> dict[str, Any]:
-    """The arguments schema: no arguments when none is given; declared properties only unless the
-    schema says otherwise (``additionalProperties`` absent: false, as OpenAI's strict mode has it)."""
-    if parameters is None:
-        return NO_ARGUMENTS
-    if "properties" in parameters and "additionalProperties" not in parameters:
-        return {**parameters, "additionalProperties": False}
-    return parameters
-
-
-def call_schema(function: dict[str, Any]) -> dict[str, Any]:
-    """One call of ``function``: its name (a constant) and arguments of its parameters schema."""
-    return {
-        "type": "object",
-        "properties": {"name": {"type": "string", "const": function["name"]}, "arguments": function["parameters"]},
-        "required": ["name", "arguments"],
-        "additionalProperties": False,
-    }
 
 
 def answer_schema(spec: ToolSpec) -> dict[str, Any]:
     funcs = [f for f in spec.functions if spec.forced is None or f["name"] == spec.forced]
-    calls = [call_schema(f) for f in funcs]
-    one = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    if spec.parallel:
-        call = {"type": "array", "items": one, "minItems": 1}
-        answer = _object("tool_calls", call)
-    else:
-        answer = _object("tool_call", one)
-    if spec.choice != "auto":
-        return answer
-    return {"anyOf": [answer, _object("response", spec.response_schema or {"type": "string"})]}
+    return toolcalls.answer_schema(funcs, spec.choice, spec.parallel, spec.response_schema)
 
 
-def _object(key: str, value: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "object", "properties": {key: value}, "required": [key], "additionalProperties": False}
+def message_dict(m: ChatMessage) -> Message:
+    """A request's chat message as the core's plain message (``edgedistill.conversation``)."""
+    d: Message = {"role": m.role, "content": m.text() if m.content is not None else None}
+    if m.name is not None:
+        d["name"] = m.name
+    if m.tool_calls:
+        d["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        d["tool_call_id"] = m.tool_call_id
+    return d
 
 
 def render_messages(messages: list[ChatMessage], spec: ToolSpec | None) -> list[dict[str, str]]:
-    """The messages as role/content strings for any chat template: the history's tool calls and tool
-    answers in the generic format, and (with ``spec``) the tools in the system message."""
-    out: list[dict[str, str]] = []
-    for m in messages:
-        role, content = ("system" if m.role == "developer" else m.role), m.text()
-        if m.tool_calls:
-            calls = []
-            for c in m.tool_calls:
-                try:
-                    args: Any = json.loads(c.function.arguments)
-                except ValueError:
-                    args = c.function.arguments  # minja keeps arguments it cannot parse as the string
-                calls.append({"name": c.function.name, "arguments": args, "id": c.id})
-            obj: dict[str, Any] = {"tool_calls": calls}
-            if content:
-                obj["content"] = content
-            content = json.dumps(obj, indent=2, ensure_ascii=False)
-        elif m.role == "tool":
-            response: dict[str, Any] = {}
-            if m.name is not None:
-                response["tool"] = m.name
-            response["content"] = content
-            response["tool_call_id"] = m.tool_call_id
-            role, content = "user", json.dumps({"tool_response": response}, indent=2, ensure_ascii=False)
-        out.append({"role": role, "content": content})
-    if spec is not None:
-        if out and out[0]["role"] == "system":
-            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + spec.system_prompt()}
-        else:
-            out.insert(0, {"role": "system", "content": spec.system_prompt()})
-    return out
+    """The messages as role/content strings for any chat template (``conversation.render_history``:
+    the history's tool calls and tool answers in the generic format) and, with ``spec``, the tools
+    in the system message (``toolcalls.with_tools``), the rendering a tool_call task's student is
+    trained on."""
+    out = render_history([message_dict(m) for m in messages])
+    return toolcalls.with_tools(out, spec.tools, spec.parallel) if spec is not None else out
 
 
 @dataclass

@@ -16,7 +16,7 @@ against them.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator, model_validator
 
@@ -316,7 +316,22 @@ class CompletionRequest(_Sampling):
 class PredictRequest(_Req):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    input: StrictStr = Field(min_length=1, description="The task input; the task's prompt template is applied server-side.")
+    input: Annotated[StrictStr, Field(min_length=1)] | Annotated[list[ChatMessage], Field(min_length=1)] = Field(
+        description="The task input, a text or a conversation (chat messages: user, assistant with content or tool_calls, "
+        "tool; ending with the user's or a tool's) whose next answer the model gives; the task's prompt template (its "
+        "instructions as the system message, its tools) is applied server-side."
+    )
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _text_or_messages(cls, v):
+        if isinstance(v, list) and not all(isinstance(m, dict) for m in v):
+            raise ValueError("must be a string or a list of chat messages (objects with role and content)")
+        if not isinstance(v, str | list):
+            raise ValueError("must be a string (the input text) or a list of chat messages")
+        if not v:  # said here: pydantic's union would only say "wrong type"
+            raise ValueError("String should have at least 1 character" if isinstance(v, str) else "needs at least 1 message")
+        return v
     threshold: float | None = Field(
         None,
         ge=0.0,

@@ -230,7 +230,8 @@ BODY_CASES = {
         ["logprobs", "integer"],
     ),
     "input a number": ("/v1/predict", js({"input": 5}), 400, "invalid_value", ["input", "string"]),
-    "input a list": ("/v1/predict", js({"input": ["a"]}), 400, "invalid_value", ["input", "string"]),
+    "input a list": ("/v1/predict", js({"input": ["a"]}), 400, "invalid_value", ["input", "string", "chat messages"]),
+    "input a bad message": ("/v1/predict", js({"input": [{"role": "user"}]}), 400, "invalid_value", ["input.0", "content"]),
     "threshold a string": ("/v1/predict", js({"input": "x", "threshold": "high"}), 400, "invalid_value", ["threshold", "number"]),
     # --- out of range -----------------------------------------------------------------------------
     "temperature -1": (

@@ -10,9 +10,9 @@ from http.server import BaseHTTPRequestHandler
 import jsonschema
 import pytest
 from edgedistill.serve.fallback import _well_formed
-from edgedistill.serve.tools import RESPOND_IN_JSON, TOOLS_INTRO
 from fastapi.testclient import TestClient
 
+from edgedistill.toolcalls import RESPOND_IN_JSON, TOOLS_INTRO
 from tests.serve_fakes import FakeRunner, LocalHTTPServer
 from tests.test_serve_api import MODEL, chat_body, make_app
 
