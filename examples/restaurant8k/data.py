@@ -3,10 +3,13 @@
 The shared files (``../shared/data/restaurant8k/{train,dev}.json``) hold utterances with character
 spans per slot (``labels[].valueSpan``, ``startIndex`` absent when it is 0, protobuf-JSON style).
 :func:`slot_object` turns one into the extraction answer: ``{slot: the span's text}`` for the slots
-present, ``{}`` when the utterance has none. :func:`write_jsonl` writes a split as JSONL rows
-``{"text", "slots", "requested"}`` that a task spec reads (``input_field: text``, ``output_field: slots``);
-``requested`` is the slots the booking system had just asked for (the dialogue context), kept for
-examples that use it.
+present, ``{}`` when the utterance has none. :func:`read_split` gives rows ``{"text", "slots",
+"requested", "input"}``: ``requested`` is the slots the booking system had just asked for (the
+dialogue context) and ``input`` the model's input, the utterance alone or, where the system had
+asked, the conversation of its question (an assistant turn, :data:`QUESTIONS`) and the utterance
+("8" answers "What time would you like the table?" with a time, not a party size).
+:func:`write_jsonl` writes them as JSONL that a task spec reads (``input_field: input``,
+``output_field: slots``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,14 @@ from pathlib import Path
 from typing import Any
 
 SLOTS = ("date", "first_name", "last_name", "people", "time")
+# What the booking system asks for the slots it requests (restaurant8k gives the slots, not the words).
+QUESTIONS = {
+    "date": "What date would you like to book for?",
+    "time": "What time would you like the table?",
+    "people": "How many people will be joining you?",
+    "first_name": "What name should I put the booking under?",
+    "last_name": "What name should I put the booking under?",
+}
 
 
 def data_root() -> Path:
@@ -36,21 +47,25 @@ def slot_object(row: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def model_input(text: str, requested: list[str]) -> str | list[dict[str, str]]:
+    """The utterance, or the conversation of the system's question for the requested slots and it."""
+    asked = list(dict.fromkeys(QUESTIONS[s] for s in requested if s in QUESTIONS))
+    return [{"role": "assistant", "content": " ".join(asked)}, {"role": "user", "content": text}] if asked else text
+
+
 def read_split(split: str) -> list[dict[str, Any]]:
-    """One split (``train`` or ``dev``) as rows ``{"text", "slots", "requested"}``, in file order."""
+    """One split (``train`` or ``dev``) as rows ``{"text", "slots", "requested", "input"}``, in file order."""
     path = data_root() / "restaurant8k" / f"{split}.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; set EDGEDISTILL_DATA to the folder holding restaurant8k/")
     rows = json.loads(path.read_text(encoding="utf-8"))
-    return [
-        {
-            "text": r["userInput"]["text"].strip(),
-            "slots": slot_object(r),
-            "requested": list(dict.fromkeys((r.get("context") or {}).get("requestedSlots") or [])),
-        }
-        for r in rows
-        if r["userInput"]["text"].strip()
-    ]
+    out = []
+    for r in rows:
+        text = r["userInput"]["text"].strip()
+        if text:
+            requested = list(dict.fromkeys((r.get("context") or {}).get("requestedSlots") or []))
+            out.append({"text": text, "slots": slot_object(r), "requested": requested, "input": model_input(text, requested)})
+    return out
 
 
 def write_jsonl(rows: list[dict[str, Any]], path: Path) -> Path:

