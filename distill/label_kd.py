@@ -37,11 +37,14 @@ def compared_labels(soft_labels: dict[str, float], answer: str, temperature: flo
 
 def soft_label_rows(encode: Callable[[str], dict[str, list[int]]], example: dict[str, Any], index: int, temperature: float) -> dict[str, Any]:
     """One training example's label-KL rows: ``kd_rows`` (``encode(label)`` per compared label) and
-    ``kd_probs`` (the teacher's distribution over them at ``temperature``)."""
+    ``kd_probs`` (the teacher's distribution over them at ``temperature``); none when only the hard
+    label is compared (a teacher sure of it: the KL over one label is zero, its rows would be waste)."""
     soft = example["soft_labels"]
     if not isinstance(soft, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in soft.values()):
         raise UserError(f"training example {index}: soft_labels must map labels to probabilities")
     names, probs = compared_labels(soft, example["answer"], temperature)
+    if len(names) < 2:
+        return {}
     return {"kd_rows": [encode(name) for name in names], "kd_probs": probs}
 
 

@@ -104,6 +104,9 @@ def test_compared_labels_are_the_teachers_above_the_floor_plus_the_hard_label():
     assert probs[2] == 0.0 and math.isclose(sum(probs), 1.0)
     names, probs = compared_labels({"a": 0.8, "b": 0.2}, "a", 2.0)
     assert probs == pytest.approx([math.sqrt(0.8) / (math.sqrt(0.8) + math.sqrt(0.2)), math.sqrt(0.2) / (math.sqrt(0.8) + math.sqrt(0.2))])
+    # a teacher sure of the hard label: nothing to compare, no rows
+    assert soft_label_rows(lambda a: {"label": a}, {"answer": "a", "soft_labels": {"a": 1.0 - SOFT_LABEL_MIN_PROB / 2}}, 0, 1.0) == {}
+    assert len(soft_label_rows(lambda a: {"label": a}, {"answer": "a", "soft_labels": {"a": 0.9, "b": 0.1}}, 0, 1.0)["kd_rows"]) == 2
     with pytest.raises(UserError, match="soft_labels"):
         soft_label_rows(lambda a: {}, {"answer": "a", "soft_labels": {"a": "high"}}, 3, 1.0)
 
