@@ -14,6 +14,7 @@ import random
 import re
 from typing import Any
 
+from edgedistill.distill.soft_labels import recover_label_distribution
 from edgedistill.distill.teacher import ChatRequest, ChatResult, Teacher
 
 from edgedistill.conversation import last_user_text
@@ -131,7 +132,15 @@ def synthetic_inputs(spec: Any, gen_reqs: list[tuple[ChatRequest, dict]], result
     return rows
 
 
+def wants_soft_labels(spec: Any) -> bool:
+    """Whether labelling asks the API teacher for top_logprobs (``training.logit_kd.source: api_logprobs``)."""
+    kd = spec.training.logit_kd
+    return bool(kd.enabled and kd.source == "api_logprobs" and spec.task.type == "classification")
+
+
 def label_requests(spec: Any, rows: list[dict], sample: int = 0, temperature: float = 0.0) -> list[ChatRequest]:
+    # the labelling answer (sample 0) carries the soft labels; a self-consistency sample needs none
+    top = spec.training.logit_kd.top_logprobs if sample == 0 and wants_soft_labels(spec) else None
     return [
         ChatRequest(
             messages=spec.task.teacher_messages(r["input"]),
@@ -140,6 +149,7 @@ def label_requests(spec: Any, rows: list[dict], sample: int = 0, temperature: fl
             seed=spec.generation.seed + sample,
             sample=sample,
             constrain_to=spec.task,  # the teacher answers in the task's shape as far as it can
+            top_logprobs=top,
         )
         for r in rows
     ]
@@ -147,7 +157,9 @@ def label_requests(spec: Any, rows: list[dict], sample: int = 0, temperature: fl
 
 def attach_labels(spec: Any, rows: list[dict], reqs: list[ChatRequest], results: list[ChatResult], teacher: Teacher, key: str = "output") -> None:
     """Put the teacher's parsed answer (None when unparseable or cut off by the output budget), its
-    text and finish_reason (for the labels) and its provenance on each row."""
+    text and finish_reason (for the labels) and its provenance on each row; with top_logprobs asked
+    for, the teacher's distribution over the labels as ``soft_labels`` ({label: p}, summing to one;
+    absent when the API returned no logprobs or none of them is on a label)."""
     for row, req, res in zip(rows, reqs, results):
         value, err = spec.task.parse_answer(res.text, res.finish_reason)  # a truncated answer is None
         prov = row.setdefault("provenance", {})
@@ -155,6 +167,10 @@ def attach_labels(spec: Any, rows: list[dict], reqs: list[ChatRequest], results:
             row["raw_output"] = res.text
             row["finish_reason"] = res.finish_reason  # validation rejects "length" as truncated
             row["output"] = None if err else value
+            if req.top_logprobs is not None and not err:
+                soft = recover_label_distribution(spec.task.labels or [], res.logprobs)
+                if soft is not None:
+                    row["soft_labels"] = soft
             prov.update(
                 teacher_model=teacher.model_id,
                 label_decoding={"temperature": req.temperature, "max_tokens": req.max_tokens, "seed": req.seed},

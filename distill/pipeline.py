@@ -207,11 +207,18 @@ def train_student(spec: TaskSpec, kept: list[dict], data_dir: Path, teacher: Tea
             console.print("student: inputs unchanged, reusing the trained checkpoint")
             return student_dir, base_dir, old.get("training_result", {})
 
-    examples = [{"messages": spec.task.student_messages(r["input"]), "answer": spec.task.format_answer(r["output"])} for r in kept]
-    use_kd = spec.training.logit_kd.enabled
+    kd = spec.training.logit_kd
+    soft = kd.enabled and kd.source == "api_logprobs"
+    examples = [
+        {"messages": spec.task.student_messages(r["input"]), "answer": spec.task.format_answer(r["output"])}
+        | ({"soft_labels": r["soft_labels"]} if soft and r.get("soft_labels") else {})
+        for r in kept
+    ]
+    use_kd = kd.enabled and kd.source == "local"
     console.print(
         f"training student ({spec.training.method}, {len(examples)} rows, {spec.training.epochs:g} epochs"
-        + (f", logit KD T={spec.training.logit_kd.temperature} alpha={spec.training.logit_kd.alpha}" if use_kd else "")
+        + (f", logit KD T={kd.temperature} alpha={kd.alpha}" if use_kd else "")
+        + (f", label KD from the API's logprobs T={kd.temperature} alpha={kd.alpha} ({sum('soft_labels' in e for e in examples)} rows with soft labels)" if soft else "")
         + ")"
     )
 

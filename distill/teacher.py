@@ -54,9 +54,10 @@ class ChatRequest:
     stop: list[str] | None = None
     sample: int = 0
     constrain_to: Task | None = None
+    top_logprobs: int | None = None  # ask an API teacher for the top k logprobs of each answer token
 
     def decoding(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -64,6 +65,9 @@ class ChatRequest:
             "stop": list(self.stop) if self.stop else None,
             "sample": self.sample,
         }
+        if self.top_logprobs is not None:  # only when asked: the keys of earlier answers stay the same
+            out["top_logprobs"] = self.top_logprobs
+        return out
 
 
 @dataclass
@@ -79,6 +83,7 @@ class ChatResult:
     cost_usd: float
     finish_reason: str
     original_cost_usd: float = 0.0
+    logprobs: list[dict[str, Any]] | None = None  # OpenAI's logprobs.content, when asked for and given
 
 
 @dataclass
@@ -238,6 +243,7 @@ class Teacher:
             cost_usd=0.0 if cached else cost,
             finish_reason=str(response.get("finish_reason", "stop")),
             original_cost_usd=cost,
+            logprobs=response.get("logprobs") if isinstance(response.get("logprobs"), list) else None,
         )
 
     @staticmethod

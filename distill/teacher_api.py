@@ -10,6 +10,11 @@ which is then answered without it) is told once in the log and prompted without 
 the refusal is remembered in the cache, so a rerun keys its requests without it at once and finds
 the answers it already has. Every answer is cached under what was really sent. Classification is
 prompted as before (the labels are in the prompt; an API has no label constraint).
+
+Soft labels: a request with ``top_logprobs`` (``ChatRequest.top_logprobs``, set when labelling
+with ``training.logit_kd.source: api_logprobs``) is sent with ``logprobs: true, top_logprobs: k``;
+the key includes k, and the answer's ``logprobs.content`` is cached with it (``distill.soft_labels``
+recovers the label distribution from it).
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ class OpenAITeacher(Teacher):
         self.retry_base_delay_s = float(retry_base_delay_s)
         self.retry_max_delay_s = float(retry_max_delay_s)
         self._refuses_format: bool | None = None  # None: not known yet (the cache may remember)
+        self._asks_logprobs = False  # some request asked for top_logprobs (for the error message)
         self._api_key: str | None = None
         if api_key_env:
             key = os.environ.get(api_key_env)
@@ -145,6 +151,10 @@ class OpenAITeacher(Teacher):
             body["seed"] = req.seed
         if req.stop:
             body["stop"] = list(req.stop)
+        if req.top_logprobs is not None:
+            self._asks_logprobs = True
+            body["logprobs"] = True
+            body["top_logprobs"] = req.top_logprobs
         body.update(self.answer_format(req) if answer_format is None else answer_format)
         return body
 
@@ -161,7 +171,7 @@ class OpenAITeacher(Teacher):
         usage = usage if isinstance(usage, dict) else {}
         pt = int(usage.get("prompt_tokens") or 0)
         ct = int(usage.get("completion_tokens") or 0)
-        return {
+        out = {
             "text": content or "",
             "prompt_tokens": pt,
             "completion_tokens": ct,
@@ -169,6 +179,10 @@ class OpenAITeacher(Teacher):
             "cost_usd": self.cost(pt, ct),
             "model": body.get("model", self.model),
         }
+        lp = choice.get("logprobs")
+        if isinstance(lp, dict) and isinstance(lp.get("content"), list):
+            out["logprobs"] = lp["content"]  # cached with the answer: the soft labels are recovered from it
+        return out
 
     def _fail(self, status: int, msg: str) -> UserError:
         """A status not worth retrying (a 4xx but 408/409/425/429): what the user must change."""
@@ -183,7 +197,10 @@ class OpenAITeacher(Teacher):
             return UserError(
                 f"{where} answered 404 for model {self.model!r} ({msg}); check teacher.model and that teacher.base_url ends in /v1"
             )
-        return UserError(f"{where} rejected the request (HTTP {status}: {msg}); check the teacher settings (model, max_tokens)")
+        return UserError(
+            f"{where} rejected the request (HTTP {status}: {msg}); check the teacher settings (model, max_tokens"
+            + (", and that the API returns logprobs for training.logit_kd.source: api_logprobs)" if self._asks_logprobs else ")")
+        )
 
     def _user_error(self, e: OpenAIError) -> UserError:
         """The one-line message for a request the client gave up on (after ``e.attempts`` tries)."""

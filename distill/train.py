@@ -5,6 +5,9 @@ DeepSpeed path for bigger jobs) and ``peft`` for LoRA. The loss is computed here
 model: cross-entropy on the answer tokens only, and with a local teacher of the same tokenizer
 ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE`` over the same answer tokens.
 
+With soft labels (``training.logit_kd.source: api_logprobs``: an example's ``soft_labels``, the
+API teacher's distribution over the labels) the KL is over the labels instead (``distill.label_kd``).
+
 The result is always a plain merged HF checkpoint (LoRA adapters merged into the weights), which
 is what the compress stage reads.
 """
@@ -21,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from edgedistill.distill.label_kd import collate_soft, soft_label_kl, soft_label_rows
 from edgedistill.runtimes.hf import render_chat
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
@@ -84,13 +88,19 @@ class _ListDataset(torch.utils.data.Dataset):
 
 
 class Collator:
-    """Right padding: input_ids with pad_id, attention_mask with 0, labels with -100."""
+    """Right padding: input_ids with pad_id, attention_mask with 0, labels with -100. Examples with
+    soft labels (``kd_rows``/``kd_probs``) add ``kd_input_ids``, ``kd_attention_mask``, ``kd_labels``
+    (one row per compared label), ``kd_group`` (its example, 0.. among those with soft labels) and
+    ``kd_target`` (the teacher's probability)."""
 
     def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None):
         self.pad_id = pad_id
         self.multiple = pad_to_multiple_of
 
-    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return {**self._pad(features), **collate_soft(features, self._pad)}
+
+    def _pad(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         n = max(len(f["input_ids"]) for f in features)
         if self.multiple:
             n = math.ceil(n / self.multiple) * self.multiple
@@ -166,16 +176,19 @@ class DistillTrainer(Trainer):
     """Trainer with answer-only cross-entropy and optional logit distillation from a teacher.
 
     ``loss = alpha * KD + (1 - alpha) * CE``, both averaged over the answer tokens of the whole
-    (gradient-accumulated) batch; ce and kd are logged separately.
+    (gradient-accumulated) batch; ce and kd are logged separately. With ``label_kd`` (soft labels
+    in the batch, see :class:`Collator`) KD is the label KL instead, averaged over the examples
+    that have soft labels (in the micro-batch, divided by the accumulation steps); logged as
+    ``label_kd``. A batch without soft labels is trained on CE alone.
     """
 
-    def __init__(
-        self, *args: Any, teacher: nn.Module | None = None, kd_temperature: float = 2.0, kd_alpha: float = 0.5, **kwargs: Any
-    ):
+    def __init__(self, *args: Any, teacher: nn.Module | None = None, kd_temperature: float = 2.0, kd_alpha: float = 0.5,
+                 label_kd: bool = False, **kwargs: Any):  # fmt: skip
         super().__init__(*args, **kwargs)
         self.teacher = teacher
         self.kd_temperature = kd_temperature
         self.kd_alpha = kd_alpha if teacher is not None else 0.0
+        self.label_kd_alpha = kd_alpha if label_kd else 0.0
         if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
@@ -236,12 +249,21 @@ class DistillTrainer(Trainer):
             self.loss_is_scaled_for_ga = False
         ce = ce_tok.sum() / denom * scale
         loss = ce if kd_tok is None else self.kd_alpha * (kd_tok.sum() / denom * scale) + (1 - self.kd_alpha) * ce
+        kl_ex = None
+        if self.label_kd_alpha > 0 and "kd_input_ids" in inputs:
+            kl_ex = soft_label_kl(lambda rows, keep: self._logits(model, rows, keep), inputs, self._logits_to_keep, self.kd_temperature)
+            steps = self.args.gradient_accumulation_steps if num_items_in_batch is not None else 1
+            kl = kl_ex.sum() / (kl_ex.numel() * steps) * scale
+            loss = self.label_kd_alpha * kl + (1 - self.label_kd_alpha) * ce
 
         if model.training:
             self._accumulate("ce", ce_tok.detach().sum())
             self._accumulate("tokens", torch.tensor(float(ce_tok.numel()), device=ce_tok.device))
             if kd_tok is not None:
                 self._accumulate("kd", kd_tok.detach().sum())
+            if kl_ex is not None:
+                self._accumulate("label_kd", kl_ex.detach().sum())
+                self._accumulate("kd_examples", torch.tensor(float(kl_ex.numel()), device=kl_ex.device))
         if return_outputs:
             return loss, {"logits": logits}
         return loss
@@ -256,6 +278,8 @@ class DistillTrainer(Trainer):
             logs["ce"] = float(sums["ce"]) / n
             if "kd" in sums:
                 logs["kd"] = float(sums["kd"]) / n
+            if "label_kd" in sums:
+                logs["label_kd"] = float(sums["label_kd"]) / max(float(sums["kd_examples"]), 1.0)
             self._sums = {}
         super().log(logs, start_time)
 
@@ -325,7 +349,8 @@ def train(
 
     ``cfg.method`` "lora" trains LoRA adapters on all linear layers and merges them, "full" trains
     every weight. With ``teacher_dir`` and ``cfg.logit_kd.enabled`` the teacher's logits are
-    distilled too. Checkpoints go to out_dir/checkpoints every ``cfg.save_steps`` steps and a
+    distilled too; with ``cfg.logit_kd.source`` api_logprobs the examples' ``soft_labels`` are
+    (the label KL). Checkpoints go to out_dir/checkpoints every ``cfg.save_steps`` steps and a
     rerun resumes from the newest one (same data and settings); on success the merged model and
     tokenizer are written to out_dir and the checkpoints removed. ``max_steps`` overrides
     ``cfg.epochs``; ``callbacks`` are extra TrainerCallbacks (e.g. to read the gradients). Returns {"train_loss", "final_loss", "losses", "steps", "runtime_s",
@@ -338,8 +363,10 @@ def train(
         raise UserError(f"student base {base_dir} is not an HF checkpoint folder (no config.json)")
     if not examples:
         raise UserError("no training examples; the dataset is empty")
-    use_kd = teacher_dir is not None and cfg.logit_kd.enabled
-    if cfg.logit_kd.enabled and teacher_dir is None:
+    kd = cfg.logit_kd
+    label_kd = kd.enabled and kd.source == "api_logprobs"
+    use_kd = teacher_dir is not None and kd.enabled and kd.source == "local"
+    if kd.enabled and kd.source == "local" and teacher_dir is None:
         raise UserError("training.logit_kd is enabled but no local teacher model was given")
 
     tokenizer = _load_tokenizer(base_dir)
@@ -347,7 +374,10 @@ def train(
     for i, ex in enumerate(examples):
         if not isinstance(ex.get("messages"), list) or not isinstance(ex.get("answer"), str):
             raise UserError(f"training example {i} needs 'messages' (a list) and 'answer' (a string)")
-        rows.append(encode_example(tokenizer, ex["messages"], ex["answer"], cfg.max_length))
+        row: dict[str, Any] = encode_example(tokenizer, ex["messages"], ex["answer"], cfg.max_length)
+        if label_kd and ex.get("soft_labels"):
+            row.update(soft_label_rows(lambda answer, m=ex["messages"]: encode_example(tokenizer, m, answer, cfg.max_length), ex, i, kd.temperature))
+        rows.append(row)
 
     set_seed(cfg.seed)
     cuda = torch.cuda.is_available()
@@ -424,6 +454,7 @@ def train(
         teacher=teacher,
         kd_temperature=cfg.logit_kd.temperature,
         kd_alpha=cfg.logit_kd.alpha,
+        label_kd=label_kd,
     )
     if not progress:
         from transformers.trainer_callback import PrinterCallback
@@ -450,6 +481,8 @@ def train(
         "losses": losses,
         "ce": [float(h["ce"]) for h in history if "ce" in h],
         "kd": [float(h["kd"]) for h in history if "kd" in h],
+        "label_kd": [float(h["label_kd"]) for h in history if "label_kd" in h],
+        "soft_label_rows": sum(1 for r in rows if "kd_rows" in r),
         "steps": int(trainer.state.global_step),
         "resumed_from_step": int(resume.name.split("-")[-1]) if resume else 0,
         "runtime_s": runtime,

@@ -146,7 +146,14 @@ class ValidationSettings(_Model):
 
 
 class LogitKDConfig(_Model):
-    enabled: bool = Field(False, description="Blend KL to the teacher's softened distribution (local teacher, same tokenizer).")
+    enabled: bool = Field(False, description="Blend KL to the teacher's softened distribution (see source).")
+    source: Literal["local", "api_logprobs"] = Field(
+        "local",
+        description="local: the KL over the vocabulary at every answer token, from a local teacher of the same tokenizer. "
+        "api_logprobs (classification, API teacher): the KL over the labels, from the teacher's distribution over the labels "
+        "recovered from the top_logprobs its API returns when labelling (no local teacher, any tokenizer).",
+    )
+    top_logprobs: int = Field(20, ge=1, le=20, description="api_logprobs: alternatives asked for per answer token (OpenAI allows up to 20).")
     temperature: float = Field(2.0, gt=0.0)
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the KL term; 1-alpha weights the hard-label loss.")
     teacher_dtype: Literal["auto", "float32", "bfloat16"] = Field(
@@ -263,8 +270,14 @@ class TaskSpec(_Model):
             raise ValueError(f"seeds has {len(self.seeds)} examples; give 10-50")
         if self.student.init_from_teacher_layers is not None and self.teacher.kind != "local":
             raise ValueError("student.init_from_teacher_layers needs a local teacher")
-        if self.training.logit_kd.enabled and self.teacher.kind != "local":
-            raise ValueError("training.logit_kd needs a local teacher (an API gives no full logits)")
+        kd = self.training.logit_kd
+        if kd.enabled and kd.source == "local" and self.teacher.kind != "local":
+            raise ValueError(
+                "training.logit_kd needs a local teacher (an API gives no full logits); for a classification task set "
+                "training.logit_kd.source: api_logprobs"
+            )
+        if kd.enabled and kd.source == "api_logprobs" and (self.teacher.kind == "local" or self.type != "classification"):
+            raise ValueError("training.logit_kd.source api_logprobs needs an API teacher (teacher.base_url) and a classification task")
         return self
 
     @property

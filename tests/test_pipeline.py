@@ -4,6 +4,7 @@ server on loopback (a keyword classifier that also writes new inputs)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,10 +40,12 @@ class KeywordTeacher:
                     text = "\n".join(f"{i}. question {i}-{j} about my {w} number {i * 7 + j}" for j, w in enumerate(list(fake.words)[:n]))
                 else:
                     text = next((lab for w, lab in fake.words.items() if w in user.lower()), "no idea")
-                reply = {
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 20, "completion_tokens": 5},
-                }
+                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                if body.get("logprobs"):  # one token for the answer; the runner-up label gets 0.2
+                    other = next(lab for lab in fake.words.values() if lab != text)
+                    top = [{"token": text, "logprob": math.log(0.8)}, {"token": other, "logprob": math.log(0.2)}]
+                    choice["logprobs"] = {"content": [{"token": text, "logprob": math.log(0.8), "top_logprobs": top[: body["top_logprobs"]]}]}
+                reply = {"choices": [choice], "usage": {"prompt_tokens": 20, "completion_tokens": 5}}
                 data = json.dumps(reply).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -134,6 +137,20 @@ def test_distill_end_to_end_and_resume(tmp_path, teacher, tiny_model_dir):
     assert teacher.hits == hits
     assert again["teacher_usage"]["requests_sent"] == 0 and again["teacher_usage"]["cost_usd"] == 0
     assert (out / "data" / "train.jsonl").read_text().splitlines() == [json.dumps(r, ensure_ascii=False) for r in rows]
+
+
+def test_soft_labels_from_the_api_teachers_logprobs_reach_the_student(tmp_path, teacher, tiny_model_dir):
+    spec = make_spec(tmp_path, teacher.url, tiny_model_dir)
+    raw = yaml.safe_load(spec.read_text())
+    raw["training"]["logit_kd"] = {"enabled": True, "source": "api_logprobs", "top_logprobs": 5, "temperature": 2.0, "alpha": 0.5}
+    spec.write_text(yaml.safe_dump(raw))
+    summary = run_distill(spec, tmp_path / "run")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "data" / "train.jsonl").read_text().splitlines()]
+    labelled = [r for r in rows if r["source"] != "seed"]
+    assert labelled and all(math.isclose(sum(r["soft_labels"].values()), 1.0) for r in labelled)
+    assert all(r["soft_labels"][r["output"]] == pytest.approx(0.8) for r in labelled)
+    assert not any("soft_labels" in r for r in rows if r["source"] == "seed")  # gold seeds: the hard label only
+    assert summary["train"]["soft_label_rows"] == len(labelled) and summary["train"]["label_kd"]
 
 
 def test_gate_stops_a_weak_teacher(tmp_path, tiny_model_dir):

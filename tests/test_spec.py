@@ -45,6 +45,16 @@ def one_line_error(path: Path) -> str:
     return msg
 
 
+def test_soft_labels_from_an_api_teacher_load(tmp_path):
+    raw = base_spec(tmp_path)
+    raw["training"] = {"logit_kd": {"enabled": True, "source": "api_logprobs", "top_logprobs": 5}}
+    kd = load_spec(write(tmp_path, raw)).training.logit_kd
+    assert (kd.source, kd.top_logprobs) == ("api_logprobs", 5)
+    raw["teacher"] = {"kind": "local", "path": "teacher"}
+    (tmp_path / "teacher").mkdir()
+    assert "needs an API teacher" in one_line_error(write(tmp_path, raw))
+
+
 def test_valid_spec_loads_and_resolves_relative_paths(tmp_path):
     spec = load_spec(write(tmp_path, base_spec(tmp_path)))
     assert len(spec.load_seeds()) == 12
@@ -65,6 +75,13 @@ def test_valid_spec_loads_and_resolves_relative_paths(tmp_path):
         (lambda s: s.update(seeds=[{"input": "x", "output": "a"}] * 3), "seeds", "10-50"),
         (lambda s: s["generation"].update(strategies=["rhyme"]) if "generation" in s else s.update(generation={"strategies": ["rhyme"]}), "generation.strategies", "rhyme"),
         (lambda s: s.update(training={"logit_kd": {"enabled": True}}), "(top level)", "local teacher"),
+        (lambda s: s.update(training={"logit_kd": {"enabled": True}}), "(top level)", "source: api_logprobs"),
+        (lambda s: s.update(training={"logit_kd": {"enabled": True, "source": "api_logprobs", "top_logprobs": 21}}), "top_logprobs", "20"),
+        (
+            lambda s: s.update(type="qa", labels=None, training={"logit_kd": {"enabled": True, "source": "api_logprobs"}}),
+            "(top level)",
+            "classification task",
+        ),
     ],
 )
 def test_bad_spec_names_file_field_and_problem(tmp_path, change, field, words):
