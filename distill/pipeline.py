@@ -312,3 +312,8 @@ Distilled by edgedistill from **{teacher.model_id}** ({json.dumps(teacher.descri
 Student {metric}: {fmt_ci(s[metric], s.get(f"{metric}_ci"))} on {s["n"]} rows; agreement with the teacher: {s.get("agreement_with_teacher", 0):.3f}.
 """
     (student_dir / "README.md").write_text(card, encoding="utf-8")
+    # the card is written after training's manifest: record its hash there (a retrain into the same
+    # folder would otherwise leave the previous card's hash, and the next stage refuse the student)
+    manifest = read_manifest(student_dir)
+    manifest["files"]["README.md"] = sha256_file(student_dir / "README.md")
+    write_json_atomic(student_dir / "manifest.json", manifest)
