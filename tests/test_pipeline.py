@@ -138,6 +138,17 @@ def test_distill_end_to_end_and_resume(tmp_path, teacher, tiny_model_dir):
     assert again["teacher_usage"]["requests_sent"] == 0 and again["teacher_usage"]["cost_usd"] == 0
     assert (out / "data" / "train.jsonl").read_text().splitlines() == [json.dumps(r, ensure_ascii=False) for r in rows]
 
+    # a retrain into the same student folder (a changed training setting): the new model card's
+    # hash is in the manifest, so the next stage accepts the student
+    from edgedistill.manifest import read_manifest
+
+    spec_path = make_spec(tmp_path, teacher.url, tiny_model_dir)
+    raw = yaml.safe_load(spec_path.read_text())
+    raw["training"]["epochs"] = 2
+    spec_path.write_text(yaml.safe_dump(raw))
+    run_distill(spec_path, out)
+    assert read_manifest(out / "student", verify=True)["files"]["README.md"]
+
 
 def test_soft_labels_from_the_api_teachers_logprobs_reach_the_student(tmp_path, teacher, tiny_model_dir):
     spec = make_spec(tmp_path, teacher.url, tiny_model_dir)
