@@ -65,7 +65,10 @@ def _panel(ax, rows: list[dict[str, Any]], xkey, xlabel: str, log: bool, metric:
     for i, name in enumerate(front):  # only the frontier is annotated; the legend names every point
         ax.annotate(name, pts[name], textcoords="offset points", xytext=(5, 5 if i % 2 == 0 else -11), fontsize=7)
     if log and min(x for x, _ in pts.values()) > 0:
+        from matplotlib.ticker import NullFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels (2x10^-3, 3x10^-3, ...) overlap on a narrow range
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{metric} (test set)")
     ax.grid(alpha=0.3)
