@@ -424,3 +424,28 @@ def test_gguf_to_hf_on_smollm2(tmp_path):
     with torch.no_grad():
         gen = model.generate(**ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(gen[0, ids["input_ids"].shape[1] :])
+
+
+def test_own_teacher_is_finetuned_on_the_student_prompt_and_gets_a_manifest(tiny_model_dir, tmp_path):
+    from edgedistill.distill.own_teacher import finetune_teacher
+
+    from edgedistill.manifest import read_manifest
+    from edgedistill.spec import load_spec
+
+    spec_path = tmp_path / "task.yaml"
+    spec_path.write_text(
+        "name: t\ntype: classification\ninstructions: Classify.\nlabels: [card_arrival, exchange_rate, top_up_failed, lost_or_stolen_card]\n"
+        "seeds: {path: s.jsonl}\ntest_set: {path: s.jsonl}\nteacher: {kind: local, path: x}\nstudent: {path: x}\n"
+    )
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps({"input": x, "output": y}) + "\n" for x, y in DATA))
+    spec = load_spec(spec_path)
+    cfg = TrainingConfig(method="full", epochs=3, learning_rate=1e-2, batch_size=2, max_length=64, save_steps=100)
+    out = tmp_path / "teacher"
+    result = finetune_teacher(spec, str(tiny_model_dir), DATA, out, cfg, stage="tests", data_note="4 rows", work_dir=tmp_path / "w")
+    m = read_manifest(out, verify=True)  # the checkpoint's files are what the manifest says
+    assert m["created_by"].endswith(" tests") and m["settings"]["data"] == "4 rows" and m["task"]["name"] == "t"
+    assert m["inputs"]["base"] and m["settings"]["training"]["epochs"] == 3
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it was trained
+    assert result["steps"] > 0

