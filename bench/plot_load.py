@@ -17,7 +17,10 @@ from edgedistill.bench.plot import _plt, endpoint_styles
 PCTS = ("p50", "p90", "p99")
 MODES = (("closed", "concurrency (closed loop: clients)"), ("open", "offered rate (open loop, Poisson), requests/s"))
 LATENCY = (("ttft_ms", "time to first token", "TTFT (ms)"), ("latency_ms", "end-to-end latency", "latency (ms)"))
-THROUGHPUT = (("requests_per_s", "throughput: requests", "requests/s"), ("output_tokens_per_s", "throughput: output tokens", "output tokens/s"))
+THROUGHPUT = (
+    ("requests_per_s", "throughput: requests", "requests/s"),
+    ("output_tokens_per_s", "throughput: output tokens", "output tokens/s"),
+)
 
 
 def load_level(row: dict[str, Any]) -> float | None:

@@ -9,14 +9,14 @@ import json
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.image as mpimg  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import pytest  # noqa: E402
-from edgedistill.bench import plot, plot_load  # noqa: E402
-from edgedistill.bench.config import Endpoint, make_config  # noqa: E402
-from edgedistill.bench.run import _manifest_calibrations  # noqa: E402
+import matplotlib.image as mpimg
+import matplotlib.pyplot as plt
+import pytest
+from edgedistill.bench import plot, plot_load
+from edgedistill.bench.config import Endpoint, make_config
+from edgedistill.bench.run import _manifest_calibrations
 
-from edgedistill.metrics import expected_calibration_error, reliability_bins  # noqa: E402
+from edgedistill.metrics import expected_calibration_error, reliability_bins
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # the demo's endpoints: (cost per 1k, p50 ms, accuracy), several close together
@@ -57,7 +57,14 @@ def seven():
 
 def test_reliability_is_a_grid_with_one_diagram_per_endpoint(tmp_path):
     cals = seven()
-    manifests = {"cascade": {"temperature": 1.37, "ece_before": 0.11, "ece_after": 0.02, "test": {"ece_before": 0.124, "ece_after": 0.029, "n": 47}}}
+    manifests = {
+        "cascade": {
+            "temperature": 1.37,
+            "ece_before": 0.11,
+            "ece_after": 0.02,
+            "test": {"ece_before": 0.124, "ece_after": 0.029, "n": 47},
+        }
+    }
     fig = plot.reliability_figure(cals, manifests)
     axes = fig.axes
     assert len(axes) == 2 * 7  # a reliability diagram and its rows-per-bin histogram per endpoint
@@ -179,7 +186,10 @@ def pareto_rows() -> list[dict]:
 
 
 def sweep(chosen: float, cost: float) -> dict:
-    pts = [{"threshold": t / 20, "test": {"cost_per_1k_usd": 0.0006 + (t / 20) ** 3 * 0.0066, "accuracy": 0.95 + 0.001 * t}} for t in range(21)]
+    pts = [
+        {"threshold": t / 20, "test": {"cost_per_1k_usd": 0.0006 + (t / 20) ** 3 * 0.0066, "accuracy": 0.95 + 0.001 * t}}
+        for t in range(21)
+    ]
     return {"sweep": pts, "chosen": {"threshold": chosen, "test": {"cost_per_1k_usd": cost, "accuracy": 0.975}}}
 
 
@@ -204,7 +214,9 @@ def test_pareto_draws_the_served_cascades_sweep_only_and_labels_do_not_collide(t
     assert "cascade @ 0.93 (recommended)" in [t.get_text() for t in cost.texts]
     # an explicitly served endpoint's sweep wins over the name "cascade"
     fig2 = plot.pareto_figure(pareto_rows(), sweeps, served="ours")
-    assert [line.get_label() for line in fig2.axes[0].get_lines() if line.get_linestyle() == "--"] == ["threshold sweep of ours\n(report split)"]
+    assert [line.get_label() for line in fig2.axes[0].get_lines() if line.get_linestyle() == "--"] == [
+        "threshold sweep of ours\n(report split)"
+    ]
     assert png_size(plot.pareto_png(pareto_rows(), tmp_path / "pareto.png", sweeps)) == (1560, 624)
 
 
