@@ -1,6 +1,7 @@
-"""PNG figures: ``pareto.png`` (accuracy vs cost per 1k requests and vs p50 latency, one point per
-endpoint, frontier marked and labelled) and ``reliability.png`` (one reliability diagram per endpoint, in a grid).
-matplotlib is imported here only, with the Agg backend (no display needed)."""
+"""PNG figures: ``pareto.png`` (the task's metric vs cost per 1k requests and vs p50 latency, one
+point per endpoint, the frontier and the served cascade emphasised) and ``reliability.png`` (one
+reliability diagram per endpoint, in a grid); ``latency.png`` is bench/plot_load.py's. Pure: report
+dicts in, a file out. matplotlib is imported lazily (``_plt``), with the Agg backend (no display)."""
 
 from __future__ import annotations
 
