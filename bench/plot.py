@@ -82,12 +82,21 @@ def place_labels(ax, items: list[tuple[str, tuple[float, float]]], fontsize: flo
     return out
 
 
-def _log_axis(axis) -> None:
-    """A log axis with plain numbers at 1, 2, 5 x 10^k (10^-3 alone says little about a narrow range)."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+def log_ticks(axis, lo: float, hi: float) -> None:
+    """Plain-number ticks on a log axis over [lo, hi]: 1, 2, 5 x 10^k, or on less than a decade a few
+    of 1..9 x 10^k (matplotlib's own put every one there, and their labels ran into each other)."""
+    import math
 
-    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+
+    decades = range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+    ticks = [m * 10.0**k for k in decades for m in (1, 2, 5) if lo <= m * 10.0**k <= hi]
+    if len(ticks) < 3:
+        ticks = [m * 10.0**k for k in decades for m in range(1, 10) if lo <= m * 10.0**k <= hi]
+        ticks = ticks[:: max(1, -(-len(ticks) // 4))]
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    axis.set_minor_locator(NullLocator())
     axis.set_minor_formatter(NullFormatter())
 
 
@@ -117,7 +126,6 @@ def _panel(ax, rows: list[dict[str, Any]], xkey, xlabel: str, log: bool, metric:
     ax.step([x for x, _ in fx], [y for _, y in fx], where="post", color="tab:red", alpha=0.55, lw=2, zorder=2, label="Pareto frontier")
     if log and min(x for x, _ in pts.values()) > 0:
         ax.set_xscale("log")
-        _log_axis(ax.xaxis)
     labels = [(n, pts[n]) for n in front]
     if served in pts and served not in front:
         labels.append((served, pts[served]))
@@ -168,6 +176,8 @@ def pareto_figure(rows: list[dict[str, Any]], sweeps: dict[str, dict[str, Any]] 
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.8, 0.5), fontsize=8, frameon=False)
     a.set_title(f"{metric} vs cost")
     b.set_title(f"{metric} vs latency")
+    if a.get_xscale() == "log":  # once everything is drawn: the ticks follow the final range
+        log_ticks(a.xaxis, *a.get_xlim())
     fig.tight_layout(rect=(0, 0, 0.8, 1))
     place_labels(a, la)
     place_labels(b, lb)
@@ -221,6 +231,9 @@ def reliability_figure(calibrations: dict[str, dict[str, Any]], manifests: dict[
         cax = fig.add_subplot(gs[2 * row + 1, col], sharex=ax, sharey=cref)
         ref, cref = ref or ax, cref or cax
         _reliability_panel(ax, cax, name, calibrations[name], manifests.get(name), first_col=col == 0)
+    top = max([b["count"] for c in calibrations.values() for b in c["bins"]] + [1])
+    if cref is not None:
+        cref.set_ylim(0, top * 1.35)  # shared: room for the count above the tallest bar of any panel
     handles = [
         plt.Rectangle((0, 0), 1, 1, facecolor="#7fa8d1", edgecolor="black"),
         plt.Rectangle((0, 0), 1, 1, fill=False, hatch="////", edgecolor="tab:red"),
@@ -257,7 +270,6 @@ def _reliability_panel(ax, cax, name: str, cal: dict[str, Any], manifest: dict[s
     for b in full:
         cax.annotate(str(b["count"]), (b["lo"] + width / 2, b["count"]), ha="center", va="bottom", xytext=(0, 1),
                      textcoords="offset points", fontsize=7)  # fmt: skip
-    cax.set_ylim(0, max(counts + [1]) * 1.35)  # room for the count above the tallest bar
     cax.set_xlabel("served confidence")
     cax.tick_params(labelleft=first_col)
     if first_col:

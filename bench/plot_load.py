@@ -51,7 +51,7 @@ def _scale(ax, values: list[float], levels: list[float]) -> None:
     8x; x ticks at the levels."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
 
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    plain = FuncFormatter(lambda v, _: f"{v:.3g}")
     pos = [v for v in values if v > 0]
     if pos and max(pos) / min(pos) > 10:
         ax.set_yscale("log")

@@ -84,6 +84,7 @@ def test_reliability_is_a_grid_with_one_diagram_per_endpoint(tmp_path):
         assert [round(p.get_height(), 6) for p in bars] == [round(b["accuracy"], 6) for b in full]
         assert [p.get_height() for p in cax.patches] == [b["count"] for b in cal["bins"]]
         assert [t.get_text() for t in cax.texts] == [str(b["count"]) for b in full]
+        assert cax.get_ylim()[1] > max(b["count"] for c in cals.values() for b in c["bins"])  # no count cut off
     # before / after calibration only where the manifest gives both
     assert "calibrated (T 1.37, test split, n 47): ECE 0.124 \u2192 0.029" in diagrams[-1].get_title()
     assert "calibrated" not in diagrams[0].get_title()
@@ -230,3 +231,17 @@ def test_place_labels_moves_a_label_off_its_neighbours():
     boxes = [a.get_window_extent() for a in anns]
     assert all(not boxes[i].overlaps(boxes[j]) for i in range(3) for j in range(i))
     assert len({a.get_position() if a.xyann is None else a.xyann for a in anns}) == 3  # three different offsets
+
+
+def test_log_ticks_on_a_narrow_range_are_few_and_distinct():
+    fig, ax = plt.subplots()
+    ax.set_xscale("log")
+    ax.set_xlim(0.0024, 0.0095)  # less than a decade: matplotlib put 0.003 ... 0.009 there, labels touching
+    plot.log_ticks(ax.xaxis, *ax.get_xlim())
+    fig.canvas.draw()
+    ticks = [t for t in ax.get_xticks() if 0.0024 <= t <= 0.0095]
+    assert 2 <= len(ticks) <= 4
+    boxes = [t.get_window_extent() for t in ax.get_xticklabels() if t.get_text()]
+    assert all(not boxes[i].overlaps(boxes[j]) for i in range(len(boxes)) for j in range(i))
+    plot.log_ticks(ax.xaxis, 0.0005, 0.012)
+    assert list(ax.xaxis.get_major_locator().tick_values(0, 1)) == pytest.approx([0.0005, 0.001, 0.002, 0.005, 0.01])
