@@ -31,6 +31,7 @@ class Endpoint:
     model: str | None = None  # from NAME=URL#model, else GET /v1/models
     api_key: str | None = None
     price: Price | None = None
+    artifact: str | None = None  # the artifact folder it serves (edgedistill run sets it): its manifest calibration
     # found out by edgedistill.bench.client.discover
     edgedistill: bool = False  # an edgedistill server: answers carry the "edgedistill" object
     predict: bool = False  # it serves /v1/predict (an artifact with a task spec)
@@ -49,6 +50,7 @@ class Endpoint:
             "url": self.url,
             "model": self.model,
             "price": self.price.public() if self.price else None,
+            "artifact": self.artifact,
             "edgedistill": self.edgedistill,
             "predict": self.predict,
             "has_teacher": self.has_teacher,

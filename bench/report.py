@@ -161,6 +161,8 @@ def write_markdown(report: dict[str, Any], out: Path) -> Path:
             role = f" (edgedistill, threshold {e['threshold']:g}, {'with a' if e['has_teacher'] else 'no'} teacher)"
         lines.append(f"| {e['name']}{role} | {e['url']} | {e['model']} | {price} |")
     lines += ["", "## Load", ""] + load_table(report["results"], report.get("metric") or "accuracy") + [""]
+    if report.get("files", {}).get("latency"):
+        lines += ["Latency percentiles and throughput against load, per endpoint: `latency.png`.", ""]
     if report.get("quality"):
         lines += ["## Quality on the test set", ""] + quality_table(report["quality"]) + [""]
         if report.get("files", {}).get("reliability"):

@@ -455,17 +455,40 @@ def _token_notes(rows: list[dict[str, Any]], notes: list[str]) -> None:
             )
 
 
+def _manifest_calibrations(cfg: BenchConfig) -> dict[str, dict[str, Any]]:
+    """Each endpoint's artifact manifest ``calibration`` block, where the endpoint names its artifact
+    folder and the manifest has one (an unreadable manifest only leaves it out of the figure)."""
+    from pathlib import Path
+
+    from edgedistill.errors import UserError
+    from edgedistill.manifest import read_manifest
+
+    out = {}
+    for ep in cfg.endpoints:
+        try:
+            cal = read_manifest(Path(ep.artifact)).get("calibration") if ep.artifact else None
+        except (UserError, OSError):
+            cal = None
+        if isinstance(cal, dict) and cal:
+            out[ep.name] = cal
+    return out
+
+
 def _write(cfg: BenchConfig, rep: dict[str, Any]) -> dict[str, str]:
-    from edgedistill.bench import plot
+    from edgedistill.bench import plot, plot_load
 
     files: dict[str, str] = {"report_json": str(cfg.out / "report.json"), "report_md": str(cfg.out / "report.md")}
     if rep["pareto"] is not None:
-        files["pareto"] = str(plot.pareto_png(rep["results"], cfg.out / "pareto.png", rep["cascade"], rep.get("metric") or "accuracy"))
+        served = next((e["name"] for e in rep["endpoints"] if e.get("has_teacher") and e["name"] in (rep["cascade"] or {})), None)
+        path = cfg.out / "pareto.png"
+        files["pareto"] = str(plot.pareto_png(rep["results"], path, rep["cascade"], rep.get("metric") or "accuracy", served=served))
     else:
         rep["notes"].append("no --task: no accuracy, so no pareto.png, cascade sweep or calibration")
     cals = {n: q["calibration"] for n, q in (rep["quality"] or {}).items() if q.get("calibration")}
     if cals:
-        files["reliability"] = str(plot.reliability_png(cals, cfg.out / "reliability.png"))
+        files["reliability"] = str(plot.reliability_png(cals, cfg.out / "reliability.png", _manifest_calibrations(cfg)))
+    if any(r.get("latency_ms") for r in rep["results"]):
+        files["latency"] = str(plot_load.latency_png(rep["results"], cfg.out / "latency.png"))
     rep["files"] = files
     report.write_json(rep, cfg.out)
     report.write_markdown(rep, cfg.out)

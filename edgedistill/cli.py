@@ -73,7 +73,7 @@ def bench(
     requests: Annotated[int, typer.Option(help="Measured requests per endpoint and load level.")] = 32,
     warmup: Annotated[int, typer.Option(help="Warm-up requests per endpoint, excluded from every number.")] = 2,
     max_tokens: Annotated[int | None, typer.Option(help="max_tokens per request (default: the task's output budget, else 64).")] = None,
-    out: Annotated[Path, typer.Option(help="Output folder: report.json, report.md, pareto.png, reliability.png.")] = Path("runs/bench"),
+    out: Annotated[Path, typer.Option(help="Output folder: report.json, report.md, pareto.png, reliability.png, latency.png.")] = Path("runs/bench"),
     price: Annotated[list[str] | None, typer.Option(help="NAME=0.10/h ($ per hour, local) or NAME=0.15,0.60 ($ per 1M input,output tokens, API); repeatable.")] = None,
     teacher: Annotated[str | None, typer.Option(help="The endpoint that is the teacher (agreement, cascade cost and sweep).")] = None,
     api_key_env: Annotated[list[str] | None, typer.Option(help="NAME=VAR: send the key in env var VAR to endpoint NAME; repeatable.")] = None,

@@ -98,6 +98,10 @@ def serve_and_bench(
                 names.append("llama_cpp.server")
             ceilings.append(Ceiling(names, str(gguf_file)))
 
+        folders = {r["name"]: r["path"] for r in passed} | {"cascade": cascade["path"]}
+        folders |= {QUANTIZED_TEACHER.format(r["name"]): r["path"] for r in quantized_teacher or []}
+        for ep in endpoints:  # bench's reliability.png shows each artifact's calibration from its manifest
+            ep.artifact = str(folders[ep.name]) if ep.name in folders else None
         for s in servers:
             _wait_ready(s)
         from edgedistill.bench.run import run_bench

@@ -213,6 +213,9 @@ def test_tokens_and_requests_match_what_the_server_served(tmp_path):
     md = (out / "report.md").read_text()
     assert "| plain | c=4 | 6 / 6 |" in md and "50 req/s (Poisson)" in md and "Ceiling" in md
     assert not (out / "pareto.png").exists() and any("no --task" in n for n in rep["notes"])
+    # without a task the load is drawn: latency percentiles and throughput against the load level
+    assert rep["files"]["latency"] == str(out / "latency.png") and (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "`latency.png`" in md
 
 
 def test_task_cascade_quality_sweep_and_plots(tmp_path):
@@ -287,7 +290,7 @@ def test_task_cascade_quality_sweep_and_plots(tmp_path):
     assert sw["target_accuracy"] == pytest.approx(0.99 * sw["teacher_accuracy_calibration"], abs=1e-4)
     assert sw["student_cost_per_1k_usd"] == min(r["own_cost_per_1k_usd"] for r in rows if r["name"] == "ours")
     out = tmp_path / "out"
-    for f in ("report.json", "report.md", "pareto.png", "reliability.png"):
+    for f in ("report.json", "report.md", "pareto.png", "reliability.png", "latency.png"):
         assert (out / f).stat().st_size > 0, f
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
