@@ -57,6 +57,13 @@ def type_metrics_of(task: Any, scores: dict[str, Any]) -> dict[str, Any]:
     return {k: scores[k] for m in task.metrics for k in (m, f"{m}_ci") if k in scores}
 
 
+def gate_passes(reference: float, value: float, max_drop: float) -> bool:
+    """The quality gate's rule: ``value`` (the candidate's primary metric, point estimate) is at most
+    ``max_drop`` below ``reference``'s on the same test rows. The paired test beside it is reported;
+    it does not decide."""
+    return reference - value <= max_drop + 1e-9
+
+
 def passed_artifacts(summary: dict[str, Any] | Path) -> list[dict[str, Any]]:
     """The artifacts that passed the quality gate, from ``run_compress``'s summary or the folder it
     wrote (``compress.json``): what serve and bench take next. Each row has name, format, path, bits."""
@@ -135,7 +142,7 @@ def run_compress(
             if not (reused and quality and quality.get("reference") == ref_key and (quality.get("drop_test") or {}).get("metric") == metric):
                 quality = _measure(fmt, folder, manifest, tokenizer, spec, test_prompts, golds, agree_prompts, ref, ref_key, constraint)
             drop = fp_score - quality["scores"][metric]
-            passed = drop <= max_drop + 1e-9
+            passed = gate_passes(fp_score, quality["scores"][metric], max_drop)
             paired = quality["drop_test"]
             manifest["quality"] = quality
             manifest["gate"] = {"metric": metric, "fp": fp_score, "value": quality["scores"][metric], "drop": round(drop, 4),

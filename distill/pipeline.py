@@ -181,7 +181,11 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 # --- 3. student --------------------------------------------------------------------------------
 
 
-def train_student(spec: TaskSpec, kept: list[dict], data_dir: Path, teacher: Teacher, out: Path) -> tuple[Path, Path, dict]:
+def train_student(
+    spec: TaskSpec, kept: list[dict], data_dir: Path, teacher: Teacher, out: Path, *, continue_from: Path | None = None
+) -> tuple[Path, Path, dict]:
+    """Train ``out/student`` on the kept rows, from the spec's student (or its init from the
+    teacher's layers), or with ``continue_from`` from that trained student (``edgedistill retrain``)."""
     from edgedistill.distill.models import count_params, ensure_hf_checkpoint, init_from_layers
     from edgedistill.distill.train import train
 
@@ -189,7 +193,11 @@ def train_student(spec: TaskSpec, kept: list[dict], data_dir: Path, teacher: Tea
     teacher_dir = None
     if spec.teacher.kind == "local":
         teacher_dir = ensure_hf_checkpoint(spec.resolve(spec.teacher.path), work / "teacher_hf")
-    if spec.student.init_from_teacher_layers is not None:
+    base_id: dict[str, Any] = {"student": spec.student.model_dump(mode="json"), "teacher": spec.teacher.path if spec.teacher.kind == "local" else None}
+    if continue_from is not None:
+        base_dir = Path(continue_from)
+        base_id = {"continue_from": sha256_json(read_manifest(base_dir, verify=True)["files"])}
+    elif spec.student.init_from_teacher_layers is not None:
         # keyed by the layer choice, so changing it builds a new init instead of reusing a stale one
         base_dir = work / ("student_init-" + "-".join(map(str, spec.student.init_from_teacher_layers)))
         if not (base_dir / "config.json").exists():
@@ -198,7 +206,6 @@ def train_student(spec: TaskSpec, kept: list[dict], data_dir: Path, teacher: Tea
         base_dir = ensure_hf_checkpoint(spec.resolve(spec.student.path), work / "student_base")
 
     data_hash = sha256_file(data_dir / "train.jsonl")
-    base_id = {"student": spec.student.model_dump(mode="json"), "teacher": spec.teacher.path if spec.teacher.kind == "local" else None}
     inputs = {"data": data_hash, "base": sha256_json(base_id), "training": sha256_json(spec.training.model_dump(mode="json"))}
     student_dir = out / "student"
     if (student_dir / "manifest.json").exists():
@@ -240,6 +247,7 @@ def train_student(spec: TaskSpec, kept: list[dict], data_dir: Path, teacher: Tea
         data_hash=data_hash,
         teacher=teacher.describe(),
         training_result={k: v for k, v in result.items() if k != "losses"},
+        **({"continued_from": str(base_dir)} if continue_from is not None else {}),
     )
     return student_dir, base_dir, result
 

@@ -115,6 +115,19 @@ def run(
     run_all(spec, out, skip_gate=skip_gate, force=force)
 
 
+@app.command()
+def retrain(
+    spec: Annotated[Path, typer.Argument(help="Task spec YAML (the one the run was made with).")],
+    traffic: Annotated[Path, typer.Option(help="Traffic log folder: the DIR of `edgedistill serve --traffic-log DIR` (its *.jsonl files).")],
+    run: Annotated[Path | None, typer.Option("--run", help="The `edgedistill run` output folder to improve (default runs/<task name>).")] = None,
+) -> None:
+    """Re-distil from traffic: label the logged inputs (reusing the teacher's answers), train the current student further,
+    compress, and promote the new artifact (RUN/serving.json) only if it is at least as good on the test set."""
+    from edgedistill.run.retrain import run_retrain
+
+    run_retrain(spec, traffic, run)
+
+
 def main() -> None:
     try:
         app()

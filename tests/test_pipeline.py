@@ -24,6 +24,7 @@ class KeywordTeacher:
     def __init__(self, accuracy_words: dict[str, str]):
         self.words = accuracy_words
         self.hits = 0
+        self.asked: list[str] = []  # the last user message of every request received
         fake = self
 
         class H(BaseHTTPRequestHandler):
@@ -34,6 +35,7 @@ class KeywordTeacher:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.hits += 1
                 system, user = body["messages"][0]["content"], body["messages"][-1]["content"]
+                fake.asked.append(user)
                 if system.startswith("You write realistic"):
                     n = int(re.search(r"Write (\d+) new", user).group(1))
                     i = fake.hits
