@@ -22,7 +22,7 @@ from edgedistill.errors import UserError
 from tests.test_cli import assert_one_line_error, run_cli
 from tests.test_compress_pipeline import Oracle
 from tests.test_pipeline import WORDS, KeywordTeacher, make_spec
-from tests.test_traffic import record, write_log
+from tests.test_retrain_data import record, write_log
 
 
 def test_promotion_refuses_a_worse_student_and_takes_an_equal_or_better_one():
