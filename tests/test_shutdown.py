@@ -293,12 +293,13 @@ def test_shutdown_hooks_run_in_order_and_a_failing_one_does_not_stop_the_rest(ca
 @pytest.mark.llama
 def test_edgedistill_serve_on_a_gguf_under_load_then_sigterm(gguf, tmp_path):  # noqa: F811
     """The issue's scenario: `edgedistill serve` on SmolLM2, chat requests of 160 tokens in flight,
-    SIGTERM. Two 4-token requests are decoding when it comes (so they finish within the grace,
-    however busy the machine); six long ones behind them cannot."""
+    SIGTERM. Two 4-token requests are decoding when it comes (so they finish within the grace: on a
+    busy 2-core machine one prefill step of the prompts behind them took 3.5 s); six 512-token ones
+    behind them cannot (about 25 s of work on an idle 2-core machine)."""
     port = free_port()
-    args = ["-m", "edgedistill.serve.cli", str(gguf), "--port", str(port), "--n-threads", "2", "--shutdown-grace-s", "4"]
+    args = ["-m", "edgedistill.serve.cli", str(gguf), "--port", str(port), "--n-threads", "2", "--shutdown-grace-s", "15"]
     server = ServerProcess(tmp_path, args, port)
-    bodies = [chat(4, stream=True), chat(4)] + [chat(LONG, stream=i % 2 == 1) for i in range(6)]
+    bodies = [chat(4, stream=True), chat(4)] + [chat(512, stream=i % 2 == 1) for i in range(6)]
     for b in bodies:
         b["model"] = gguf.stem
         b["messages"][0]["content"] = "Count from 1 to 500, separated by commas."
