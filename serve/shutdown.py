@@ -176,14 +176,15 @@ class GracefulServer(uvicorn.Server):
             self._loop.call_soon_threadsafe(d.cut)
             return
         d.st.draining = True  # set here, not in the loop: /ready answers 503 from the next request on
-        name = signal.Signals(sig).name
+        self._loop.call_soon_threadsafe(self._start_drain, signal.Signals(sig).name)
+
+    def _start_drain(self, name: str) -> None:
+        d = self.drain  # logged here, in the loop, not in the signal handler (which may interrupt a log call)
         log.warning(
             "%s: draining -- no new requests; %d in flight get up to %g s (%s again: stop them now)",
             name, d.in_flight, d.grace_s, name,
         )  # fmt: skip
-        self._loop.call_soon_threadsafe(self._start_drain)
 
-    def _start_drain(self) -> None:
         async def drain_then_exit() -> None:
             t0 = time.perf_counter()
             try:
