@@ -29,8 +29,8 @@ CONFIG_HELP = "YAML/JSON settings file (flags > EDGEDISTILL_* env > file). (env:
 def serve_command(artifact: str, config: Path | None = None, **flags: Any) -> None:
     """Serve ``artifact`` with the settings ``flags`` (``Settings`` fields; None: not given).
     Flags left out come from EDGEDISTILL_* environment variables, then the config file, then defaults."""
-    import uvicorn
     from edgedistill.serve.app import create_app
+    from edgedistill.serve.shutdown import serve_app
 
     settings = Settings.load(config, artifact=artifact, **flags)
     if not settings.artifact:
@@ -47,7 +47,7 @@ def serve_command(artifact: str, config: Path | None = None, **flags: Any) -> No
         f"serving {st.model_id} ({st.artifact.backend if st.artifact else '?'}) on http://{settings.host}:{settings.port}/v1 -- {teacher}",
         file=sys.stderr,
     )
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=5)
+    serve_app(app, settings)  # SIGTERM/SIGINT: drain within --shutdown-grace-s, then exit 0
 
 
 def _scalar(annotation: Any) -> type:

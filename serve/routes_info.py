@@ -17,6 +17,8 @@ def add_info_routes(app: FastAPI, st: State) -> None:
 
     @app.get("/ready", responses=responses(Ready, 503))
     async def ready():
+        if st.draining:  # SIGTERM: out of the load balancer's rotation at once (serve.shutdown)
+            return errors.error_response(503, "shutting down", "server_shutting_down")
         if not st.engine.ready:
             return errors.error_response(503, f"engine not ready: {st.engine.failed or 'starting'}", "not_ready")
         return Ready(status="ready", model=st.model_id, waiting=st.engine.waiting, active=st.engine.active)

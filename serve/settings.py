@@ -98,6 +98,14 @@ class Settings(BaseSettings):
         True, description="With a teacher and threshold > 0, stream only after the confidence decision (else stream live)."
     )
 
+    # shutdown
+    shutdown_grace_s: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM/SIGINT: seconds to finish the requests in flight (new ones get 503 at once); what is "
+        "left then gets 503 with Retry-After (Kubernetes' terminationGracePeriodSeconds is 30: give it a few more).",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if bool(self.teacher_url) != bool(self.teacher_model):

@@ -8,6 +8,7 @@ the other.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,10 @@ class State:
     avg_latency_s: float = 1.0
     teacher_refuses_response_format: bool = False  # its API answered 400 to response_format: prompt alone
     schemas: SchemaCache | None = None  # chat's response_format / tool-call grammars, compiled once per schema
+    draining: bool = False  # SIGTERM/SIGINT came: /ready is 503, new requests 503 (``serve.shutdown``)
+    # run (in order) in the app's lifespan shutdown, after the requests in flight are answered and before
+    # the teacher client and the engine close: flush what must not be lost (sync or async; failures logged)
+    on_shutdown: list[Callable[[], Any]] = field(default_factory=list)
 
     @property
     def calibration(self) -> dict[str, Any]:

@@ -119,8 +119,9 @@ async def live_stream(
         remaining = handle.n
         while remaining:
             kind_ev, index, payload = await handle.queue.get()
-            if kind_ev == "error":
+            if kind_ev == "error":  # the 200 is sent: say so in band, then end as every stream ends
                 yield sse(errors.error_body(503, f"engine failed: {payload}", "engine_error"))
+                yield DONE
                 return
             if kind == "chat" and index not in started:
                 started.add(index)

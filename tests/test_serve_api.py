@@ -398,6 +398,19 @@ def test_serve_imports_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_a_live_stream_whose_engine_fails_ends_with_an_error_event_then_done():
+    class Failing(FakeRunner):
+        def decode(self, *a):
+            raise RuntimeError("llama_decode returned 1")
+
+    with TestClient(make_app(runner=Failing())) as c:
+        r = c.post("/v1/chat/completions", json=chat_body(stream=True))
+        assert r.status_code == 200  # the stream had started: the error comes in band
+        events = [line.removeprefix("data: ") for line in r.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["code"] == "engine_error"
+
+
 def test_failed_decode_is_503_and_the_server_keeps_serving():
     class Flaky(FakeRunner):
         fail = True
