@@ -65,6 +65,19 @@ app.command(name="serve")(serve_cli)
 
 
 @app.command()
+def export(
+    artifact: Annotated[Path, typer.Argument(help="A GGUF artifact folder (e.g. runs/demo/artifacts/gguf-q4_k_m) or a .gguf file.")],
+    to: Annotated[str, typer.Option("--to", help="The runtime: ollama (a Modelfile) or llama-server (llama.cpp's C++ server command line).")],
+    out: Annotated[Path | None, typer.Option(help="Bundle folder (default: <artifact>-<runtime> beside the artifact).")] = None,
+    ctx: Annotated[int, typer.Option(help="Context length of one sequence, prompt + answer (Ollama's num_ctx; llama-server: -c of 4 such).")] = 2048,
+) -> None:
+    """Write a deploy bundle for Ollama or llama.cpp's llama-server: the task's system prompt, chat template, stop tokens, grammar."""
+    from edgedistill.serve.export import export_bundle
+
+    print(f"wrote {export_bundle(artifact, to, out, ctx=ctx)}")
+
+
+@app.command()
 def bench(
     endpoint: Annotated[list[str], typer.Option(help="NAME=URL or NAME=URL#model, repeatable; e.g. ours=http://127.0.0.1:8000/v1 (the model from GET /v1/models unless #model).")],
     task: Annotated[Path | None, typer.Option(help="Task spec YAML: prompts from its test set, accuracy, calibration, cascade sweep.")] = None,

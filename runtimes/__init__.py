@@ -7,5 +7,6 @@ quality gate, serve's engine, bench's ceiling) opens it through here.
 - ``llama`` (GGUF), ``hf`` (HF checkpoints, GPTQ), ``onnx`` (ONNX): one module per format, each
   importing its libraries only when a model is opened;
 - ``registry``: manifest format -> runtime, builder, bits, serve backend;
-- ``vocab`` (end-of-generation names, byte pieces) and ``chat`` (chat templates), shared by the runtimes.
+- ``vocab`` (end-of-generation names, byte pieces) and ``chat`` (chat templates), shared by the runtimes;
+- ``gguf_meta``: a GGUF's header (chat template, end tokens, context) without llama.cpp (``serve.export``).
 """

@@ -138,6 +138,34 @@ def token_piece(ll: Any, vocab: Any, t: int) -> bytes:
     return buf.raw[: max(n, 0)]
 
 
+def end_token_texts(path: Path) -> list[str]:
+    """The texts of the tokens llama.cpp ends a generation on (``llama_vocab_is_eog``: EOS, EOT and
+    the end-of-turn and fill-in-the-middle tokens it knows by name), in id order, from the GGUF's
+    vocabulary alone (no weights loaded). ImportError without llama-cpp-python."""
+    import llama_cpp
+    from llama_cpp import _internals, _logger
+
+    _logger.set_verbose(False)
+    llama_cpp.llama_backend_init()
+    mp = llama_cpp.llama_model_default_params()
+    mp.vocab_only = True
+    try:
+        model = _internals.LlamaModel(path_model=str(path), params=mp, verbose=False)
+    except ValueError as e:
+        raise UserError(f"llama.cpp could not load {path} ({e}); is it a complete GGUF for this llama.cpp version?") from None
+    try:
+        vocab = model.vocab
+        out = []
+        for t in range(model.n_vocab()):
+            if llama_cpp.llama_vocab_is_eog(vocab, t):
+                buf = ctypes.create_string_buffer(64)
+                n = llama_cpp.llama_token_to_piece(vocab, t, buf, 64, 0, True)
+                out.append(buf.raw[: max(n, 0)].decode("utf-8", "replace"))
+        return [t for t in dict.fromkeys(out) if t]
+    finally:
+        model.close()
+
+
 def _threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
