@@ -28,7 +28,9 @@ def calibration_size(cfg: CalibrationConfig, eligible: int) -> int:
     return max(0, min(n, cfg.max_rows, eligible // 2))
 
 
-def split_calibration(cfg: CalibrationConfig, rows: list[dict[str, Any]], stratify: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def split_calibration(
+    cfg: CalibrationConfig, rows: list[dict[str, Any]], stratify: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(training rows, calibration rows), both in the original order of ``rows``."""
     eligible = [i for i, r in enumerate(rows) if r.get("source") != "seed"]
     n = calibration_size(cfg, len(eligible))

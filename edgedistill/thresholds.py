@@ -35,7 +35,9 @@ def fallback_mask(threshold: float, conf: Sequence[float | None], n: int) -> lis
     return [(0.0 if v is None else float(v)) < threshold for v in conf]  # no confidence: always unsure
 
 
-def mixed_answers(threshold: float, student: Sequence[Any], conf: Sequence[float | None], teacher: Sequence[Any]) -> tuple[list[Any], list[bool]]:
+def mixed_answers(
+    threshold: float, student: Sequence[Any], conf: Sequence[float | None], teacher: Sequence[Any]
+) -> tuple[list[Any], list[bool]]:
     """The answers the cascade serves at ``threshold`` and which rows fell back."""
     n = len(student)
     if len(teacher) != n:

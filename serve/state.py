@@ -16,7 +16,7 @@ from edgedistill.serve.artifact import Artifact, load_artifact
 from edgedistill.serve.engine import Engine
 from edgedistill.serve.fallback import CircuitBreaker, FallbackTeacher
 from edgedistill.serve.metrics import Metrics
-from edgedistill.serve.settings import Settings
+from edgedistill.serve.settings import Settings, resolve_threshold
 from edgedistill.serve.structured import SchemaCache
 
 
@@ -35,6 +35,7 @@ class State:
     avg_latency_s: float = 1.0
     teacher_refuses_response_format: bool = False  # its API answered 400 to response_format: prompt alone
     schemas: SchemaCache | None = None  # chat's response_format / tool-call grammars, compiled once per schema
+    threshold_source: str = "threshold"  # where settings.threshold came from (settings.resolve_threshold)
 
     @property
     def calibration(self) -> dict[str, Any]:
@@ -50,10 +51,16 @@ def build_state(
     api_key: str | None = None,
 ) -> State:
     """Without ``engine``, load ``settings.artifact`` with the backend its format names. A missing
-    teacher key variable fails before minutes of model loading."""
+    teacher key variable fails before minutes of model loading. The state's ``settings.threshold``
+    is the threshold in force (given, or from the artifact's calibration: ``resolve_threshold``)."""
     teacher_key = settings.read_teacher_key() if teacher is None and settings.teacher_url else None
     if engine is None:
         artifact = artifact or load_artifact(settings.artifact)
+    # the threshold in force, resolved before the model loads (an unknown --target fails at once); a
+    # copy of the settings, so the caller's still say what was given
+    threshold, source = resolve_threshold(settings.threshold, settings.target, artifact.calibration if artifact else None)
+    settings = settings.model_copy(update={"threshold": threshold})
+    if engine is None:
         engine = _make_engine(artifact, settings)
     if teacher is None and settings.teacher_url:
         teacher = FallbackTeacher(
@@ -64,7 +71,8 @@ def build_state(
             breaker=CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s),
         )
     model_id = settings.model_alias or (artifact.name if artifact else "student")
-    st = State(settings, engine, model_id, artifact, teacher, Metrics(), api_key, schemas=SchemaCache(engine.runner))
+    st = State(settings, engine, model_id, artifact, teacher, Metrics(), api_key, schemas=SchemaCache(engine.runner),
+               threshold_source=source)  # fmt: skip
     task = artifact.task if artifact else None
     if task is not None:
         constraint = for_task(task, engine.runner)
