@@ -137,7 +137,7 @@ def run_compress(
             quality = manifest.get("quality")
             if not (reused and quality and quality.get("reference") == ref_key and (quality.get("drop_test") or {}).get("metric") == metric):
                 quality = _measure(fmt, folder, manifest, tokenizer, spec, test_prompts, golds, agree_prompts, ref, ref_key, constraint)
-            cal = calibrate(folder, manifest, split, test_rows, console)
+            cal = calibrate(folder, manifest, split, test_rows, work / "calibration", console)
             if cal is not None:
                 manifest["calibration"] = cal
             drop = fp_score - quality["scores"][metric]

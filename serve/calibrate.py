@@ -15,7 +15,7 @@ threshold that reaches it (``edgedistill.thresholds``), and the recommended one 
 ``edgedistill serve ARTIFACT`` uses by default; plus the calibrated confidence histogram (what
 live traffic's confidence is compared with).
 
-    python -m edgedistill.serve.calibrate runs/banking77/artifact-gguf data/calibration.jsonl
+    python -m edgedistill.serve.calibrate runs/banking77/artifact-gguf data/calibration.jsonl [--test-data test.jsonl]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from edgedistill.serve.state import State
 
 from edgedistill.errors import UserError
 from edgedistill.manifest import MANIFEST, read_manifest, sha256_file, write_json_atomic
+from edgedistill.spec import read_rows
 from edgedistill.thresholds import RECOMMENDED_TARGET, TARGETS, target_thresholds
 
 
@@ -153,8 +154,6 @@ def calibrate_artifact(
     from edgedistill.serve.settings import Settings
     from edgedistill.serve.state import build_state
 
-    from edgedistill.spec import read_rows
-
     artifact = Path(artifact)
     if not (artifact / MANIFEST).exists():
         raise UserError(f"{artifact}: calibration is stored in an artifact folder's {MANIFEST}; a bare .gguf has none")
@@ -184,12 +183,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int)
     ap.add_argument("--n-threads", type=int)
     ap.add_argument("--dry-run", action="store_true", help="print the fit, leave the manifest alone")
+    ap.add_argument(
+        "--test-data", type=Path, help="CSV or JSONL with input and gold output (the test split): its ECE before/after"
+    )
+    ap.add_argument("--json-out", type=Path, help="also write the fit to this JSON file")
     args = ap.parse_args(argv)
     try:
-        cal = calibrate_artifact(args.artifact, args.data, args.limit, args.n_threads, write=not args.dry_run)
+        test_rows = read_rows(args.test_data, "--test-data", ["input", "output"], None) if args.test_data else None
+        cal = calibrate_artifact(
+            args.artifact, args.data, args.limit, args.n_threads, write=not args.dry_run, test_rows=test_rows
+        )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    if args.json_out:
+        write_json_atomic(args.json_out, cal)
     print(json.dumps(cal, indent=2))
 
 

@@ -1,6 +1,7 @@
-"""compress calibrates every artifact it measures, on the calibration split (teacher labels), through
-/v1/predict's code path (a fake numpy model behind serve's engine): the manifest's calibration
-block, its thresholds per target, the test split's ECE, compress.json/md, reuse and the skip."""
+"""compress calibrates every artifact it measures, on the calibration split (teacher labels), with
+serve's calibration command (/v1/predict's code path; here a fake numpy model behind serve's engine,
+in-process): the manifest's calibration block, its thresholds per target, the test split's ECE,
+compress.json/md, reuse and the skip."""
 
 from __future__ import annotations
 
@@ -45,13 +46,25 @@ def gguf_family(tokenizer_dir):
 
 @pytest.fixture
 def engines(monkeypatch):
+    """Serve's calibration command, run in this process (compress runs it as its own) on the fake model."""
+    from edgedistill.serve import calibrate as serve_calibrate
+
     made: list[str] = []
 
     def make_engine(artifact, settings):
         made.append(artifact.name)
         return Engine(FakeRunner(script), max_queue=settings.max_queue)
 
+    def run_calibration(cmd):
+        assert cmd[1:3] == ["-m", "edgedistill.serve.calibrate"]
+        try:
+            serve_calibrate.main(cmd[3:])
+        except SystemExit as e:
+            return e.code, "error"
+        return 0, ""
+
     monkeypatch.setattr("edgedistill.serve.state._make_engine", make_engine)
+    monkeypatch.setattr("edgedistill.compress.calibrate.run_calibration", run_calibration)
     return made
 
 
@@ -91,7 +104,7 @@ def test_every_measured_artifact_gets_its_calibration_block(student, monkeypatch
     assert [t["target"] for t in th] == [0.95, 0.98, 0.99]
     assert [t["threshold"] for t in th] == sorted(t["threshold"] for t in th)  # a higher target never a lower threshold
     # 95 %: only the unsure rows go to the teacher; 98 and 99 %: the fairly sure wrong ones too (all the wrong answers)
-    assert (th[0]["fallback_rate"], th[0]["agreement"]) == (UNSURE / n, (SURE + FAIRLY) / n)
+    assert (th[0]["fallback_rate"], th[0]["agreement"]) == (UNSURE / n, (n - FAIRLY) / n)
     assert all((t["fallback_rate"], t["agreement"]) == ((FAIRLY + UNSURE) / n, 1.0) for t in th[1:])
     assert th[0]["threshold"] < th[1]["threshold"]
     assert cal["recommended"] == {"target": 0.99, "threshold": th[2]["threshold"]}
