@@ -185,9 +185,9 @@ def test_run_serves_the_cascade_at_the_recommended_threshold_unless_the_spec_set
     monkeypatch.setattr(servers, "_stop", lambda s: None)
     monkeypatch.setattr("edgedistill.bench.run.run_bench", lambda cfg: {})
     passed = [{"name": "onnx-int8", "format": "onnx", "path": str(out / "a")}, {"name": "gguf-q4_k_m", "format": "onnx", "path": str(out / "b")}]
-    servers.serve_and_bench(spec, out / "task.yaml", out, passed, out / "bench")
+    servers.serve_and_bench(spec, out.parent / "task.yaml", out, passed, out / "bench")
     cmd = started["cascade"]
     assert "--threshold" not in cmd and cmd[3] == str(out / "b")  # bench.cascade_artifact, at serve's default: the manifest's
     spec.bench.cascade_threshold = 0.8
-    servers.serve_and_bench(spec, out / "task.yaml", out, passed, out / "bench")
+    servers.serve_and_bench(spec, out.parent / "task.yaml", out, passed, out / "bench")
     assert started["cascade"][-2:] == ["--threshold", "0.8"]
