@@ -15,35 +15,23 @@ is reported under the key ``accuracy`` (the sweep's ``metric`` names it).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from itertools import pairwise
 from typing import Any
 
 import numpy as np
 from edgedistill.bench.cost import cascade_cost_per_1k, sig
 
 from edgedistill.intervals import proportion_ci
+from edgedistill.thresholds import Score, candidate_thresholds, choose_threshold, mean_ok, mixed_answers
+
+__all__ = ["GRID", "candidate_thresholds", "choose_threshold", "point", "sweep"]  # the threshold rule lives in edgedistill.thresholds
 
 GRID = tuple(round(x, 2) for x in np.linspace(0.0, 1.0, 21))
 
-
-Score = Callable[[list[Any]], float]
 Interval = Callable[[list[Any]], list[float]]
-
-
-def _mean_ok(answers: list[Any]) -> float:
-    return float(np.mean(np.asarray(answers, dtype=bool))) if answers else 0.0
 
 
 def _wilson_ok(answers: list[Any]) -> list[float]:
     return proportion_ci(sum(bool(a) for a in answers), len(answers))
-
-
-def _fallback(threshold: float, conf: Sequence[float | None], n: int) -> list[bool]:
-    if len(conf) != n:
-        raise ValueError("student, conf and teacher must have the same length")
-    if threshold >= 1.0:
-        return [True] * n
-    return [(0.0 if v is None else float(v)) < threshold for v in conf]  # no confidence: always unsure
 
 
 def point(
@@ -60,11 +48,8 @@ def point(
     interval ``fallback_rate_ci``) and cost per 1k of the cascade at one threshold; with ``interval``
     (the quality's 95 % interval over the mixed answers), ``accuracy_ci`` too."""
     n = len(student)
-    if len(teacher) != n:
-        raise ValueError("student, conf and teacher must have the same length")
-    fallback = _fallback(threshold, conf, n)
-    mixed = [t if fb else s for s, t, fb in zip(student, teacher, fallback)]
-    acc = (score or _mean_ok)(mixed) if n else 0.0
+    mixed, fallback = mixed_answers(threshold, student, conf, teacher)
+    acc = (score or mean_ok)(mixed) if n else 0.0
     rate = float(np.mean(fallback)) if n else 0.0
     cost = cascade_cost_per_1k(student_cost, rate, teacher_cost)
     out = {
@@ -78,35 +63,6 @@ def point(
     if interval is not None:
         out["accuracy_ci"] = interval(mixed)
     return out
-
-
-def candidate_thresholds(conf: Sequence[float | None]) -> list[float]:
-    """One threshold per distinct outcome: 0 (nothing falls back), the midpoint between each two
-    neighbouring confidences (a threshold on a row's own confidence would sit on the edge), and 1
-    (everything falls back)."""
-    u = sorted({min(max(float(v), 0.0), 1.0) for v in conf if v is not None})
-    mids = [round((a + b) / 2, 6) for a, b in pairwise(u)]
-    return sorted({0.0, 1.0, *mids})
-
-
-def choose_threshold(
-    student: Sequence[Any], conf: Sequence[float | None], teacher: Sequence[Any], target: float, score: Score | None = None
-) -> tuple[float, bool]:
-    """The threshold with the lowest fallback rate (hence the lowest cost) whose quality on these
-    rows is at least ``target``; ties go to the lower threshold. When no threshold reaches it, the
-    best one (``met`` is False)."""
-    best: tuple[float, float] | None = None
-    most: tuple[float, float, float] | None = None
-    for th in candidate_thresholds(conf):
-        p = point(th, student, conf, teacher, score=score)
-        if p["accuracy"] >= target - 1e-12 and (best is None or p["fallback_rate"] < best[1]):
-            best = (th, p["fallback_rate"])
-        key = (p["accuracy"], -p["fallback_rate"], -th)
-        if most is None or key > most:
-            most = key
-    if best is not None:
-        return best[0], True
-    return (-most[2] if most else 1.0), False
 
 
 def sweep(
@@ -130,7 +86,7 @@ def sweep(
     calibration rows. The quality keys keep the name ``accuracy`` (``metric`` says what it is).
     The chosen threshold's points and the student's and teacher's test quality carry their 95 %
     intervals (``interval`` over answers; without ``score``, Wilson's of the booleans)."""
-    sc = score or _mean_ok
+    sc = score or mean_ok
     ci = interval or (_wilson_ok if score is None else None)
     cal, rep = splits[calibration_key], splits[report_key]
 

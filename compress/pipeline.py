@@ -4,7 +4,8 @@ Read top to bottom:
   1. the inputs: checkpoint (hash-verified), task spec (test set), calibration rows (task data)
   2. the FP student's reference numbers (accuracy, greedy tokens, speed), cached in ``reference.json``
   3. per format: build (skipped when the manifest says the same inputs and settings made it),
-     open it with its own runtime, measure, gate (allowed accuracy drop from the spec)
+     open it with its own runtime, measure, calibrate its confidence and thresholds on the
+     calibration split (``compress.calibrate``), gate (allowed accuracy drop from the spec)
 
 Accuracy (reference and artifacts) is measured with the answers decoded under the task's constraint
 (one of the labels; the JSON schema), built once on the source tokenizer: what serve delivers.
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgedistill.compress.calibrate import calibrate, calibration_cells, calibration_note, calibration_split, summary_of
 from edgedistill.compress.calibration import load_calibration, prompt_ids
 from edgedistill.compress.evaluate import measure, task_constraint
 from edgedistill.compress.formats import Built, FormatSpec, parse_formats
@@ -117,6 +119,7 @@ def run_compress(
     test_prompts = [prompt_ids(tokenizer, spec.task.student_messages(r.input)) for r in test]
     golds = [r.output for r in test]
     agree_prompts = calib.prompts(spec, tokenizer, spec.compress.agreement_prompts)
+    split, test_rows = calibration_split(calibration, ckpt), [{"input": r.input, "output": r.output} for r in test]
     constraint = task_constraint(spec.task, tokenizer, _logits_width(ckpt, tokenizer))
     console.print(
         f"[bold]compress[/] {ckpt} -> {out}: {', '.join(map(str, fmts))}; {len(calib.rows)} calibration rows from {calib.path}, "
@@ -141,6 +144,9 @@ def run_compress(
             quality = manifest.get("quality")
             if not (reused and quality and quality.get("reference") == ref_key and (quality.get("drop_test") or {}).get("metric") == metric):
                 quality = _measure(fmt, folder, manifest, tokenizer, spec, test_prompts, golds, agree_prompts, ref, ref_key, constraint)
+            cal = calibrate(folder, manifest, split, test_rows, work / "calibration", console)
+            if cal is not None:
+                manifest["calibration"] = cal
             drop = fp_score - quality["scores"][metric]
             passed = gate_passes(fp_score, quality["scores"][metric], max_drop)
             paired = quality["drop_test"]
@@ -156,7 +162,7 @@ def run_compress(
                    "drop_p_value": paired["p_value"], "drop_test": paired["test"], "token_agreement": quality.get("token_agreement"),
                    "tokens_per_s": quality["tokens_per_s"], "method": manifest["method"], "passed": passed,
                    "reused": reused, "seconds": round(time.time() - t0, 1),
-                   **type_metrics_of(spec.task, quality["scores"])}
+                   **type_metrics_of(spec.task, quality["scores"]), **summary_of(cal)}
             if not passed and not keep_failed:
                 row["path"] = str(_reject(folder, out))
         except UserError as e:
@@ -328,18 +334,19 @@ def _size_mb(folder: Path, weights_only: bool = False) -> float:
 
 # --- tables --------------------------------------------------------------------------------------
 
-COLUMNS = ("format", "bits", "MB", "size vs FP", "{metric}", "drop vs FP", "token agreement", "tokens/s", "gate")
+COLUMNS = ("format", "bits", "MB", "size vs FP", "{metric}", "drop vs FP", "token agreement", "tokens/s", "ECE test (before → after)",
+           "threshold (99 %)", "gate")
 
 
 def _cells(r: dict[str, Any], metric: str) -> list[str]:
     if "error" in r:
-        return [r["name"], str(r["bits"]), "-", "-", "-", "-", "-", "-", "ERROR"]
+        return [r["name"], str(r["bits"]), "-", "-", "-", "-", "-", "-", "-", "-", "ERROR"]
     ci = r.get("drop_ci")
     change = fmt_ci(-r["drop"], [-ci[1], -ci[0]] if ci else None, sign="+") + (f", {fmt_p(r['drop_p_value'])}" if r.get("drop_p_value") is not None else "")
     return [r["name"], str(r["bits"]), f"{r['size_mb']:.1f}", f"{r['size_vs_fp']:.0%}" if r.get("size_vs_fp") else "-",
             fmt_ci(r[metric], r.get(f"{metric}_ci")), change,
             f"{r['token_agreement']:.3f}" if r.get("token_agreement") is not None else "-",
-            f"{r['tokens_per_s']:.0f}", "pass" if r["passed"] else "FAIL"]
+            f"{r['tokens_per_s']:.0f}", *calibration_cells(r), "pass" if r["passed"] else "FAIL"]
 
 
 def noise_note(summary: dict[str, Any]) -> str:
@@ -361,11 +368,11 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     fp = summary["fp"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
              (f"| FP student (transformers) | 32 | {fp['size_mb']:.1f} | 100% | {fmt_ci(fp[metric], fp.get(f'{metric}_ci'))} | - | 1.000 "
-              f"| {fp['tokens_per_s']:.0f} | - |")]
+              f"| {fp['tokens_per_s']:.0f} | - | - | - |")]
     lines += ["| " + " | ".join(_cells(r, metric)) + " |" for r in summary["artifacts"]]
     shaped = ", answers decoded under the task's constraint as served" if summary.get("constrained") else ""
     return (f"# {summary['task']}: compressed artifacts ({summary['test_rows']} held-out rows{shaped}, max drop {summary['max_drop']:g})\n\n"
-            + "\n".join(lines) + "\n" + noise_note(summary))
+            + "\n".join(lines) + "\n" + noise_note(summary) + calibration_note(summary))
 
 
 def _table(summary: dict[str, Any]) -> Table:
@@ -374,7 +381,8 @@ def _table(summary: dict[str, Any]) -> Table:
     for c in COLUMNS:
         t.add_column(c.format(metric=metric))
     fp = summary["fp"]
-    t.add_row("FP student", "32", f"{fp['size_mb']:.1f}", "100%", fmt_ci(fp[metric], fp.get(f"{metric}_ci")), "-", "1.000", f"{fp['tokens_per_s']:.0f}", "-")
+    t.add_row("FP student", "32", f"{fp['size_mb']:.1f}", "100%", fmt_ci(fp[metric], fp.get(f"{metric}_ci")), "-", "1.000",
+              f"{fp['tokens_per_s']:.0f}", "-", "-", "-")
     for r in summary["artifacts"]:
         cells = _cells(r, metric)
         style = "red" if not r["passed"] else None

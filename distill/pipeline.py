@@ -4,7 +4,8 @@ Read top to bottom; each step writes its output under the run folder before the 
 
     OUT/cache/teacher.sqlite   every teacher/generator response (a rerun pays for nothing twice)
     OUT/gate.json              the teacher's score on the held-out test set
-    OUT/data/                  raw.jsonl, train.jsonl, rejects.jsonl, report.json, manifest.json
+    OUT/data/                  raw.jsonl, train.jsonl, calibration.jsonl (held out of training), rejects.jsonl,
+                               report.json, manifest.json
     OUT/student/               merged HF checkpoint, manifest.json, README.md (model card)
     OUT/eval/                  eval.json, eval.md
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgedistill.distill.cache import ResponseCache
+from edgedistill.distill.calibration_split import CALIBRATION_FILE, calibration_record, split_calibration
 from edgedistill.distill.evaluate import add_agreement, add_vs_teacher, answer_requests, decoded_as, table_markdown
 from edgedistill.distill.generate import attach_labels, generation_requests, label_requests, synthetic_inputs
 from edgedistill.distill.teacher import ChatRequest, Teacher, make_teacher
@@ -140,13 +142,17 @@ def build_dataset(spec: TaskSpec, teacher: Teacher, seeds: list, test: list, cac
         for i, s in enumerate(seeds)
     ]
     rows = seed_rows + to_label
-    kept, rejected, report = validate_rows(spec, rows, [r.input for r in test])
+    validated, rejected, report = validate_rows(spec, rows, [r.input for r in test])
+    kept, held_out = split_calibration(spec.calibration, validated, stratify=spec.type == "classification")
+    report["calibration_rows"] = len(held_out)
+    report["train_rows"] = len(kept)
     report["teacher_usage"] = teacher.usage.as_dict()
     if generator is not teacher:
         report["generator_usage"] = generator.usage.as_dict()
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    for name, part in (("raw.jsonl", rows), ("train.jsonl", kept), ("rejects.jsonl", rejected)):
+    parts = [("raw.jsonl", rows), ("train.jsonl", kept), ("rejects.jsonl", rejected), (CALIBRATION_FILE, [calibration_record(r) for r in held_out])]
+    for name, part in parts:
         _write_jsonl(data_dir / name, part)
     write_json_atomic(data_dir / "report.json", report)
     write_manifest(
@@ -159,15 +165,19 @@ def build_dataset(spec: TaskSpec, teacher: Teacher, seeds: list, test: list, cac
         task=spec.spec_dict(),
         task_dir=str(spec.base_dir),
         data_hash=sha256_file(data_dir / "train.jsonl"),
+        calibration={"path": CALIBRATION_FILE, "rows": len(held_out), "sha256": sha256_file(data_dir / CALIBRATION_FILE),
+                     "settings": spec.calibration.model_dump(mode="json")},
         teacher=teacher.describe(),
         generator=generator.describe(),
     )
     console.print(format_report_table(report))
+    console.print(f"calibration split: {len(held_out)} of {len(validated)} validated rows held out of training ({data_dir / CALIBRATION_FILE})")
     return kept, report
 
 
 def _data_settings(spec: TaskSpec) -> dict:
-    return spec.model_dump(mode="json", include={"name", "type", "instructions", "labels", "output_schema", "tools", "tool_choice", "seeds", "pool", "teacher", "generation", "validation"})
+    return spec.model_dump(mode="json", include={"name", "type", "instructions", "labels", "output_schema", "tools", "tool_choice", "seeds", "pool", "teacher", "generation", "validation",
+                                     "calibration"})
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -309,7 +319,7 @@ Distilled by edgedistill from **{teacher.model_id}** ({json.dumps(teacher.descri
 - Labels: {", ".join(spec.labels) if spec.labels else "-"}
 - Teacher decoding for labels: temperature 0, max_tokens {spec.task.output_budget} (the task's output budget)
 - Input generation: {spec.generation.num_inputs} inputs, strategies {", ".join(spec.generation.strategies)}, temperature {spec.generation.temperature}, top_p {spec.generation.top_p}, seed {spec.generation.seed}
-- Training data: {report["kept"]} rows kept of {report["total"]} (rejected: {json.dumps(report["rejected"])}); data hash in manifest.json
+- Training data: {report.get("train_rows", report["kept"])} rows trained on, of {report["kept"]} kept of {report["total"]} (rejected: {json.dumps(report["rejected"])}; {report.get("calibration_rows", 0)} held out as the calibration split); data hash in manifest.json
 - Filters: {json.dumps(spec.validation.model_dump(mode="json"))}
 - Hyperparameters: {json.dumps(spec.training.model_dump(mode="json"))}
 - Student init: {json.dumps(spec.student.model_dump(mode="json"))}; {train_info.get("params", s.get("params", 0)) / 1e6:.1f}M parameters

@@ -185,6 +185,25 @@ class TrainingConfig(_Model):
     logit_kd: LogitKDConfig = Field(default_factory=LogitKDConfig)
 
 
+class CalibrationConfig(_Model):
+    """The calibration split: a share of the validated, teacher-labelled rows that `distill` holds
+    out of training (written as ``data/calibration.jsonl``, never the test set). `compress` fits
+    each artifact's confidence calibration and cascade thresholds on it."""
+
+    share: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of the teacher-labelled rows held out (0: no split; seeds are never held out)."
+    )
+    min_rows: int = Field(40, ge=0, description="Hold out at least this many rows (but never more than half of them).")
+    max_rows: int = Field(300, ge=1, description="Hold out at most this many rows.")
+    seed: int = Field(0, description="Seed of the (label-stratified, for classification) selection.")
+
+    @model_validator(mode="after")
+    def _check(self) -> CalibrationConfig:
+        if self.min_rows > self.max_rows:
+            raise ValueError(f"min_rows ({self.min_rows}) is above max_rows ({self.max_rows})")
+        return self
+
+
 DEFAULT_FORMATS = "gguf:q8_0,gguf:q4_k_m,onnx:int8,onnx:int4,gptq:int4"
 
 
@@ -205,7 +224,13 @@ class BenchSettings(_Model):
     requests: int = Field(32, ge=1, description="Measured requests per endpoint and load level.")
     machine_usd_per_hour: float = Field(0.10, ge=0.0, description="What the machine local endpoints run on costs per hour ($).")
     cascade_artifact: str = Field("gguf-q4_k_m", description="The artifact the cascade serves, with the teacher behind it.")
-    cascade_threshold: float = Field(0.9, ge=0.0, le=1.0, description="Confidence below which the cascade asks the teacher.")
+    cascade_threshold: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Confidence below which the cascade asks the teacher (unset: the served artifact's recommended threshold "
+        "from its calibration, 0.9 without one).",
+    )
     target: float = Field(0.99, gt=0.0, le=1.0, description="Cascade sweep: reach this fraction of the teacher's accuracy at least cost.")
     peer: bool = Field(True, description="Also measure `python -m llama_cpp.server` on the same GGUF.")
     threads: int | None = Field(None, ge=1, description="CPU threads per server (default: all cores).")
@@ -243,6 +268,9 @@ class TaskSpec(_Model):
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="How new inputs are written and labelled.")
     validation: ValidationSettings = Field(default_factory=ValidationSettings, description="Which generated rows are kept.")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="How the student learns.")
+    calibration: CalibrationConfig = Field(
+        default_factory=CalibrationConfig, description="The calibration split held out of the distillation data (confidence, thresholds)."
+    )
     compress: CompressConfig = Field(default_factory=CompressConfig, description="Which artifacts `compress` builds and the quality gate.")
     bench: BenchSettings = Field(default_factory=BenchSettings, description="What `run` measures after compress.")
 

@@ -63,6 +63,7 @@ def build_report(spec: TaskSpec, out: Path, state: dict[str, Any]) -> dict[str, 
             "served_accuracy": served.get(metric), "served_accuracy_ci": served.get(f"{metric}_ci"), "served_n": served.get("n"),
             "latency_ms_p50": row["latency_ms"]["p50"] if row else None,
             "cost_per_1k_usd": row.get("cost_per_1k_usd") if row else None,
+            "calibration": _calibration(a),
             **_type_metrics(spec, a),
         })
     rep["artifacts"] = arts
@@ -73,10 +74,15 @@ def build_report(spec: TaskSpec, out: Path, state: dict[str, Any]) -> dict[str, 
     cas = _c1(rows, "cascade")
     sweep = (bench.get("cascade") or {}).get("cascade")
     if cas is not None or sweep:
+        from edgedistill.run.servers import cascade_row, cascade_threshold
+
         q = quality.get("cascade") or {}
+        served_row = cascade_row(spec, [a for a in compress.get("artifacts", []) if a.get("passed")])
+        threshold, source = cascade_threshold(spec, served_row)
         rep["cascade"] = {
-            "artifact": spec.bench.cascade_artifact,
-            "threshold": spec.bench.cascade_threshold,
+            "artifact": served_row["name"] if served_row else spec.bench.cascade_artifact,
+            "threshold": threshold,
+            "threshold_source": source,
             "accuracy": q.get(metric),
             "accuracy_ci": q.get(f"{metric}_ci"),
             "n": q.get("n"),
@@ -99,6 +105,17 @@ def build_report(spec: TaskSpec, out: Path, state: dict[str, Any]) -> dict[str, 
     rep["pareto_png"] = str(out / "pareto.png") if (out / "bench" / "pareto.png").exists() else None
     rep["stages"] = {k: {kk: vv for kk, vv in v.items() if kk != "outputs"} for k, v in state.get("stages", {}).items()}
     return rep
+
+
+def _calibration(a: dict[str, Any]) -> dict[str, Any] | None:
+    """An artifact's confidence calibration as the report shows it: the method, and the ECE on the
+    TEST split before and after (compress fitted it on the calibration split); None: not calibrated."""
+    cal = a.get("calibration")
+    if not cal or a.get("ece_before") is None:
+        return None
+    return {"method": cal.get("method"), "ece_before": a["ece_before"], "ece_after": a.get("ece_after"),
+            "n": (cal.get("test") or {}).get("n"), "temperature": cal.get("temperature"),
+            "recommended_threshold": (cal.get("recommended") or {}).get("threshold")}  # fmt: skip
 
 
 def quantized_teacher_rows(
@@ -180,13 +197,19 @@ def report_markdown(rep: dict[str, Any]) -> str:
             lines.append(f"| {key} | {params} | {fmt_ci(m.get(metric), m.get(f'{metric}_ci'))} | {fmt_difference(m.get('vs_teacher'))} "
                          f"| {_f(m.get('agreement_with_teacher'))} | {m.get('n', '-')} |")
     lines += ["", "## Artifacts\n",
-              f"| artifact | bits | MB | {metric} (95 % interval) | drop vs FP | token agreement | tokens/s | p50 latency ms | $ per 1k | gate |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              (f"| artifact | bits | MB | {metric} (95 % interval) | drop vs FP | token agreement | tokens/s | p50 latency ms | $ per 1k "
+              "| ECE before → after calibration | gate |"),
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in rep.get("artifacts", []):
         gate = "ERROR" if a.get("error") else ("pass" if a.get("passed_gate") else "FAIL")
+        cal = a.get("calibration")
+        ece = f"{cal['ece_before']:.3f} → {_f(cal.get('ece_after'))}" if cal else "-"
         lines.append(f"| {a['name']} | {a['bits']} | {_f(a.get('size_mb'), '.1f')} | {fmt_ci(a.get('accuracy'), a.get('accuracy_ci'))} | {_drop(a)} "
                      f"| {_f(a.get('token_agreement'))} | {_f(a.get('tokens_per_s'), '.0f')} | {_f(a.get('latency_ms_p50'), '.0f')} "
-                     f"| {_f(a.get('cost_per_1k_usd'), '.4f')} | {gate} |")
+                     f"| {_f(a.get('cost_per_1k_usd'), '.4f')} | {ece} | {gate} |")
+    if any(a.get("calibration") for a in rep.get("artifacts", [])):
+        lines += ["", ("ECE: calibration error of each artifact's confidence on the test split, uncalibrated → with the temperature "
+                  "compress fitted on the calibration split (teacher-labelled distillation data held out of training).")]
     qt = rep.get("quantized_teacher") or []
     if qt:
         lines += ["", "## Baseline: the teacher quantized\n",
@@ -202,7 +225,7 @@ def report_markdown(rep: dict[str, Any]) -> str:
     if c:
         on_rows = "" if c.get("n") is None else f" on {c['n']} rows"
         lines += ["", "## Cascade\n",
-                  (f"Served: {c['artifact']} with the teacher behind it at threshold {c['threshold']}: {metric} "
+                  (f"Served: {c['artifact']} with the teacher behind it at threshold {c['threshold']} ({c.get('threshold_source', 'spec')}): {metric} "
                   f"{fmt_ci(c.get('accuracy'), c.get('accuracy_ci'))}, fallback rate {fmt_ci(c.get('fallback_rate'), c.get('fallback_rate_ci'))}"
                   f"{on_rows}, ${_f(c.get('cost_per_1k_usd'), '.4f')} per 1k requests, "
                   f"p50 latency {_f(c.get('latency_ms_p50'), '.0f')} ms.")]

@@ -77,10 +77,10 @@ def serve_and_bench(
         for row in quantized_teacher or []:
             local(QUANTIZED_TEACHER.format(row["name"]), _serve_cmd(Path(row["path"]), _free_port(), threads))
 
-        by_name = {r["name"]: r for r in passed}
-        cascade = by_name.get(b.cascade_artifact) or passed[0]
-        cmd = [*_serve_cmd(Path(cascade["path"]), _free_port(), threads), "--teacher-url", teacher.url, "--teacher-model",
-               teacher_model, "--threshold", str(b.cascade_threshold)]
+        cascade = cascade_row(spec, passed)
+        cmd = [*_serve_cmd(Path(cascade["path"]), _free_port(), threads), "--teacher-url", teacher.url, "--teacher-model", teacher_model]
+        if b.cascade_threshold is not None:  # set in the spec: it wins; else serve's default, the artifact's recommended threshold
+            cmd += ["--threshold", str(b.cascade_threshold)]
         if spec.teacher.api_key_env and spec.teacher.kind != "local":
             cmd += ["--teacher-api-key-env", spec.teacher.api_key_env]
         local("cascade", cmd)
@@ -115,6 +115,20 @@ def serve_and_bench(
     finally:
         for s in servers:
             _stop(s)
+
+
+def cascade_row(spec: TaskSpec, passed: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The compress row of the artifact the cascade serves: ``bench.cascade_artifact``, else the first that passed."""
+    return next((r for r in passed if r["name"] == spec.bench.cascade_artifact), None) or (passed[0] if passed else None)
+
+
+def cascade_threshold(spec: TaskSpec, row: dict[str, Any] | None) -> tuple[float, str]:
+    """The threshold the cascade is served at and where it came from (serve's own rule): the spec's
+    ``bench.cascade_threshold`` when set, else the artifact's recommended one (compress's
+    calibration), else 0.9."""
+    from edgedistill.serve.settings import resolve_threshold
+
+    return resolve_threshold(spec.bench.cascade_threshold, None, (row or {}).get("calibration"))
 
 
 def _served_teacher(spec: TaskSpec, out: Path) -> Path:

@@ -39,7 +39,7 @@ def serve_command(artifact: str, config: Path | None = None, **flags: Any) -> No
     app = create_app(settings)
     st = app.state.st
     teacher = (
-        f"teacher {settings.teacher_model} at {settings.teacher_url}, threshold {settings.threshold}"
+        f"teacher {settings.teacher_model} at {settings.teacher_url}, threshold {st.settings.threshold} ({st.threshold_source})"
         if st.teacher
         else "no teacher"
     )

@@ -37,6 +37,7 @@ def add_info_routes(app: FastAPI, st: State) -> None:
             backend=art.backend if art else None,
             task=art.task.type if art and art.task else None,
             threshold=st.settings.threshold,
+            threshold_source=st.threshold_source,
             teacher=st.teacher is not None,
         )
         card = ModelCard(id=st.model_id, object="model", created=st.created, owned_by="edgedistill", edgedistill=info)

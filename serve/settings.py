@@ -70,7 +70,20 @@ class Settings(BaseSettings):
     teacher_model: str | None = Field(None, description="Model name the teacher API expects.")
     teacher_api_key_env: str | None = Field(None, description="Environment variable holding the teacher's API key.")
     teacher_timeout_s: float = Field(30.0, gt=0, description="Give up on a teacher call after this many seconds.")
-    threshold: float = Field(0.9, ge=0.0, le=1.0, description="Calibrated confidence below which the teacher answers.")
+    threshold: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Calibrated confidence below which the teacher answers; wins over --target (default: the artifact's "
+        "recommended threshold from its manifest's calibration, 0.9 without one).",
+    )
+    target: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Serve at the artifact's threshold for this target (e.g. 0.99: 99 % of the teacher's quality at least "
+        "cost), one of its manifest's calibration thresholds.",
+    )
     breaker_failures: int = Field(3, ge=1, description="Consecutive teacher failures that open the circuit breaker.")
     breaker_cooldown_s: float = Field(30.0, ge=0, description="How long an open breaker skips the teacher.")
 
@@ -141,6 +154,32 @@ class Settings(BaseSettings):
 
 
 _CONFIG_FILE: dict[str, str | None] = {"path": None}
+
+DEFAULT_THRESHOLD = 0.9  # an artifact without a fitted calibration (an older manifest, a bare .gguf)
+
+
+def resolve_threshold(threshold: float | None, target: float | None, calibration: dict[str, Any] | None) -> tuple[float, str]:
+    """The threshold in force and where it came from: ``threshold`` (given) wins, then ``target``
+    (that target's threshold in the manifest's ``calibration.thresholds``), then the manifest's
+    ``calibration.recommended``, then 0.9 (``default``)."""
+    cal = calibration or {}
+    if threshold is not None:
+        return float(threshold), "threshold"
+    if target is not None:
+        known = [t for t in cal.get("thresholds") or [] if isinstance(t, dict) and "target" in t and "threshold" in t]
+        hit = next((t for t in known if abs(float(t["target"]) - target) < 1e-9), None)
+        if hit is None:
+            have = ", ".join(f"{float(t['target']):g}" for t in known)
+            raise UserError(
+                f"target {target:g}: the artifact's calibration has "
+                + (f"thresholds for {have}; pass one of them" if have else "no thresholds (compress it again to fit them)")
+                + " or --threshold"
+            )
+        return float(hit["threshold"]), f"target {target:g}"
+    rec = cal.get("recommended")
+    if isinstance(rec, dict) and rec.get("threshold") is not None:
+        return float(rec["threshold"]), f"recommended (target {float(rec.get('target', 0)):g})"
+    return DEFAULT_THRESHOLD, "default"
 
 
 def _read_env_key(var: str | None, what: str) -> str | None:

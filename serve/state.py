@@ -17,7 +17,7 @@ from edgedistill.serve.artifact import Artifact, load_artifact
 from edgedistill.serve.engine import Engine
 from edgedistill.serve.fallback import CircuitBreaker, FallbackTeacher
 from edgedistill.serve.metrics import Metrics
-from edgedistill.serve.settings import Settings
+from edgedistill.serve.settings import Settings, resolve_threshold
 from edgedistill.serve.structured import SchemaCache
 
 
@@ -40,6 +40,7 @@ class State:
     # run (in order) in the app's lifespan shutdown, after the requests in flight are answered and before
     # the teacher client and the engine close: flush what must not be lost (sync or async; failures logged)
     on_shutdown: list[Callable[[], Any]] = field(default_factory=list)
+    threshold_source: str = "threshold"  # where settings.threshold came from (settings.resolve_threshold)
 
     @property
     def calibration(self) -> dict[str, Any]:
@@ -55,10 +56,16 @@ def build_state(
     api_key: str | None = None,
 ) -> State:
     """Without ``engine``, load ``settings.artifact`` with the backend its format names. A missing
-    teacher key variable fails before minutes of model loading."""
+    teacher key variable fails before minutes of model loading. The state's ``settings.threshold``
+    is the threshold in force (given, or from the artifact's calibration: ``resolve_threshold``)."""
     teacher_key = settings.read_teacher_key() if teacher is None and settings.teacher_url else None
     if engine is None:
         artifact = artifact or load_artifact(settings.artifact)
+    # the threshold in force, resolved before the model loads (an unknown --target fails at once); a
+    # copy of the settings, so the caller's still say what was given
+    threshold, source = resolve_threshold(settings.threshold, settings.target, artifact.calibration if artifact else None)
+    settings = settings.model_copy(update={"threshold": threshold})
+    if engine is None:
         engine = _make_engine(artifact, settings)
     if teacher is None and settings.teacher_url:
         teacher = FallbackTeacher(
@@ -69,7 +76,8 @@ def build_state(
             breaker=CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s),
         )
     model_id = settings.model_alias or (artifact.name if artifact else "student")
-    st = State(settings, engine, model_id, artifact, teacher, Metrics(), api_key, schemas=SchemaCache(engine.runner))
+    st = State(settings, engine, model_id, artifact, teacher, Metrics(), api_key, schemas=SchemaCache(engine.runner),
+               threshold_source=source)  # fmt: skip
     task = artifact.task if artifact else None
     if task is not None:
         constraint = for_task(task, engine.runner)

@@ -469,6 +469,11 @@ class ModelInfo(_Resp):
     backend: str | None
     task: str | None = Field(description="The task type when the artifact has a task spec (then /v1/predict serves it).")
     threshold: float = Field(description="The server's threshold (a request may set its own).")
+    threshold_source: str = Field(
+        description="Where the server's threshold came from: `threshold` (given), `target 0.99` (that target's threshold in "
+        "the artifact's calibration), `recommended (target 0.99)` (the artifact's recommended one) or `default` (0.9: "
+        "the artifact has no calibration)."
+    )
     teacher: bool = Field(description="Whether a teacher is configured (the fallback can happen at all).")
 
 

@@ -99,7 +99,20 @@ def test_distill_end_to_end_and_resume(tmp_path, teacher, tiny_model_dir):
 
     rows = [json.loads(x) for x in (out / "data" / "train.jsonl").read_text().splitlines()]
     report = json.loads((out / "data" / "report.json").read_text())
-    assert report["kept"] == len(rows) and report["kept"] + sum(report["rejected"].values()) == report["total"]
+    assert report["kept"] + sum(report["rejected"].values()) == report["total"]
+    # the calibration split: teacher-labelled rows held out of training, none of the test set
+    calib = [json.loads(x) for x in (out / "data" / "calibration.jsonl").read_text().splitlines()]
+    assert report["train_rows"] == len(rows) and report["calibration_rows"] == len(calib) > 0
+    assert report["kept"] == len(rows) + len(calib)
+    assert not {c["id"] for c in calib} & {r["id"] for r in rows} and {c["source"] for c in calib} <= {"pool", "synthetic"}
+    assert not {json.dumps(c["input"]) for c in calib} & {json.dumps(r["input"]) for r in rows}
+    assert not {c["input"] for c in calib} & {t for t, _ in TEST}
+    assert all(c["output"] == next((lab for w, lab in WORDS.items() if w in c["input"].lower()), None) for c in calib)  # the teacher's
+    data_manifest = json.loads((out / "data" / "manifest.json").read_text())
+    assert data_manifest["calibration"]["rows"] == len(calib) and data_manifest["files"]["calibration.jsonl"]
+    from edgedistill.manifest import sha256_file
+
+    assert data_manifest["calibration"]["sha256"] == sha256_file(out / "data" / "calibration.jsonl")
     assert report["rejected"]["parse"] >= 3  # the pool's "cat" questions get no valid label
     synthetic = [r for r in rows if r["source"] == "synthetic"]
     assert synthetic and all(r["provenance"]["label_cache_key"] and r["provenance"]["strategy"] for r in synthetic)
@@ -139,6 +152,7 @@ def test_distill_end_to_end_and_resume(tmp_path, teacher, tiny_model_dir):
     assert teacher.hits == hits
     assert again["teacher_usage"]["requests_sent"] == 0 and again["teacher_usage"]["cost_usd"] == 0
     assert (out / "data" / "train.jsonl").read_text().splitlines() == [json.dumps(r, ensure_ascii=False) for r in rows]
+    assert [json.loads(x) for x in (out / "data" / "calibration.jsonl").read_text().splitlines()] == calib  # seeded: the same split
 
     # a retrain into the same student folder (a changed training setting): the new model card's
     # hash is in the manifest, so the next stage accepts the student

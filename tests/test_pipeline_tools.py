@@ -101,6 +101,7 @@ def test_distill_a_tools_task_with_conversation_inputs(tmp_path, teacher, tiny_m
     rows = [json.loads(x) for x in (out / "data" / "train.jsonl").read_text().splitlines()]
     rejects = {json.dumps(r["input"]): r["reject_reason"] for r in map(json.loads, (out / "data" / "rejects.jsonl").read_text().splitlines())}
     assert rejects == {json.dumps(conv("just 2 of us tonight")): "exact_duplicate", json.dumps(test[0]): "contaminated"}
+    rows += [json.loads(x) for x in (out / "data" / "calibration.jsonl").read_text().splitlines()]  # the held-out split too
     assert sum(isinstance(r["input"], list) for r in rows) == 5 + 4  # the seeds' and the pool's conversations, kept as such
     assert {r["output"]["name"] for r in rows} == {"book", "none"}
     # the teacher was asked with the task's prompt: the tools in the system message, the conversation after it

@@ -142,3 +142,52 @@ def test_an_extraction_report_names_the_types_metrics(tmp_path):
         assert len(entry["slot_f1_ci"]) == 2 and entry["slot_f1_ci"][0] <= entry["slot_f1"] <= entry["slot_f1_ci"][1]
         assert "slot_precision" in entry and "exact_match_ci" in entry
     assert rep["artifacts"][0]["accuracy"] == rep["artifacts"][0]["slot_f1"]  # `accuracy` holds the primary metric
+
+
+def test_each_artifacts_calibration_and_the_cascades_threshold(run_dir):
+    """report.json: each artifact's test-split ECE before/after calibration (from compress.json), and
+    the cascade at the threshold it was served at: the artifact's recommended one, unless the spec's
+    bench.cascade_threshold is set."""
+    spec, out = run_dir
+    path = out / "artifacts" / "compress.json"
+    summary = json.loads(path.read_text())
+    cal = {"method": "temperature_scaling", "temperature": 1.7, "n": 130, "ece_before": 0.2, "ece_after": 0.02,
+           "test": {"ece_before": 0.12, "ece_after": 0.03, "n": N}, "recommended": {"target": 0.99, "threshold": 0.83}}  # fmt: skip
+    summary["artifacts"][1] |= {"ece_before": 0.12, "ece_after": 0.03, "calibration": cal}
+    write_json_atomic(path, summary)
+    rep = build_report(spec, out, {})
+    q8, q4 = rep["artifacts"]
+    assert q8["calibration"] is None  # compressed before calibration existed
+    assert q4["calibration"] == {"method": "temperature_scaling", "ece_before": 0.12, "ece_after": 0.03, "n": N, "temperature": 1.7,
+                                 "recommended_threshold": 0.83}  # fmt: skip
+    c = rep["cascade"]
+    assert (c["artifact"], c["threshold"], c["threshold_source"]) == ("gguf-q4_k_m", 0.83, "recommended (target 0.99)")
+    md = report_markdown(rep)
+    assert "| 0.120 → 0.030 | pass |" in md and "at threshold 0.83 (recommended (target 0.99))" in md
+
+    spec.bench.cascade_threshold = 0.9  # set in the spec: it wins
+    c = build_report(spec, out, {})["cascade"]
+    assert (c["threshold"], c["threshold_source"]) == (0.9, "threshold")
+
+
+def test_run_serves_the_cascade_at_the_recommended_threshold_unless_the_spec_sets_one(run_dir, monkeypatch):
+    from edgedistill.run import servers
+
+    spec, out = run_dir
+    started: dict[str, list[str]] = {}
+
+    def start(name, cmd, logs):
+        started[name] = cmd
+        return servers._Server(name, None, logs / f"{name}.log", "http://127.0.0.1:1")
+
+    monkeypatch.setattr(servers, "_start", start)
+    monkeypatch.setattr(servers, "_wait_ready", lambda s: None)
+    monkeypatch.setattr(servers, "_stop", lambda s: None)
+    monkeypatch.setattr("edgedistill.bench.run.run_bench", lambda cfg: {})
+    passed = [{"name": "onnx-int8", "format": "onnx", "path": str(out / "a")}, {"name": "gguf-q4_k_m", "format": "onnx", "path": str(out / "b")}]
+    servers.serve_and_bench(spec, out.parent / "task.yaml", out, passed, out / "bench")
+    cmd = started["cascade"]
+    assert "--threshold" not in cmd and cmd[3] == str(out / "b")  # bench.cascade_artifact, at serve's default: the manifest's
+    spec.bench.cascade_threshold = 0.8
+    servers.serve_and_bench(spec, out.parent / "task.yaml", out, passed, out / "bench")
+    assert started["cascade"][-2:] == ["--threshold", "0.8"]

@@ -1,0 +1,106 @@
+"""The cascade's threshold rule, in one place: compress (thresholds stored in an artifact's
+manifest) and bench (the sweep) both choose with it.
+
+A row goes to the teacher when its confidence is below the threshold, or always at a threshold of 1
+(the server's rule; a row without a confidence is always unsure), so the fallback rate never
+decreases as the threshold rises. The quality at a threshold is ``score`` over the mixed answers
+(the student's where it kept the row, the teacher's where it fell back); without ``score`` the
+answers are booleans (is this answer right) and the quality is their mean.
+
+Torch-free (serve and compress import it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from itertools import pairwise
+from typing import Any
+
+Score = Callable[[list[Any]], float]
+
+TARGETS = (0.95, 0.98, 0.99)  # the targets an artifact's manifest carries thresholds for
+RECOMMENDED_TARGET = 0.99  # the one `edgedistill serve ARTIFACT` uses by default
+
+
+def mean_ok(answers: list[Any]) -> float:
+    return sum(bool(a) for a in answers) / len(answers) if answers else 0.0
+
+
+def fallback_mask(threshold: float, conf: Sequence[float | None], n: int) -> list[bool]:
+    """Which rows the teacher answers at ``threshold`` (the server's rule)."""
+    if len(conf) != n:
+        raise ValueError("student, conf and teacher must have the same length")
+    if threshold >= 1.0:
+        return [True] * n
+    return [(0.0 if v is None else float(v)) < threshold for v in conf]  # no confidence: always unsure
+
+
+def mixed_answers(
+    threshold: float, student: Sequence[Any], conf: Sequence[float | None], teacher: Sequence[Any]
+) -> tuple[list[Any], list[bool]]:
+    """The answers the cascade serves at ``threshold`` and which rows fell back."""
+    n = len(student)
+    if len(teacher) != n:
+        raise ValueError("student, conf and teacher must have the same length")
+    fallback = fallback_mask(threshold, conf, n)
+    return [t if fb else s for s, t, fb in zip(student, teacher, fallback)], fallback
+
+
+def quality_and_rate(
+    threshold: float, student: Sequence[Any], conf: Sequence[float | None], teacher: Sequence[Any], score: Score | None = None
+) -> tuple[float, float]:
+    """The cascade's quality and fallback rate at ``threshold``, each rounded to 4 decimals (so
+    that ties between thresholds do not depend on float noise)."""
+    mixed, fallback = mixed_answers(threshold, student, conf, teacher)
+    n = len(mixed)
+    acc = (score or mean_ok)(mixed) if n else 0.0
+    rate = sum(fallback) / n if n else 0.0
+    return round(float(acc), 4), round(float(rate), 4)
+
+
+def candidate_thresholds(conf: Sequence[float | None]) -> list[float]:
+    """One threshold per distinct outcome: 0 (nothing falls back), the midpoint between each two
+    neighbouring confidences (a threshold on a row's own confidence would sit on the edge), and 1
+    (everything falls back)."""
+    u = sorted({min(max(float(v), 0.0), 1.0) for v in conf if v is not None})
+    mids = [round((a + b) / 2, 6) for a, b in pairwise(u)]
+    return sorted({0.0, 1.0, *mids})
+
+
+def choose_threshold(
+    student: Sequence[Any], conf: Sequence[float | None], teacher: Sequence[Any], target: float, score: Score | None = None
+) -> tuple[float, bool]:
+    """The threshold with the lowest fallback rate (hence the lowest cost) whose quality on these
+    rows is at least ``target``; ties go to the lower threshold. When no threshold reaches it, the
+    best one (``met`` is False)."""
+    best: tuple[float, float] | None = None
+    most: tuple[float, float, float] | None = None
+    for th in candidate_thresholds(conf):
+        acc, rate = quality_and_rate(th, student, conf, teacher, score)
+        if acc >= target - 1e-12 and (best is None or rate < best[1]):
+            best = (th, rate)
+        key = (acc, -rate, -th)
+        if most is None or key > most:
+            most = key
+    if best is not None:
+        return best[0], True
+    return (-most[2] if most else 1.0), False
+
+
+def target_thresholds(
+    student: Sequence[Any],
+    conf: Sequence[float | None],
+    teacher: Sequence[Any],
+    targets: Sequence[float] = TARGETS,
+    score: Score | None = None,
+) -> list[dict[str, Any]]:
+    """For each target (a fraction of the teacher's quality on these rows), the cheapest threshold
+    that reaches it: ``{"target", "threshold", "fallback_rate", "agreement", "met"}`` (``agreement``:
+    the cascade's quality there). A higher target never gets a lower threshold."""
+    teacher_q = (score or mean_ok)(list(teacher)) if len(teacher) else 0.0
+    out = []
+    for target in sorted(targets):
+        th, met = choose_threshold(student, conf, teacher, target * teacher_q, score)
+        acc, rate = quality_and_rate(th, student, conf, teacher, score)
+        out.append({"target": target, "threshold": round(th, 6), "fallback_rate": rate, "agreement": acc, "met": met})
+    return out
