@@ -45,7 +45,14 @@ class Sample:
     confidence: float | None = None
     threshold: float | None = None
     fallback_reason: str | None = None
+    teacher_error: str | None = None  # edgedistill servers: the teacher was asked and failed (or its breaker was open)
     value: Any = None  # /v1/predict: the parsed answer the server returned
+
+    @property
+    def teacher_called(self) -> bool:
+        """An edgedistill server asked its teacher for this request: it answered, or the call failed
+        (a timeout, an error: paid for all the same). A breaker that was open called nobody."""
+        return self.answered_by == "teacher" or (self.teacher_error is not None and self.teacher_error != "circuit_open")
 
     @property
     def ok(self) -> bool:
@@ -129,6 +136,7 @@ def _read_edgedistill(s: Sample, obj: dict[str, Any]) -> None:
         s.confidence = ed.get("confidence")
         s.threshold = ed.get("threshold")
         s.fallback_reason = ed.get("fallback_reason")
+        s.teacher_error = ed.get("teacher_error")
 
 
 def _read_usage(s: Sample, obj: dict[str, Any]) -> None:
@@ -163,10 +171,12 @@ async def chat(
     max_tokens: int,
     index: int,
     student_only: bool = False,
+    response_format: dict[str, Any] | None = None,
 ) -> Sample:
     """One greedy, streamed chat completion, measured. Never raises for a failed request: see ``error``.
-    ``student_only``: ask an edgedistill server for its student's own answer (``STUDENT_ONLY`` headers)."""
-    body = {
+    ``student_only``: ask an edgedistill server for its student's own answer (``STUDENT_ONLY`` headers);
+    ``response_format``: OpenAI's, sent as given (a JSON task's, in the task's format)."""
+    body: dict[str, Any] = {
         "model": ep.model,
         "messages": messages,
         "max_tokens": max_tokens,
@@ -174,6 +184,8 @@ async def chat(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if response_format is not None:
+        body["response_format"] = response_format
     api = _api(client, ep)
     s = Sample(index=index, start=time.perf_counter(), prompt_chars=sum(len(m["content"]) for m in messages))
     parts: list[str] = []

@@ -30,8 +30,23 @@ def messages_for(task: Task, text: str, teacher: bool) -> list[dict[str, str]]:
     return task.teacher_messages(text) if teacher else task.student_messages(text)
 
 
+def response_format_for(task: Task | None, edgedistill: bool, teacher: bool) -> dict[str, Any] | None:
+    """An edgedistill server is asked in the task's format (the student's messages, and a JSON
+    task's ``response_format``): it answers that as its /v1/predict does, with the same confidence
+    (serve's task_chat), so the cascade under load is the one the sweep measures. Other endpoints
+    get the messages alone, as before."""
+    return task.response_format() if task is not None and edgedistill and not teacher and not task.tools else None
+
+
+def load_order(n: int, seed: int) -> list[int]:
+    """The test rows a load level sends, in order (cycled): a fixed-seed shuffle, so the first
+    ``--requests`` rows are a sample of the test set and not its first rows (a test file sorted by
+    label would otherwise load a cascade with only its easiest rows, and show no teacher calls)."""
+    return [int(i) for i in np.random.default_rng(seed).permutation(n)]
+
+
 def prompt_messages(task: Task | None, inputs: Sequence[str], i: int, teacher: bool) -> list[dict[str, str]]:
-    """Request ``i``'s messages: the test rows in order, cycled; without a task, generic prompts."""
+    """Request ``i``'s messages: the test row ``i`` (cycled); without a task, generic prompts."""
     if task is None:
         return [{"role": "user", "content": GENERIC_PROMPTS[i % len(GENERIC_PROMPTS)]}]
     return messages_for(task, inputs[i % len(inputs)], teacher)
@@ -66,9 +81,13 @@ class Answers:
 
     @classmethod
     def from_samples(cls, task: Any, samples: Sequence[Sample], predict: bool = False, own: bool = False) -> Answers:
-        """``own``: the samples of a student-only pass (see ``student_only``); ``predict``: from /v1/predict."""
+        """``own``: the samples of a student-only pass (see ``student_only``); ``predict``: from
+        /v1/predict (as served: the value the server parsed, the teacher's when it answered)."""
         samples = sorted(samples, key=lambda s: s.index)
-        preds = [student_only(task, s, predict) if own or predict else parse(task, s) for s in samples]
+        if own:
+            preds = [student_only(task, s, predict) for s in samples]
+        else:
+            preds = [(s.value if s.ok else None) if predict else parse(task, s) for s in samples]
         return cls(
             preds,
             [s.confidence if s.ok else None for s in samples],

@@ -45,6 +45,7 @@ class Measured:
     student: dict[str, list[client.Sample]] = field(default_factory=dict)  # test set, student's own answers
     student_via: dict[str, str] = field(default_factory=dict)
     student_predict: set[str] = field(default_factory=set)  # endpoints whose student-only passes used /v1/predict
+    served_predict: set[str] = field(default_factory=set)  # endpoints whose as-served pass used /v1/predict
     cal_teacher: list[client.Sample] = field(default_factory=list)  # --calibration rows
     cal_student: dict[str, list[client.Sample]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -140,11 +141,15 @@ async def _http_phase(cfg: BenchConfig, test_rows: list[Any], cal_rows: list[Any
 
 
 def _sender(cfg: BenchConfig, http: httpx.AsyncClient, ep: Endpoint, inputs: list[str]):
+    """Load request ``i``: a task's test rows in a fixed-seed order (``quality.load_order``), else the generic prompts."""
     teacher = ep.name == cfg.teacher
-    n_prompts = len(inputs) if cfg.task is not None else len(quality.GENERIC_PROMPTS)
+    rf = quality.response_format_for(cfg.task, ep.edgedistill, teacher)
+    order = quality.load_order(len(inputs), cfg.seed) if cfg.task is not None else list(range(len(quality.GENERIC_PROMPTS)))
 
     async def send(i: int) -> client.Sample:
-        return await client.chat(http, ep, quality.prompt_messages(cfg.task, inputs, i, teacher), cfg.max_tokens, i % n_prompts)
+        row = order[i % len(order)]
+        messages = quality.prompt_messages(cfg.task, inputs, row, teacher)
+        return await client.chat(http, ep, messages, cfg.max_tokens, row, response_format=rf)
 
     return send
 
@@ -175,11 +180,16 @@ async def _load_endpoint(cfg: BenchConfig, http, ep: Endpoint, inputs: list[str]
 
 
 async def _test_passes(cfg, http, ep: Endpoint, rows: list[Any], cal_rows: list[Any], pool: int, prog: Progress, m: Measured):
-    """Every test row once as served (chat); for an edgedistill endpoint also the student's own
-    answers (student-only mode: the teacher is never called); with --calibration, the teacher's and
-    the students' answers to those rows too."""
+    """Every test row once as served (an edgedistill server with a task: /v1/predict at its own
+    threshold, the route and confidence the sweep measures; else chat); for an edgedistill endpoint
+    also the student's own answers (student-only mode: the teacher is never called); with
+    --calibration, the teacher's and the students' answers to those rows too."""
     teacher = ep.name == cfg.teacher
-    m.served[ep.name] = await _chat_pass(cfg, http, ep, [r.input for r in rows], pool, prog, "test set")
+    if ep.predict and not teacher:
+        m.served_predict.add(ep.name)
+        m.served[ep.name] = await _predict_pass(http, ep, [r.input for r in rows], pool, prog, "test set", served=True)
+    else:
+        m.served[ep.name] = await _chat_pass(cfg, http, ep, [r.input for r in rows], pool, prog, "test set")
     if any(s.answered_by for s in m.served[ep.name]):
         ep.edgedistill = True
     if teacher and cal_rows:
@@ -215,26 +225,33 @@ async def _chat_pass(
     """Each input once, as a chat request with the endpoint's template, ``pool`` at a time;
     ``student_only``: the student's own answers (X-Edgedistill-Fallback: off)."""
     teacher = ep.name == cfg.teacher
+    rf = quality.response_format_for(cfg.task, ep.edgedistill, teacher)
 
     async def send(i: int) -> client.Sample:
         messages = quality.messages_for(cfg.task, inputs[i], teacher)
-        return await client.chat(http, ep, messages, cfg.max_tokens, i, student_only=student_only)
+        return await client.chat(http, ep, messages, cfg.max_tokens, i, student_only=student_only, response_format=rf)
 
     label = f"{ep.name} {'student-only, ' if student_only else ''}{what}"
     return await load.fixed_pool(send, len(inputs), pool, _tracker(prog, label, len(inputs)))
 
 
-async def _predict_pass(http, ep: Endpoint, inputs: list[str], pool: int, prog: Progress, what: str) -> list[client.Sample]:
+async def _predict_pass(
+    http, ep: Endpoint, inputs: list[str], pool: int, prog: Progress, what: str, served: bool = False
+) -> list[client.Sample]:
     """The student's own answer and confidence per input: /v1/predict with ``fallback: false`` (the
     teacher is never called); a server without that field gets threshold 0 instead, so only an
-    invalid answer still goes to the teacher (and then counts as the student's mistake)."""
+    invalid answer still goes to the teacher (and then counts as the student's mistake).
+    ``served``: the answers as served instead (the server's own threshold and teacher)."""
 
     async def send(i: int) -> client.Sample:
+        if served:
+            return await client.predict(http, ep, inputs[i], i)
         if ep.student_only:
             return await client.predict(http, ep, inputs[i], i, fallback=False)
         return await client.predict(http, ep, inputs[i], i, threshold=0.0)
 
-    return await load.fixed_pool(send, len(inputs), pool, _tracker(prog, f"{ep.name} student-only, {what}", len(inputs)))
+    label = f"{ep.name} {'' if served else 'student-only, '}{what}"
+    return await load.fixed_pool(send, len(inputs), pool, _tracker(prog, label, len(inputs)))
 
 
 # ---- ceiling -----------------------------------------------------------------------------------
@@ -257,6 +274,12 @@ def _ceiling_phase(cfg: BenchConfig, test_rows: list[Any], factory, console: Con
 
 
 # ---- putting it together -----------------------------------------------------------------------
+
+
+def _teacher_calls(row: dict[str, Any]) -> float | None:
+    """The share of a row's requests its server asked the teacher for (answered or failed)."""
+    rate = row.get("teacher_call_rate")
+    return row.get("fallback_rate") if rate is None else rate
 
 
 def _teacher_cost(cfg: BenchConfig, rows: list[dict[str, Any]]) -> float | None:
@@ -285,7 +308,7 @@ def assemble(cfg: BenchConfig, m: Measured, test_rows, cal_rows, ceilings) -> di
     answers: dict[str, quality.Answers] = {}
     if task is not None:
         for name, samples in m.served.items():
-            answers[name] = quality.Answers.from_samples(task, samples)
+            answers[name] = quality.Answers.from_samples(task, samples, predict=name in m.served_predict)
         teacher_ans = answers.get(cfg.teacher) if cfg.teacher else None
         for name, a in answers.items():
             q[name] = quality.scores(task, golds, a, teacher_ans if name != cfg.teacher else None)
@@ -302,9 +325,10 @@ def assemble(cfg: BenchConfig, m: Measured, test_rows, cal_rows, ceilings) -> di
         own = r["own_cost_per_1k_usd"]
         if ep.price is None:
             r["cost_per_1k_usd"], r["cost_basis"] = None, "no --price"
-        elif r["name"] != cfg.teacher and r["fallback_rate"]:
-            r["cost_per_1k_usd"] = sig(cascade_cost_per_1k(own, r["fallback_rate"], t_cost))
-            r["cost_basis"] = f"cascade: {ep.price.kind} + teacher share x teacher" + (
+        elif r["name"] != cfg.teacher and _teacher_calls(r):
+            # every teacher call the cascade made at this load level is paid for: answered or failed
+            r["cost_per_1k_usd"] = sig(cascade_cost_per_1k(own, _teacher_calls(r), t_cost))
+            r["cost_basis"] = f"cascade: {ep.price.kind} + teacher calls x teacher" + (
                 "" if t_cost is not None else " (teacher cost unknown)"
             )
         else:

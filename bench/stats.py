@@ -74,4 +74,6 @@ def summarize(samples: Sequence[Sample]) -> dict[str, Any]:
         "output_tokens_per_s": sig(out_tokens / duration) if duration > 0 else None,
         "requests_per_s": sig(len(ok) / duration) if duration > 0 else None,
         "fallback_rate": round(sum(s.answered_by == "teacher" for s in routed) / len(routed), 4) if routed else None,
+        # what the teacher was asked (answered or failed): the share a cascade's cost pays the teacher for
+        "teacher_call_rate": round(sum(s.teacher_called for s in routed) / len(routed), 4) if routed else None,
     }

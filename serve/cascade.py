@@ -261,6 +261,15 @@ async def student_predict(st: State, text: TaskInput, request: Request | None = 
     )
     res = (await run(st, request, [prompt], [params]))[0]
     st.metrics.record_ttft("/v1/predict", res.first_token_s)
+    return task_answer(st, res, max_tokens)
+
+
+def task_answer(st: State, res: SeqResult, max_tokens: int) -> StudentAnswer:
+    """One decoded answer to a task input, parsed, with its calibrated confidence: the label set's
+    scores (classification), the weakest field's (a JSON answer), else the generation rule; 0 for
+    an answer invalid for the task. /v1/predict and chat in the task's format (``serve.task_chat``)
+    both score here, so the cascade thresholds the same confidence on either route."""
+    task = st.artifact.task  # type: ignore[union-attr]
     value, err = task.parse_answer(res.text)
     kind = "classification" if task.type == "classification" else "generation"
     t = temperature_for(st.calibration, kind)
@@ -310,22 +319,42 @@ async def predict(st: State, text: TaskInput, policy: Policy, request: Request |
     st.metrics.confidence.labels("/v1/predict").observe(ans.confidence)
     d = decision(st, policy, ans.confidence)
     d.fallback_reason = ans.error or d.fallback_reason  # an invalid answer goes to the teacher whatever the threshold
-    parsed: dict[str, Any] = {}
-
-    def check(data: dict[str, Any]) -> None:
-        ttext = (data["choices"][0].get("message") or {}).get("content")
-        if not isinstance(ttext, str):  # a teacher that called a tool instead of answering
-            raise TeacherError("invalid_answer (no content)")
-        tvalue, terr = task.parse_answer(ttext, data["choices"][0].get("finish_reason"))
-        if terr and not ans.error:
-            raise TeacherError(f"invalid_answer ({terr})")
-        parsed["answer"] = (tvalue, terr)
-
     # the teacher's budget is the task's, the one the student has before the context clips it
     body = {"messages": task.teacher_messages(text), "max_tokens": task.output_budget, "temperature": 0}
+    parsed = await consult_task_teacher(st, d, body, student_invalid=ans.error is not None)
+    if d.answered_by == "teacher":
+        value, err = parsed[0]
+        return TaskAnswer(value, err, ans, d, valid_usage(d.teacher_data.get("usage")))  # type: ignore[union-attr]
+    return TaskAnswer(ans.value, ans.error, ans, d)
+
+
+async def consult_task_teacher(
+    st: State, d: Decision, body: dict[str, Any], student_invalid: bool
+) -> list[tuple[Any, str | None]]:
+    """Ask the teacher a task input (``body``: its chat request, the task's teacher prompt) when
+    ``d`` sends the answer to it, in the task's response format where its API takes one; an answer
+    invalid for the task is refused unless the student's was invalid too. Returns each choice's
+    parsed (value, error) when the teacher answered (/v1/predict and chat in the task's format)."""
+    task = st.artifact.task  # type: ignore[union-attr]
+    parsed: list[tuple[Any, str | None]] = []
+
+    def check(data: dict[str, Any]) -> None:
+        parsed.clear()
+        for choice in data["choices"]:
+            ttext = (choice.get("message") or {}).get("content")
+            if not isinstance(ttext, str):  # a teacher that called a tool instead of answering
+                raise TeacherError("invalid_answer (no content)")
+            tvalue, terr = task.parse_answer(ttext, choice.get("finish_reason"))
+            if terr and not student_invalid:
+                raise TeacherError(f"invalid_answer ({terr})")
+            parsed.append((tvalue, terr))
+
+    body = dict(body)
     shaped = task.response_format() if not st.teacher_refuses_response_format else None
     if shaped:  # the teacher answers in shape too (its API's own constraint); the prompt still names the schema
         body["response_format"] = shaped
+    else:
+        body.pop("response_format", None)
     await consult_teacher(st, d, "/chat/completions", body, check)
     if shaped and d.teacher_error and d.teacher_error.startswith("http_400"):
         # an API without structured outputs: prompting alone from now on, said once
@@ -334,7 +363,4 @@ async def predict(st: State, text: TaskInput, policy: Policy, request: Request |
         d.teacher_error = None
         body.pop("response_format")
         await consult_teacher(st, d, "/chat/completions", body, check)
-    if d.answered_by == "teacher":
-        value, err = parsed["answer"]
-        return TaskAnswer(value, err, ans, d, valid_usage(d.teacher_data.get("usage")))  # type: ignore[union-attr]
-    return TaskAnswer(ans.value, ans.error, ans, d)
+    return parsed

@@ -18,6 +18,7 @@ from edgedistill.serve.state import State
 from edgedistill.serve.streaming import live_stream, replay_stream
 from edgedistill.serve.structured import request_constraint, response_schema
 from edgedistill.serve.submission import check_ready, note_latency, run, submit
+from edgedistill.serve.task_chat import TaskChat, task_budget, task_chat, task_confidence, task_decide, task_params
 from edgedistill.serve.tools import ToolSpec, openai_paths, render_messages, tool_spec
 from edgedistill.serve.types import ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest
 from edgedistill.serve.validation import check_common, gen_params, max_tokens, read_json, validate
@@ -46,11 +47,15 @@ def add_generation_routes(app: FastAPI, st: State) -> None:
                 400, f"messages: the model's chat template refused them ({e})", code="invalid_value", param="messages"
             ) from None
         prompt = st.engine.runner.tokenize(text, special=True, add_bos=True)
-        budget = max_tokens(st, req.wanted_max_tokens, len(prompt))
+        chat = task_chat(st, req, tools)  # the task's format: answered as /v1/predict answers it
+        wanted = req.wanted_max_tokens if chat is None else task_budget(st, req.wanted_max_tokens, len(prompt))
+        budget = max_tokens(st, wanted, len(prompt))
         # a tool call streams once decoded (its JSON is no content); a JSON answer streams as content
         stream = req.stream and not holds_stream(st, policy) and tools is None
         params = gen_params(st, req, budget, (req.top_logprobs or 0) if req.logprobs else None, stream, constraint)
-        return await _serve(st, request, "chat", req, body, [prompt] * req.n, [params] * req.n, policy, tools)
+        if chat is not None:
+            params = task_params(st, params)
+        return await _serve(st, request, "chat", req, body, [prompt] * req.n, [params] * req.n, policy, tools, chat)
 
     @app.post(
         "/v1/completions",
@@ -90,6 +95,7 @@ async def _serve(
     params: list[GenParams],
     policy: Policy,
     tools: ToolSpec | None = None,
+    chat: TaskChat | None = None,
 ) -> Response:
     route = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
     t0 = time.perf_counter()
@@ -97,19 +103,25 @@ async def _serve(
     if req.stream and params[0].stream:  # live streaming: the student answers, confidence comes last
         check_ready(st)
         handle = submit(st, prompts, params)
-        gen = live_stream(st, request, kind, req, rid, handle, route, t0, policy)
+        gen = live_stream(st, request, kind, req, rid, handle, route, t0, policy, chat is not None)
         return StreamingResponse(
             gen, media_type="text/event-stream", headers={"X-Answered-By": "student", "Cache-Control": "no-cache"}
         )
     results = await run(st, request, prompts, params)
     for r in results:
         st.metrics.record_ttft(route, r.first_token_s)
-    conf, fields = answer_confidence(st, results, structured=params[0].constraint is not None)
+    if chat is not None:
+        answers, conf, fields = task_confidence(st, results)
+    else:
+        conf, fields = answer_confidence(st, results, structured=params[0].constraint is not None)
     if conf is not None:
         st.metrics.confidence.labels(route).observe(conf)
     if fields is not None and tools is not None:
         fields = openai_paths(fields)
-    d = await decide(st, kind, body, conf, policy, fields)
+    if chat is not None:
+        d = await task_decide(st, chat, answers, conf, fields, policy, body)
+    else:
+        d = await decide(st, kind, body, conf, policy, fields)
     used = usage(results, req.n)
     if d.answered_by == "teacher":
         answer = teacher_answer(st, kind, rid, d)

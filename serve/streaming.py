@@ -16,6 +16,7 @@ from edgedistill.serve.responses import usage
 from edgedistill.serve.state import State
 from edgedistill.serve.structured import response_schema
 from edgedistill.serve.submission import note_latency
+from edgedistill.serve.task_chat import task_confidence
 from edgedistill.serve.types import ChatCompletionRequest
 from fastapi import Request
 
@@ -109,7 +110,16 @@ def tool_call_chunks(rid: str, model: str, created: int, index: int, calls: list
 
 
 async def live_stream(
-    st: State, request: Request, kind: str, req, rid: str, handle: RequestHandle, route: str, t0: float, policy: Policy
+    st: State,
+    request: Request,
+    kind: str,
+    req,
+    rid: str,
+    handle: RequestHandle,
+    route: str,
+    t0: float,
+    policy: Policy,
+    task_format: bool = False,
 ) -> AsyncIterator[bytes]:
     created, model = int(time.time()), st.model_id
     results: list[SeqResult] = []
@@ -136,8 +146,11 @@ async def live_stream(
                 remaining -= 1
                 results.append(payload)
                 yield sse(chunk(kind, rid, model, created, index, None if kind == "chat" else "", payload.finish_reason))
-        structured = isinstance(req, ChatCompletionRequest) and response_schema(req) is not None
-        conf, fields = answer_confidence(st, results, structured)
+        if task_format:  # chat in the task's format: /v1/predict's confidence (serve.task_chat)
+            _, conf, fields = task_confidence(st, results)
+        else:
+            structured = isinstance(req, ChatCompletionRequest) and response_schema(req) is not None
+            conf, fields = answer_confidence(st, results, structured)
         if conf is not None:
             st.metrics.confidence.labels(route).observe(conf)
         d = decision(st, policy, conf, live=True)  # streamed as decoded: the teacher cannot answer any more
