@@ -302,10 +302,34 @@ class TaskAnswer:
     teacher_usage: dict[str, Any] | None = None
 
 
+def teacher_body(st: State, text: TaskInput) -> dict[str, Any]:
+    """The chat request that asks the teacher the task's answer to one input (/v1/predict's fallback
+    and its shadow checks): the task's teacher prompt, in the answer's shape where the API takes it."""
+    task = st.artifact.task  # type: ignore[union-attr]
+    # the teacher's budget is the task's, the one the student has before the context clips it
+    body = {"messages": task.teacher_messages(text), "max_tokens": task.output_budget, "temperature": 0}
+    shaped = task.response_format() if not st.teacher_refuses_response_format else None
+    if shaped:  # the teacher answers in shape too (its API's own constraint); the prompt still names the schema
+        body["response_format"] = shaped
+    return body
+
+
+def teacher_value(st: State, data: dict[str, Any], student_error: str | None) -> tuple[Any, str | None]:
+    """The teacher's answer parsed for the task; a ``TeacherError`` when it is no valid answer (and
+    the student's is: a student answer that is invalid takes any teacher answer over its own)."""
+    task = st.artifact.task  # type: ignore[union-attr]
+    ttext = (data["choices"][0].get("message") or {}).get("content")
+    if not isinstance(ttext, str):  # a teacher that called a tool instead of answering
+        raise TeacherError("invalid_answer (no content)")
+    tvalue, terr = task.parse_answer(ttext, data["choices"][0].get("finish_reason"))
+    if terr and not student_error:
+        raise TeacherError(f"invalid_answer ({terr})")
+    return tvalue, terr
+
+
 async def predict(st: State, text: TaskInput, policy: Policy, request: Request | None = None) -> TaskAnswer:
     """The student's answer; the teacher's when the student is unsure or its answer is invalid for
     the task (whatever the threshold), unless the policy keeps the teacher out."""
-    task = st.artifact.task  # type: ignore[union-attr]
     ans = await student_predict(st, text, request)
     st.metrics.confidence.labels("/v1/predict").observe(ans.confidence)
     d = decision(st, policy, ans.confidence)
@@ -313,19 +337,10 @@ async def predict(st: State, text: TaskInput, policy: Policy, request: Request |
     parsed: dict[str, Any] = {}
 
     def check(data: dict[str, Any]) -> None:
-        ttext = (data["choices"][0].get("message") or {}).get("content")
-        if not isinstance(ttext, str):  # a teacher that called a tool instead of answering
-            raise TeacherError("invalid_answer (no content)")
-        tvalue, terr = task.parse_answer(ttext, data["choices"][0].get("finish_reason"))
-        if terr and not ans.error:
-            raise TeacherError(f"invalid_answer ({terr})")
-        parsed["answer"] = (tvalue, terr)
+        parsed["answer"] = teacher_value(st, data, ans.error)
 
-    # the teacher's budget is the task's, the one the student has before the context clips it
-    body = {"messages": task.teacher_messages(text), "max_tokens": task.output_budget, "temperature": 0}
-    shaped = task.response_format() if not st.teacher_refuses_response_format else None
-    if shaped:  # the teacher answers in shape too (its API's own constraint); the prompt still names the schema
-        body["response_format"] = shaped
+    body = teacher_body(st, text)
+    shaped = "response_format" in body
     await consult_teacher(st, d, "/chat/completions", body, check)
     if shaped and d.teacher_error and d.teacher_error.startswith("http_400"):
         # an API without structured outputs: prompting alone from now on, said once

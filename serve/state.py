@@ -16,8 +16,11 @@ from edgedistill.serve.artifact import Artifact, load_artifact
 from edgedistill.serve.engine import Engine
 from edgedistill.serve.fallback import CircuitBreaker, FallbackTeacher
 from edgedistill.serve.metrics import Metrics
+from edgedistill.serve.monitor import LiveMonitor
 from edgedistill.serve.settings import Settings
+from edgedistill.serve.shadow import ShadowChecks
 from edgedistill.serve.structured import SchemaCache
+from edgedistill.serve.traffic import TrafficLog
 
 
 @dataclass
@@ -35,6 +38,9 @@ class State:
     avg_latency_s: float = 1.0
     teacher_refuses_response_format: bool = False  # its API answered 400 to response_format: prompt alone
     schemas: SchemaCache | None = None  # chat's response_format / tool-call grammars, compiled once per schema
+    monitor: LiveMonitor | None = None  # the live gauges' windows (serve.monitor)
+    traffic: TrafficLog | None = None  # --traffic-log
+    shadow: ShadowChecks | None = None  # --shadow-rate
 
     @property
     def calibration(self) -> dict[str, Any]:
@@ -65,6 +71,16 @@ def build_state(
         )
     model_id = settings.model_alias or (artifact.name if artifact else "student")
     st = State(settings, engine, model_id, artifact, teacher, Metrics(), api_key, schemas=SchemaCache(engine.runner))
+    st.monitor = LiveMonitor(st.metrics, st.calibration)
+    if settings.traffic_log:
+        st.traffic = TrafficLog(
+            settings.traffic_log,
+            st.metrics,
+            inputs=settings.traffic_log_inputs == "on",
+            max_bytes=int(settings.traffic_log_max_mb * (1 << 20)),
+        )
+    if teacher is not None and settings.shadow_rate > 0:
+        st.shadow = ShadowChecks(teacher, settings.shadow_rate, st.metrics)
     task = artifact.task if artifact else None
     if task is not None:
         constraint = for_task(task, engine.runner)
