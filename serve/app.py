@@ -21,6 +21,7 @@ from edgedistill.serve.engine import Engine
 from edgedistill.serve.fallback import FallbackTeacher
 from edgedistill.serve.middleware import Auth, Observe
 from edgedistill.serve.openapi import openapi
+from edgedistill.serve.recording import close_recording
 from edgedistill.serve.routes_generation import add_generation_routes
 from edgedistill.serve.routes_info import add_info_routes
 from edgedistill.serve.routes_predict import add_predict_route
@@ -43,6 +44,7 @@ def create_app(
     async def lifespan(_: FastAPI):
         yield
         await run_hooks(st.on_shutdown)  # after the requests in flight are answered (serve.shutdown)
+        await close_recording(st)  # pending shadow checks cancelled, the traffic log drained and flushed
         if st.teacher is not None:
             await st.teacher.close()
         await asyncio.to_thread(st.engine.close)

@@ -311,17 +311,39 @@ class TaskAnswer:
     teacher_usage: dict[str, Any] | None = None
 
 
+def teacher_body(st: State, text: TaskInput) -> dict[str, Any]:
+    """The chat request that asks the teacher the task's answer to one input (/v1/predict's fallback
+    and its shadow checks): the task's teacher prompt, in the answer's shape where the API takes it."""
+    task = st.artifact.task  # type: ignore[union-attr]
+    # the teacher's budget is the task's, the one the student has before the context clips it
+    body = {"messages": task.teacher_messages(text), "max_tokens": task.output_budget, "temperature": 0}
+    shaped = task.response_format() if not st.teacher_refuses_response_format else None
+    if shaped:  # the teacher answers in shape too (its API's own constraint); the prompt still names the schema
+        body["response_format"] = shaped
+    return body
+
+
+def teacher_value(st: State, data: dict[str, Any], student_error: str | None) -> tuple[Any, str | None]:
+    """The teacher's answer parsed for the task; a ``TeacherError`` when it is no valid answer (and
+    the student's is: a student answer that is invalid takes any teacher answer over its own)."""
+    task = st.artifact.task  # type: ignore[union-attr]
+    ttext = (data["choices"][0].get("message") or {}).get("content")
+    if not isinstance(ttext, str):  # a teacher that called a tool instead of answering
+        raise TeacherError("invalid_answer (no content)")
+    tvalue, terr = task.parse_answer(ttext, data["choices"][0].get("finish_reason"))
+    if terr and not student_error:
+        raise TeacherError(f"invalid_answer ({terr})")
+    return tvalue, terr
+
+
 async def predict(st: State, text: TaskInput, policy: Policy, request: Request | None = None) -> TaskAnswer:
     """The student's answer; the teacher's when the student is unsure or its answer is invalid for
     the task (whatever the threshold), unless the policy keeps the teacher out."""
-    task = st.artifact.task  # type: ignore[union-attr]
     ans = await student_predict(st, text, request)
     st.metrics.confidence.labels("/v1/predict").observe(ans.confidence)
     d = decision(st, policy, ans.confidence)
     d.fallback_reason = ans.error or d.fallback_reason  # an invalid answer goes to the teacher whatever the threshold
-    # the teacher's budget is the task's, the one the student has before the context clips it
-    body = {"messages": task.teacher_messages(text), "max_tokens": task.output_budget, "temperature": 0}
-    parsed = await consult_task_teacher(st, d, body, student_invalid=ans.error is not None)
+    parsed = await consult_task_teacher(st, d, teacher_body(st, text), student_invalid=ans.error is not None)
     if d.answered_by == "teacher":
         value, err = parsed[0]
         return TaskAnswer(value, err, ans, d, valid_usage(d.teacher_data.get("usage")))  # type: ignore[union-attr]

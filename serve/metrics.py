@@ -39,6 +39,39 @@ class Metrics:
         self.active = Gauge(p + "active_sequences", "Sequences being decoded", registry=r)
         self.breaker_open = Gauge(p + "teacher_circuit_open", "1 while the teacher's circuit breaker is open", registry=r)
         self.rejected = Counter(p + "rejected_total", "Requests refused before the engine", ["reason"], registry=r)
+        # the traffic log (serve.traffic): what it wrote, dropped under pressure, failed to write
+        self.traffic_records = Counter(p + "traffic_log_records_total", "Traffic log records written", registry=r)
+        self.traffic_dropped = Counter(
+            p + "traffic_log_dropped_total", "Traffic log records dropped (the writer's queue was full)", registry=r
+        )
+        self.traffic_errors = Counter(
+            p + "traffic_log_errors_total", "Traffic log records lost to a write error (disk full, unwritable folder)", registry=r
+        )
+        # live monitoring (serve.monitor, serve.shadow)
+        self.shadow_agreement = Gauge(
+            p + "shadow_agreement",
+            "Estimated agreement of the served answers with the teacher (fallbacks agree; student answers from the "
+            "random shadow checks), with its 95 % interval",
+            ["bound"],
+            registry=r,
+        )
+        self.shadow_checks = Counter(p + "shadow_checks_total", "Shadow checks compared with the teacher", registry=r)
+        self.shadow_requests = Counter(
+            p + "shadow_requests_total", "Shadow checks by outcome: compared, dropped, failed, cancelled", ["outcome"], registry=r
+        )
+        self.shadow_tokens = Counter(p + "shadow_tokens_total", "Teacher tokens the shadow checks cost", ["kind"], registry=r)
+        self.fallback_rate = Gauge(
+            p + "fallback_rate", "Share of the recent answers the cascade sent to the teacher (sliding window)", registry=r
+        )
+        self.confidence_drift = Gauge(
+            p + "confidence_drift",
+            "Population stability index of the recent calibrated confidences against the calibration split's",
+            registry=r,
+        )
+        for bound in ("estimate", "low", "high"):
+            self.shadow_agreement.labels(bound).set(float("nan"))
+        self.fallback_rate.set(float("nan"))
+        self.confidence_drift.set(float("nan"))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

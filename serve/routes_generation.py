@@ -7,12 +7,12 @@ stream."""
 from __future__ import annotations
 
 import time
-import uuid
 
 from edgedistill.serve.cascade import Policy, answer_confidence, decide, holds_stream, request_policy
 from edgedistill.serve.engine import GenParams
 from edgedistill.serve.errors import APIError
 from edgedistill.serve.openapi import BODY_ERRORS, body_schema, responses
+from edgedistill.serve.recording import new_request_id, record_generation
 from edgedistill.serve.responses import student_answer, teacher_answer, usage
 from edgedistill.serve.state import State
 from edgedistill.serve.streaming import live_stream, replay_stream
@@ -99,11 +99,11 @@ async def _serve(
 ) -> Response:
     route = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
     t0 = time.perf_counter()
-    rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+    rid = new_request_id("chatcmpl-" if kind == "chat" else "cmpl-")
     if req.stream and params[0].stream:  # live streaming: the student answers, confidence comes last
         check_ready(st)
         handle = submit(st, prompts, params)
-        gen = live_stream(st, request, kind, req, rid, handle, route, t0, policy, chat is not None)
+        gen = live_stream(st, request, kind, req, rid, handle, route, t0, policy, chat is not None, body)
         return StreamingResponse(
             gen, media_type="text/event-stream", headers={"X-Answered-By": "student", "Cache-Control": "no-cache"}
         )
@@ -131,6 +131,7 @@ async def _serve(
         teacher_usage = None
     st.metrics.count_answer(d.answered_by, used.prompt_tokens, used.completion_tokens, teacher_usage)
     note_latency(st, t0)
+    record_generation(st, kind, rid, body, results, d, t0)
     payload = answer.model_dump()
     if not req.stream:
         return JSONResponse(payload, headers=d.headers())

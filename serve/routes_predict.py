@@ -9,6 +9,7 @@ from edgedistill.serve.cascade import Policy, request_policy
 from edgedistill.serve.cascade import predict as cascade_predict
 from edgedistill.serve.errors import APIError
 from edgedistill.serve.openapi import BODY_ERRORS, body_schema, responses
+from edgedistill.serve.recording import Answered, new_request_id, predict_shadow, record_answer
 from edgedistill.serve.state import State
 from edgedistill.serve.submission import note_latency
 from edgedistill.serve.tools import message_dict
@@ -46,7 +47,8 @@ def add_predict_route(app: FastAPI, st: State) -> None:
             policy.fallback if req.fallback is None else req.fallback,
         )
         t0 = time.perf_counter()
-        ans = await cascade_predict(st, task_input(req), policy, request)
+        text = task_input(req)
+        ans = await cascade_predict(st, text, policy, request)
         d, res = ans.decision, ans.student.result
         st.metrics.count_answer(d.answered_by, res.prompt_tokens, res.completion_tokens, ans.teacher_usage)
         note_latency(st, t0)
@@ -59,4 +61,8 @@ def add_predict_route(app: FastAPI, st: State) -> None:
         out = PredictResponse(
             output=ans.value, confidence=info.confidence, answered_by=d.answered_by, error=ans.error, edgedistill=info
         )
-        return JSONResponse(out.model_dump(), headers=d.headers())
+        rid = new_request_id("pred-")
+        teacher = ans.value if d.answered_by == "teacher" else None
+        shadow = predict_shadow(st, text, ans.student.value, ans.student.error)
+        record_answer(st, Answered("/v1/predict", rid, text, ans.student.value, d, teacher, t0, shadow))
+        return JSONResponse(out.model_dump(), headers={**d.headers(), "X-Request-Id": rid})

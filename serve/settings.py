@@ -87,6 +87,22 @@ class Settings(BaseSettings):
     breaker_failures: int = Field(3, ge=1, description="Consecutive teacher failures that open the circuit breaker.")
     breaker_cooldown_s: float = Field(30.0, ge=0, description="How long an open breaker skips the teacher.")
 
+    # traffic log and shadow checks (serve.traffic, serve.shadow, serve.monitor)
+    traffic_log: str | None = Field(
+        None, description="Folder for the traffic log: one JSON line per answered request (DIR/traffic-000001.jsonl, ...)."
+    )
+    traffic_log_inputs: str = Field(
+        "on", pattern=r"^(on|off)$", description="on: log each request's input; off: only its SHA-256 (input_sha256)."
+    )
+    traffic_log_max_mb: float = Field(64.0, gt=0, description="Start the next traffic log file past this size (MB).")
+    shadow_rate: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of the answers the student gave alone that are also sent to the teacher off the request "
+        "path, to estimate the served answers' agreement with it (needs a teacher).",
+    )
+
     # engine
     n_threads: int = Field(default_factory=lambda: max(1, os.cpu_count() or 1), ge=1, description="CPU threads for llama.cpp.")
     n_gpu_layers: int = Field(0, ge=-1, description="Layers offloaded to the GPU (-1: all); 0 on a CPU-only build.")
@@ -123,6 +139,8 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if bool(self.teacher_url) != bool(self.teacher_model):
             raise ValueError("teacher_url and teacher_model go together: give both or neither")
+        if self.shadow_rate > 0 and not self.teacher_url:
+            raise ValueError("shadow_rate needs a teacher: give teacher_url and teacher_model, or leave shadow_rate at 0")
         self.default_max_tokens = min(self.default_max_tokens, self.max_tokens_limit)
         return self
 

@@ -17,8 +17,11 @@ from edgedistill.serve.artifact import Artifact, load_artifact
 from edgedistill.serve.engine import Engine
 from edgedistill.serve.fallback import CircuitBreaker, FallbackTeacher
 from edgedistill.serve.metrics import Metrics
+from edgedistill.serve.monitor import LiveMonitor
 from edgedistill.serve.settings import Settings, resolve_threshold
+from edgedistill.serve.shadow import ShadowChecks
 from edgedistill.serve.structured import SchemaCache
+from edgedistill.serve.traffic import TrafficLog
 
 
 @dataclass
@@ -41,6 +44,9 @@ class State:
     # the teacher client and the engine close: flush what must not be lost (sync or async; failures logged)
     on_shutdown: list[Callable[[], Any]] = field(default_factory=list)
     threshold_source: str = "threshold"  # where settings.threshold came from (settings.resolve_threshold)
+    monitor: LiveMonitor | None = None  # the live gauges' windows (serve.monitor)
+    traffic: TrafficLog | None = None  # --traffic-log
+    shadow: ShadowChecks | None = None  # --shadow-rate
 
     @property
     def calibration(self) -> dict[str, Any]:
@@ -78,6 +84,16 @@ def build_state(
     model_id = settings.model_alias or (artifact.name if artifact else "student")
     st = State(settings, engine, model_id, artifact, teacher, Metrics(), api_key, schemas=SchemaCache(engine.runner),
                threshold_source=source)  # fmt: skip
+    st.monitor = LiveMonitor(st.metrics, st.calibration)
+    if settings.traffic_log:
+        st.traffic = TrafficLog(
+            settings.traffic_log,
+            st.metrics,
+            inputs=settings.traffic_log_inputs == "on",
+            max_bytes=int(settings.traffic_log_max_mb * (1 << 20)),
+        )
+    if teacher is not None and settings.shadow_rate > 0:
+        st.shadow = ShadowChecks(teacher, settings.shadow_rate, st.metrics)
     task = artifact.task if artifact else None
     if task is not None:
         constraint = for_task(task, engine.runner)

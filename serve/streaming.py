@@ -12,6 +12,7 @@ from typing import Any
 from edgedistill.serve import errors
 from edgedistill.serve.cascade import Policy, answer_confidence, decision
 from edgedistill.serve.engine import RequestHandle, SeqResult
+from edgedistill.serve.recording import record_generation
 from edgedistill.serve.responses import usage
 from edgedistill.serve.state import State
 from edgedistill.serve.structured import response_schema
@@ -120,6 +121,7 @@ async def live_stream(
     t0: float,
     policy: Policy,
     task_format: bool = False,
+    body: dict[str, Any] | None = None,
 ) -> AsyncIterator[bytes]:
     created, model = int(time.time()), st.model_id
     results: list[SeqResult] = []
@@ -163,6 +165,7 @@ async def live_stream(
         final["edgedistill"] = d.info().model_dump()
         st.metrics.count_answer(d.answered_by, used.prompt_tokens, used.completion_tokens, None)
         note_latency(st, t0)
+        record_generation(st, kind, rid, body, results, d, t0)
         yield sse(final)
         yield DONE
     finally:
