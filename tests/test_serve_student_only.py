@@ -221,7 +221,7 @@ def test_models_say_threshold_and_teacher(teacher):
         data = c.get("/v1/models").json()
     ModelList.model_validate(data)
     ed = data["data"][0]["edgedistill"]
-    assert ed == {"format": "gguf", "backend": ed["backend"], "task": "classification", "threshold": 0.7, "teacher": True}
+    assert ed == {"format": "gguf", "backend": ed["backend"], "task": "classification", "threshold": 0.7, "threshold_source": "threshold", "teacher": True}
     with TestClient(make_app(threshold=0.9)) as c:
         ed = c.get("/v1/models").json()["data"][0]["edgedistill"]
     assert ed["teacher"] is False and ed["threshold"] == 0.9 and ed["task"] is None
