@@ -88,9 +88,11 @@ def run_compress(
     keep_failed: bool = False,
     eval_limit: int | None = None,
     strict: bool = True,
+    model: str = "student",
 ) -> dict[str, Any]:
     """strict=False (``edgedistill run``): a failed format or gate is reported loudly but does not
-    stop the run; the artifacts that passed go on to serve and bench."""
+    stop the run; the artifacts that passed go on to serve and bench. ``model``: what the checkpoint
+    is, as the tables name its full-precision row ("student", or "teacher" for run's baseline)."""
     # --- 1. inputs ---------------------------------------------------------------------------
     ckpt = Path(checkpoint)
     if not (ckpt / "config.json").exists():
@@ -129,11 +131,11 @@ def run_compress(
     # --- 2. the FP reference -------------------------------------------------------------------
     ref_key = sha256_json({"checkpoint": source_hash, "test": [[p, g] for p, g in zip(test_prompts, golds, strict=True)],
                            "agree": agree_prompts, "agree_len": AGREE_TOKENS, "constrained": constraint is not None})
-    ref = _reference(ckpt, tokenizer, spec, test_prompts, golds, agree_prompts, out / "reference.json", ref_key, constraint)
+    ref = _reference(ckpt, tokenizer, spec, test_prompts, golds, agree_prompts, out / "reference.json", ref_key, constraint, model)
     metric = spec.task.metric
     fp_score = ref["scores"][metric]
     fp_mb = _size_mb(ckpt, weights_only=True)
-    console.print(f"FP student: {metric} {fp_score:.3f}, {fp_mb:.1f} MB of weights, {ref['tokens_per_s']:.0f} tokens/s")
+    console.print(f"FP {model}: {metric} {fp_score:.3f}, {fp_mb:.1f} MB of weights, {ref['tokens_per_s']:.0f} tokens/s")
 
     # --- 3. each format --------------------------------------------------------------------------
     rows: list[dict[str, Any]] = []
@@ -172,7 +174,7 @@ def run_compress(
         _print_row(row, metric)
 
     # --- 4. summary ----------------------------------------------------------------------------
-    summary = {"checkpoint": str(ckpt), "task": spec.name, "metric": metric, "max_drop": max_drop, "constrained": constraint is not None,
+    summary = {"checkpoint": str(ckpt), "model": model, "task": spec.name, "metric": metric, "max_drop": max_drop, "constrained": constraint is not None,
                "fp": {"size_mb": round(fp_mb, 1), metric: fp_score, f"{metric}_ci": ref["scores"].get(f"{metric}_ci"),
                       "n": ref["scores"].get("n"), "tokens_per_s": ref["tokens_per_s"]},
                "calibration": {"path": str(calib.path), "rows": len(calib.rows), "hash": calib.data_hash},
@@ -189,7 +191,7 @@ def run_compress(
     if gate_failed and not keep_failed and strict:
         names = ", ".join(f"{r['name']} (-{r['drop']:.3f})" for r in gate_failed)
         raise CompressGateFailed(
-            f"QUALITY GATE FAILED: {names} lost more than {max_drop:g} {metric} vs the FP student; "
+            f"QUALITY GATE FAILED: {names} lost more than {max_drop:g} {metric} vs the FP {model}; "
             f"moved to {out / 'rejected'}; rerun with --keep-failed to keep them, or raise compress.max_accuracy_drop"
         )
     if errors:
@@ -212,7 +214,8 @@ def _logits_width(ckpt: Path, tokenizer: Any) -> int:
     return max(size, len(tokenizer))
 
 
-def _reference(ckpt, tokenizer, spec, test_prompts, golds, agree_prompts, path: Path, key: str, constraint=None) -> dict[str, Any]:
+def _reference(ckpt, tokenizer, spec, test_prompts, golds, agree_prompts, path: Path, key: str, constraint=None,
+               model: str = "student") -> dict[str, Any]:
     if path.exists():
         import json
 
@@ -223,7 +226,7 @@ def _reference(ckpt, tokenizer, spec, test_prompts, golds, agree_prompts, path: 
             return old
     from edgedistill.runtimes.hf import HFRuntime
 
-    console.print("measuring the FP student (transformers) ...")
+    console.print(f"measuring the FP {model} (transformers) ...")
     rt = HFRuntime(ckpt)
     try:
         m = measure(rt, tokenizer, spec, test_prompts, golds, agree_prompts, None, None, AGREE_TOKENS, constraint)
@@ -334,7 +337,7 @@ def _size_mb(folder: Path, weights_only: bool = False) -> float:
 
 # --- tables --------------------------------------------------------------------------------------
 
-COLUMNS = ("format", "bits", "MB", "size vs FP", "{metric}", "drop vs FP", "token agreement", "tokens/s", "ECE test (before → after)",
+COLUMNS = ("format", "bits", "MB", "size vs FP", "{metric}", "change vs FP", "token agreement", "tokens/s", "ECE test (before → after)",
            "threshold (99 %)", "gate")
 
 
@@ -367,7 +370,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     cols = [c.format(metric=metric) for c in COLUMNS]
     fp = summary["fp"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
-             (f"| FP student (transformers) | 32 | {fp['size_mb']:.1f} | 100% | {fmt_ci(fp[metric], fp.get(f'{metric}_ci'))} | - | 1.000 "
+             (f"| FP {summary.get('model', 'student')} (transformers) | 32 | {fp['size_mb']:.1f} | 100% | {fmt_ci(fp[metric], fp.get(f'{metric}_ci'))} | - | 1.000 "
               f"| {fp['tokens_per_s']:.0f} | - | - | - |")]
     lines += ["| " + " | ".join(_cells(r, metric)) + " |" for r in summary["artifacts"]]
     shaped = ", answers decoded under the task's constraint as served" if summary.get("constrained") else ""
@@ -377,11 +380,12 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 def _table(summary: dict[str, Any]) -> Table:
     metric = summary["metric"]
-    t = Table(title=f"{summary['task']}: artifacts vs the FP student ({summary['test_rows']} held-out rows)")
+    model = summary.get("model", "student")
+    t = Table(title=f"{summary['task']}: artifacts vs the FP {model} ({summary['test_rows']} held-out rows)")
     for c in COLUMNS:
         t.add_column(c.format(metric=metric))
     fp = summary["fp"]
-    t.add_row("FP student", "32", f"{fp['size_mb']:.1f}", "100%", fmt_ci(fp[metric], fp.get(f"{metric}_ci")), "-", "1.000",
+    t.add_row(f"FP {model}", "32", f"{fp['size_mb']:.1f}", "100%", fmt_ci(fp[metric], fp.get(f"{metric}_ci")), "-", "1.000",
               f"{fp['tokens_per_s']:.0f}", "-", "-", "-")
     for r in summary["artifacts"]:
         cells = _cells(r, metric)

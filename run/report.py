@@ -161,12 +161,14 @@ def _f(v: Any, fmt: str = ".3f") -> str:
 
 
 def _drop(a: dict[str, Any], key: str = "drop_vs_fp") -> str:
-    """An artifact's drop (``key``: vs the FP student, or ``drop_vs_teacher``) with its interval
-    and p-value (``+0.005 (-0.01–+0.02), p 0.5``)."""
+    """An artifact's change (``key``: its drop vs the FP student, or ``drop_vs_teacher``) as the
+    tables show it, artifact minus reference, so a loss reads negative, with its interval and
+    p-value (``-0.005 (-0.02–+0.01), p 0.5``)."""
     if a.get(key) is None:
         return "-"
     p = a.get(f"{key}_p_value")
-    return fmt_ci(a[key], a.get(f"{key}_ci"), sign="+") + ("" if p is None else f", {fmt_p(p)}")
+    ci = a.get(f"{key}_ci")
+    return fmt_ci(-a[key], [-ci[1], -ci[0]] if ci else None, sign="+") + ("" if p is None else f", {fmt_p(p)}")
 
 
 def noise_line(rep: dict[str, Any]) -> str:
@@ -197,7 +199,7 @@ def report_markdown(rep: dict[str, Any]) -> str:
             lines.append(f"| {key} | {params} | {fmt_ci(m.get(metric), m.get(f'{metric}_ci'))} | {fmt_difference(m.get('vs_teacher'))} "
                          f"| {_f(m.get('agreement_with_teacher'))} | {m.get('n', '-')} |")
     lines += ["", "## Artifacts\n",
-              (f"| artifact | bits | MB | {metric} (95 % interval) | drop vs FP | token agreement | tokens/s | p50 latency ms | $ per 1k "
+              (f"| artifact | bits | MB | {metric} (95 % interval) | change vs FP | token agreement | tokens/s | p50 latency ms | $ per 1k "
               "| ECE before → after calibration | gate |"),
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in rep.get("artifacts", []):
@@ -213,7 +215,7 @@ def report_markdown(rep: dict[str, Any]) -> str:
     qt = rep.get("quantized_teacher") or []
     if qt:
         lines += ["", "## Baseline: the teacher quantized\n",
-                  f"| model | bits | MB | {metric} (95 % interval) | drop vs teacher | p50 latency ms | $ per 1k |", "|---|---|---|---|---|---|---|"]
+                  f"| model | bits | MB | {metric} (95 % interval) | change vs teacher | p50 latency ms | $ per 1k |", "|---|---|---|---|---|---|---|"]
         for a in qt:
             lines.append(f"| {a['name']} | {a['bits']} | {_f(a.get('size_mb'), '.1f')} | {fmt_ci(a.get('accuracy'), a.get('accuracy_ci'))} "
                          f"| {_drop(a, 'drop_vs_teacher')} "

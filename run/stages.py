@@ -112,7 +112,7 @@ def run_all(spec_path: Path, out: Path | None = None, *, skip_gate: bool = False
         if teacher_fmt:  # the baseline "why not just quantize the teacher?", built and gated by the same code
             console.print(f"[bold]baseline[/]: the teacher quantized to {teacher_fmt}")
             run_compress(spec.resolve(str(spec.teacher.path)), formats=teacher_fmt, calibration=data, task=spec_path,
-                         out=teacher_artifacts, strict=False)  # fmt: skip
+                         out=teacher_artifacts, strict=False, model="teacher")  # fmt: skip
 
     def compress_outputs() -> dict[str, str]:
         outputs = _artifact_outputs(artifacts)

@@ -120,6 +120,9 @@ def test_artifacts_manifests_gate_and_reuse(student, monkeypatch):
     assert summary["fp"]["accuracy_ci"] == [0.7574, 1.0] and summary["fp"]["n"] == len(TEST)
     md = (out / "compress.md").read_text()
     assert md.count("| gguf-") == 2 and "1.000 (0.76–1.00)" in md and "within noise: gguf-q8_0, gguf-q4_k_m" in md
+    assert "| FP student (transformers) |" in md and "| change vs FP |" in md
+    # the same tables for run's quantized-teacher baseline name their reference the FP teacher
+    assert "| FP teacher (transformers) |" in pipeline.summary_markdown({**summary, "model": "teacher"})
 
     builds.clear()
     again = run(student, monkeypatch, {}, builds)

@@ -112,7 +112,7 @@ def test_report_markdown_shows_intervals_and_which_differences_are_noise(run_dir
     assert "| gguf-q8_0 | 8 | 1.0 | 0.950 (0.91–0.97) | +0.000 (" in md and ", p 1 |" in md
     assert ("Paired tests on the same rows (p >= 0.05 is noise): within noise: student vs teacher, gguf-q8_0 vs FP; "
             "a real difference: undistilled vs teacher, gguf-q4_k_m vs FP, teacher-gguf-q4_k_m vs teacher.") in md
-    assert "| teacher-gguf-q4_k_m | 8 | 1.0 | 0.825 (0.77–0.87) | +0.125 (+0.08–+0.18), p < 0.001 |" in md
+    assert "| teacher-gguf-q4_k_m | 8 | 1.0 | 0.825 (0.77–0.87) | -0.125 (-0.18–-0.08), p < 0.001 |" in md
 
 
 def test_an_extraction_report_names_the_types_metrics(tmp_path):
