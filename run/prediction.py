@@ -88,7 +88,7 @@ def prediction_markdown(c: dict[str, Any], metric: str) -> list[str]:
     and a line saying whether the prediction held and, where it missed, whether that is noise."""
     p = c.get("predicted")
     if not p:
-        return ["", "No prediction for this threshold (the artifact's calibration has no curve and no threshold entry at it)."]
+        return ["", "No prediction for this threshold (the artifact has no calibration, or one from before the curve without a thresholds entry at it)."]
     n_cal = p.get("n") if p.get("n") is not None else "-"
     n_test = c.get("n") if c.get("n") is not None else "-"
     err = c.get("prediction_error") or {}
