@@ -77,8 +77,11 @@ def sweep(
     score: Score | None = None,
     metric: str = "accuracy",
     interval: Interval | None = None,
+    served: float | None = None,
 ) -> dict[str, Any]:
-    """Choose the threshold on ``splits[calibration_key]``, report it on ``splits[report_key]``.
+    """Choose the threshold on ``splits[calibration_key]``, report it on ``splits[report_key]``;
+    with ``served`` (the threshold the cascade is actually served at), that one's points too
+    (``served``, in the grid as well): what pareto.png marks.
 
     Each value is ``(student answers, confidence, teacher answers)`` per row, scored by ``score``
     (see the module's docstring); ``metric`` is the name of what ``score`` computes. Without an
@@ -96,7 +99,7 @@ def sweep(
     teacher_cal_acc = of(cal[2])
     goal = target if target is not None else target_relative * teacher_cal_acc
     th, met = choose_threshold(*cal, goal, score=score)
-    grid = sorted(set(GRID) | {round(th, 6)})
+    grid = sorted(set(GRID) | {round(th, 6)} | ({round(float(served), 6)} if served is not None else set()))
     rows = []
     for g in grid:
         rows.append(
@@ -123,5 +126,14 @@ def sweep(
             "calibration": point(th, *cal, student_cost, teacher_cost, score, ci),
             "test": point(th, *rep, student_cost, teacher_cost, score, ci),
         },
+        "served": (
+            {
+                "threshold": round(float(served), 6),
+                "calibration": point(served, *cal, student_cost, teacher_cost, score, ci),
+                "test": point(served, *rep, student_cost, teacher_cost, score, ci),
+            }
+            if served is not None
+            else None
+        ),
         "sweep": rows,
     }

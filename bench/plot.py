@@ -150,7 +150,8 @@ def pareto_figure(rows: list[dict[str, Any]], sweeps: dict[str, dict[str, Any]] 
     latency.png), its 95 % interval as an error bar where the row has ``accuracy_ci``. Emphasised:
     the Pareto frontier (joined, points outlined and labelled) and the served cascade (``served``,
     see ``served_sweep``): its point outlined and labelled, its threshold sweep on the report split
-    as a dashed curve on the cost panel in its colour, the recommended threshold a large star.
+    as a dashed curve on the cost panel in its colour, the threshold it is served at a large star
+    (``_mark_threshold``).
     Labels are placed where they overlap no other label or point; the legend names every point."""
     plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5.2))
@@ -166,12 +167,7 @@ def pareto_figure(rows: list[dict[str, Any]], sweeps: dict[str, dict[str, Any]] 
         if pts:
             a.plot([x for x, _ in pts], [y for _, y in pts], "--", color=color, alpha=0.8, lw=1.3, zorder=2,
                    label=f"threshold sweep of {name}\n(report split)")  # fmt: skip
-            ch = sw["chosen"]
-            if ch["test"]["cost_per_1k_usd"] is not None:
-                xy = (ch["test"]["cost_per_1k_usd"], ch["test"]["accuracy"])
-                a.scatter(*xy, marker="*", s=260, color=color, edgecolors="black", linewidths=1.2, zorder=6,
-                          label=f"{name} at the recommended\nthreshold {ch['threshold']:.3g} (report split)")  # fmt: skip
-                la.append((f"{name} @ {ch['threshold']:.3g} (recommended)", xy))
+            _mark_threshold(a, la, name, sw, color)
     handles, labels = a.get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.8, 0.5), fontsize=8, frameon=False)
     a.set_title(f"{metric} vs cost")
@@ -182,6 +178,27 @@ def pareto_figure(rows: list[dict[str, Any]], sweeps: dict[str, dict[str, Any]] 
     place_labels(a, la)
     place_labels(b, lb)
     return fig
+
+
+def _mark_threshold(ax, labels: list[tuple[str, tuple[float, float]]], name: str, sw: dict[str, Any], color: Any) -> None:
+    """The star on the sweep: the threshold the cascade is SERVED at (``sw["served"]``, from its
+    /v1/models), labelled so; the sweep's own pick, when different, a small open diamond in the
+    legend only. A sweep without a served threshold (an endpoint that does not say it): its pick,
+    labelled as the sweep's recommendation."""
+    ch, served = sw["chosen"], sw.get("served")
+    if served and served["test"].get("cost_per_1k_usd") is not None:
+        xy = (served["test"]["cost_per_1k_usd"], served["test"]["accuracy"])
+        ax.scatter(*xy, marker="*", s=260, color=color, edgecolors="black", linewidths=1.2, zorder=6,
+                   label=f"{name} as served:\nthreshold {served['threshold']:.3g} (report split)")  # fmt: skip
+        labels.append((f"{name} @ {served['threshold']:.3g} (served)", xy))
+        if ch["threshold"] != served["threshold"] and ch["test"]["cost_per_1k_usd"] is not None:
+            ax.scatter(ch["test"]["cost_per_1k_usd"], ch["test"]["accuracy"], marker="D", s=40, facecolors="none", edgecolors=color,
+                       linewidths=1.2, zorder=5, label=f"the sweep's own pick:\nthreshold {ch['threshold']:.3g}")  # fmt: skip
+    elif ch["test"]["cost_per_1k_usd"] is not None:
+        xy = (ch["test"]["cost_per_1k_usd"], ch["test"]["accuracy"])
+        ax.scatter(*xy, marker="*", s=260, color=color, edgecolors="black", linewidths=1.2, zorder=6,
+                   label=f"{name} at the recommended\nthreshold {ch['threshold']:.3g} (report split)")  # fmt: skip
+        labels.append((f"{name} @ {ch['threshold']:.3g} (recommended)", xy))
 
 
 def pareto_png(rows: list[dict[str, Any]], path: Path, sweeps: dict[str, dict[str, Any]] | None = None, metric: str = "accuracy",

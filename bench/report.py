@@ -112,7 +112,9 @@ def cascade_section(name: str, sw: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for p in sw["sweep"]:
-        mark = " **(chosen)**" if p["threshold"] == ch["threshold"] else ""
+        served = (sw.get("served") or {}).get("threshold")
+        marks = [w for w, hit in (("chosen", p["threshold"] == ch["threshold"]), ("served", p["threshold"] == served)) if hit]
+        mark = f" **({', '.join(marks)})**" if marks else ""
         lines.append(
             f"| {p['threshold']:.4g}{mark} | {p['test']['accuracy']:.4f} | {_share(p['test']['fallback_rate'])} "
             f"| {_money(p['test']['cost_per_1k_usd'])} | {p['calibration']['accuracy']:.4f} | {_share(p['calibration']['fallback_rate'])} |"

@@ -436,6 +436,7 @@ def _sweeps(cfg, m: Measured, test_rows, cal_rows, answers, rows, t_cost, notes)
             score=score,
             metric=task.metric,
             interval=interval,
+            served=ep.threshold if ep.has_teacher else None,  # its /v1/models: the threshold it is served at
         )
         sw["split"] = split
         sw["student_source"] = m.student_via.get(ep.name, "chat answers as served")

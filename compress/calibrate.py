@@ -50,7 +50,7 @@ def calibrate(
         return None
     inputs = calibration_inputs(split, test_rows, manifest)
     old = manifest.get("calibration") or {}
-    if old.get("inputs") == inputs and old.get("thresholds") and old.get("test"):
+    if old.get("inputs") == inputs and old.get("thresholds") and old.get("test") and "curve" in old:
         console.print(f"{name}: calibration unchanged, reusing it (recommended threshold {old['recommended']['threshold']})")
         return old
     console.print(f"calibrating {name} on {split} ...")
@@ -95,7 +95,7 @@ def summary_of(cal: dict[str, Any] | None) -> dict[str, Any]:
         "calibration": {
             "method": cal.get("method"), "temperature": cal.get("temperature"), "n": cal.get("n"),
             "ece_before": cal.get("ece_before"), "ece_after": cal.get("ece_after"), "test": test or None,
-            "thresholds": cal.get("thresholds"), "recommended": cal.get("recommended"),
+            "thresholds": cal.get("thresholds"), "recommended": cal.get("recommended"), "curve": cal.get("curve"),
         },
     }  # fmt: skip
 

@@ -3,9 +3,11 @@
 thresholds. Its answers are the teacher's, the reference the cascade is measured against; the test
 set never enters it (validation already removed every row that overlaps it).
 
-The selection is deterministic (seeded) and, for classification, stratified by label: rows are
-ordered by (label, seeded random key) and every k-th is taken, so each label keeps its share.
-Seeds (human-labelled) always stay in training.
+The rows come from the sources in ``prefer_sources`` (default: the pool, real inputs like the
+traffic the cascade will see, where generated inputs are ones the student is less sure of) when
+there are enough of them, else from every non-seed row. The selection is deterministic (seeded)
+and, for classification, stratified by label: rows are ordered by (label, seeded random key) and
+every k-th is taken, so each label keeps its share. Seeds (human-labelled) always stay in training.
 """
 
 from __future__ import annotations
@@ -28,12 +30,25 @@ def calibration_size(cfg: CalibrationConfig, eligible: int) -> int:
     return max(0, min(n, cfg.max_rows, eligible // 2))
 
 
+def eligible_rows(cfg: CalibrationConfig, rows: list[dict[str, Any]]) -> tuple[list[int], int]:
+    """(indices of the rows the split is drawn from, how many it takes). The size is always
+    ``calibration_size`` of all non-seed rows; the rows of ``prefer_sources`` are drawn from when
+    they can give at least ``min_rows`` of them (or that size, when smaller) with half of them kept
+    for training, and then the split takes at most half of them."""
+    eligible = [i for i, r in enumerate(rows) if r.get("source") != "seed"]
+    n = calibration_size(cfg, len(eligible))
+    preferred = [i for i in eligible if rows[i].get("source") in cfg.prefer_sources]
+    n_preferred = min(n, len(preferred) // 2)
+    if cfg.prefer_sources and n_preferred >= max(1, min(n, cfg.min_rows)):
+        return preferred, n_preferred
+    return eligible, n
+
+
 def split_calibration(
     cfg: CalibrationConfig, rows: list[dict[str, Any]], stratify: bool
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(training rows, calibration rows), both in the original order of ``rows``."""
-    eligible = [i for i, r in enumerate(rows) if r.get("source") != "seed"]
-    n = calibration_size(cfg, len(eligible))
+    eligible, n = eligible_rows(cfg, rows)
     if n == 0:
         return list(rows), []
     rng = random.Random(cfg.seed)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,7 @@ def build_dataset(spec: TaskSpec, teacher: Teacher, seeds: list, test: list, cac
     validated, rejected, report = validate_rows(spec, rows, [r.input for r in test])
     kept, held_out = split_calibration(spec.calibration, validated, stratify=spec.type == "classification")
     report["calibration_rows"] = len(held_out)
+    report["calibration_sources"] = dict(sorted(Counter(str(r.get("source")) for r in held_out).items()))
     report["train_rows"] = len(kept)
     report["teacher_usage"] = teacher.usage.as_dict()
     if generator is not teacher:
@@ -171,7 +173,8 @@ def build_dataset(spec: TaskSpec, teacher: Teacher, seeds: list, test: list, cac
         generator=generator.describe(),
     )
     console.print(format_report_table(report))
-    console.print(f"calibration split: {len(held_out)} of {len(validated)} validated rows held out of training ({data_dir / CALIBRATION_FILE})")
+    sources = ", ".join(f"{k} {v}" for k, v in report["calibration_sources"].items())
+    console.print(f"calibration split: {len(held_out)} of {len(validated)} validated rows held out of training ({sources}; {data_dir / CALIBRATION_FILE})")
     return kept, report
 
 

@@ -196,11 +196,21 @@ class CalibrationConfig(_Model):
     min_rows: int = Field(40, ge=0, description="Hold out at least this many rows (but never more than half of them).")
     max_rows: int = Field(300, ge=1, description="Hold out at most this many rows.")
     seed: int = Field(0, description="Seed of the (label-stratified, for classification) selection.")
+    prefer_sources: list[str] = Field(
+        default_factory=lambda: ["pool"],
+        description=(
+            "Hold out only rows of these sources (pool: the unlabelled inputs the teacher labelled, real text like traffic; "
+            "synthetic: generated inputs; traffic: logged requests) when they can make a split of at least min_rows "
+            "(at most half of them is held out); otherwise all non-seed rows. [] for all non-seed rows."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check(self) -> CalibrationConfig:
         if self.min_rows > self.max_rows:
             raise ValueError(f"min_rows ({self.min_rows}) is above max_rows ({self.max_rows})")
+        if "seed" in self.prefer_sources:
+            raise ValueError("prefer_sources: seeds are never held out (they stay in training); name pool, synthetic or traffic")
         return self
 
 

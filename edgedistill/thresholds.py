@@ -104,3 +104,37 @@ def target_thresholds(
         acc, rate = quality_and_rate(th, student, conf, teacher, score)
         out.append({"target": target, "threshold": round(th, 6), "fallback_rate": rate, "agreement": acc, "met": met})
     return out
+
+
+CURVE_POINTS = 60  # a manifest's curve: at most about this many points (plus the targets' thresholds)
+
+
+def threshold_curve(
+    student: Sequence[Any],
+    conf: Sequence[float | None],
+    teacher: Sequence[Any],
+    score: Score | None = None,
+    keep: Sequence[float] = (),
+    max_points: int = CURVE_POINTS,
+) -> list[dict[str, float]]:
+    """The cascade on these rows at the candidate thresholds, ``[{"threshold", "fallback_rate",
+    "agreement"}]`` sorted by threshold (``agreement``: the quality there, the teacher's answers
+    being the reference). Thinned to ``max_points`` spread evenly over the candidates (each adds at
+    least one fallback row, so evenly in fallback rate), always keeping 0, 1 and the thresholds in
+    ``keep`` (e.g. the targets' ones), so those are read back exactly."""
+    cands = candidate_thresholds(conf)
+    step = max(1, -(-len(cands) // max(max_points, 2)))  # ceil: at most max_points of them
+    picked = set(cands[::step]) | {cands[-1]} | {round(float(t), 6) for t in keep}
+    out = []
+    for th in sorted(picked):
+        agreement, rate = quality_and_rate(th, student, conf, teacher, score)
+        out.append({"threshold": round(th, 6), "fallback_rate": rate, "agreement": agreement})
+    return out
+
+
+def curve_point_at(curve: Sequence[dict[str, Any]], threshold: float) -> dict[str, Any] | None:
+    """The curve's point that stands for ``threshold``: the one with the largest threshold at or
+    below it (between two neighbouring confidences every threshold sends the same rows back, the
+    server's rule ``confidence < threshold``); None for an empty curve or one starting above it."""
+    below = [p for p in curve if float(p["threshold"]) <= threshold + 1e-12]
+    return max(below, key=lambda p: float(p["threshold"])) if below else None

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from edgedistill.run.prediction import predicted_cascade, prediction_check, prediction_markdown
+
 from edgedistill.intervals import ALPHA, fmt_ci, fmt_difference, fmt_p
 from edgedistill.spec import TaskSpec
 
@@ -95,6 +97,10 @@ def build_report(spec: TaskSpec, out: Path, state: dict[str, Any]) -> dict[str, 
                              "on_test": sweep["chosen"]["test"], "split": sweep.get("split")} if sweep else None),
             **_type_metrics(spec, q),
         }
+        teacher_acc = (rep.get("teacher") or {}).get(metric)
+        predicted = predicted_cascade((served_row or {}).get("calibration"), threshold, teacher_acc, metric)
+        rep["cascade"]["predicted"] = predicted
+        rep["cascade"] |= prediction_check(predicted, rep["cascade"])
     t = _c1(rows, "teacher")
     if t is not None and "teacher" in rep:
         rep["teacher"]["served_accuracy"] = (quality.get("teacher") or {}).get(metric)
@@ -231,9 +237,10 @@ def report_markdown(rep: dict[str, Any]) -> str:
                   f"{fmt_ci(c.get('accuracy'), c.get('accuracy_ci'))}, fallback rate {fmt_ci(c.get('fallback_rate'), c.get('fallback_rate_ci'))}"
                   f"{on_rows}, ${_f(c.get('cost_per_1k_usd'), '.4f')} per 1k requests, "
                   f"p50 latency {_f(c.get('latency_ms_p50'), '.0f')} ms.")]
+        lines += prediction_markdown(c, metric)
         r = c.get("recommended")
         if r:
-            lines.append(f"\nRecommended threshold {r['threshold']} (target {metric} {r['target_accuracy']}; {r['split']}): "
+            lines.append(f"\nThe bench's own sweep would pick threshold {r['threshold']} (target {metric} {r['target_accuracy']}; {r['split']}): "
                          f"{metric} {fmt_ci(r['on_test'].get('accuracy'), r['on_test'].get('accuracy_ci'))}, fallback rate "
                          f"{fmt_ci(r['on_test'].get('fallback_rate'), r['on_test'].get('fallback_rate_ci'))} on {r['on_test'].get('n', '-')} rows.")
     lines += ["", "## Stages\n", "| stage | seconds | status |", "|---|---|---|"]

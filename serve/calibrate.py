@@ -12,8 +12,10 @@ on and that is not the test set (``edgedistill distill`` holds one out: ``data/c
 With the fitted temperature, the rows also give the cascade's thresholds: for each target (95, 98,
 99 % of the reference answers' quality, i.e. agreement with the teacher's labels) the cheapest
 threshold that reaches it (``edgedistill.thresholds``), and the recommended one (99 %), which
-``edgedistill serve ARTIFACT`` uses by default; plus the calibrated confidence histogram (what
-live traffic's confidence is compared with).
+``edgedistill serve ARTIFACT`` uses by default; the ``curve`` (fallback rate and agreement at up
+to about 60 thresholds, the targets' ones included: what the cascade will do at any threshold, as
+``edgedistill run``'s report predicts it); plus the calibrated confidence histogram (what live
+traffic's confidence is compared with).
 
     python -m edgedistill.serve.calibrate runs/banking77/artifact-gguf data/calibration.jsonl [--test-data test.jsonl]
 """
@@ -34,7 +36,7 @@ from edgedistill.serve.state import State
 from edgedistill.errors import UserError
 from edgedistill.manifest import MANIFEST, read_manifest, sha256_file, write_json_atomic
 from edgedistill.spec import read_rows
-from edgedistill.thresholds import RECOMMENDED_TARGET, TARGETS, target_thresholds
+from edgedistill.thresholds import RECOMMENDED_TARGET, TARGETS, target_thresholds, threshold_curve
 
 
 async def student_answers(st: State, rows: list[dict[str, Any]]) -> list[StudentAnswer]:
@@ -94,6 +96,8 @@ def fit_calibration(st: State, rows: list[dict[str, Any]], test_rows: list[dict[
         {k: v for k, v in th.items() if k != "met"} for th in target_thresholds(student, served, teacher, TARGETS, score)
     ]
     recommended = next(th for th in thresholds if th["target"] == RECOMMENDED_TARGET)
+    # what the cascade does on these rows at any threshold: the prediction for a threshold set by hand
+    curve = threshold_curve(student, served, teacher, score, keep=[th["threshold"] for th in thresholds])
     cal = {
         "method": "temperature_scaling",
         kind: {"temperature": round(t, 4)},
@@ -107,6 +111,7 @@ def fit_calibration(st: State, rows: list[dict[str, Any]], test_rows: list[dict[
         "confidence_histogram": confidence_histogram(served),
         "thresholds": thresholds,
         "recommended": {"target": recommended["target"], "threshold": recommended["threshold"]},
+        "curve": curve,
         "confidence_quantile": st.settings.confidence_quantile if kind == "generation" else None,
         "fitted_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }

@@ -291,12 +291,13 @@ def test_task_cascade_quality_sweep_and_plots(tmp_path):
     assert ch["target_met_on_calibration"] and ch["calibration"]["accuracy"] >= sw["target_accuracy"]
     assert sw["target_accuracy"] == pytest.approx(0.99 * sw["teacher_accuracy_calibration"], abs=1e-4)
     assert sw["student_cost_per_1k_usd"] == min(r["own_cost_per_1k_usd"] for r in rows if r["name"] == "ours")
+    assert sw["served"]["threshold"] == 0.95  # what its /v1/models says it is served at: pareto.png's star
     out = tmp_path / "out"
     for f in ("report.json", "report.md", "pareto.png", "reliability.png", "latency.png"):
         assert (out / f).stat().st_size > 0, f
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
-    assert "Cascade sweep: ours" in md and "(chosen)" in md and "Quality on the test set" in md
+    assert "Cascade sweep: ours" in md and "(chosen" in md and "| 0.95 **(served)** |" in md and "Quality on the test set" in md
     assert "accuracy vs the teacher on the same rows (paired test): ours within noise (p 1); api a real difference" in md
     ch = sw["chosen"]["test"]
     assert ch["accuracy_ci"][0] <= ch["accuracy"] <= ch["accuracy_ci"][1] and len(ch["fallback_rate_ci"]) == 2
@@ -519,6 +520,14 @@ def test_cascade_sweep_and_threshold_choice():
     ch = sw["chosen"]["test"]
     assert ch["accuracy_ci"] == proportion_ci(round(ch["accuracy"] * 200), 200) and ch["n"] == 200
     assert sw["teacher_accuracy_test_ci"] == proportion_ci(sum(teacher_ok), 200)
+    assert sw["served"] is None  # no served threshold given
+    # the threshold the cascade is served at: its points (with intervals) and a row of the sweep
+    sw = cascade.sweep({"c": (student_ok, conf, teacher_ok)}, calibration_key="c", report_key="c", target=0.9, target_relative=1.0,
+                       student_cost=0.01, teacher_cost=1.0, served=0.4213)  # fmt: skip
+    served = sw["served"]
+    assert served["threshold"] == 0.4213 and 0.4213 in [p["threshold"] for p in sw["sweep"]]
+    expect = cascade.point(0.4213, student_ok, conf, teacher_ok, 0.01, 1.0)
+    assert {k: served["test"][k] for k in expect} == expect and served["test"]["accuracy_ci"][0] <= expect["accuracy"]
 
 
 def test_cascade_quality_is_the_tasks_metric_over_the_mixed_answers():

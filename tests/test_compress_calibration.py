@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import types
+from itertools import pairwise
 
 import pytest
 import yaml
@@ -15,6 +16,7 @@ from edgedistill.compress.formats import Built
 from edgedistill.serve.engine import Engine
 
 from edgedistill.manifest import read_manifest
+from edgedistill.thresholds import CURVE_POINTS, curve_point_at, threshold_curve
 from tests.serve_fakes import FakeRunner
 from tests.test_compress_pipeline import TEST, Oracle, student  # noqa: F401 -- the fixture
 
@@ -108,12 +110,20 @@ def test_every_measured_artifact_gets_its_calibration_block(student, monkeypatch
     assert all((t["fallback_rate"], t["agreement"]) == ((FAIRLY + UNSURE) / n, 1.0) for t in th[1:])
     assert th[0]["threshold"] < th[1]["threshold"]
     assert cal["recommended"] == {"target": 0.99, "threshold": th[2]["threshold"]}
+    # the curve: the cascade on the split at the candidate thresholds, each target's read back exactly
+    curve = cal["curve"]
+    assert [p["threshold"] for p in curve] == sorted({p["threshold"] for p in curve}) and curve[0]["threshold"] == 0.0
+    assert (curve[0]["fallback_rate"], curve[0]["agreement"]) == (0.0, SURE / n) and curve[-1] == {"threshold": 1.0, "fallback_rate": 1.0, "agreement": 1.0}
+    for t in th:
+        assert curve_point_at(curve, t["threshold"]) == {k: t[k] for k in ("threshold", "fallback_rate", "agreement")}
+    rates = [p["fallback_rate"] for p in curve]
+    assert rates == sorted(rates)
 
     test = cal["test"]
     assert test["n"] == len(TEST) and test["n_unparsed"] == 0 and 0 <= test["ece_before"] <= 1 and 0 <= test["ece_after"] <= 1
     row = summary["artifacts"][0]
     assert (row["ece_before"], row["ece_after"]) == (test["ece_before"], test["ece_after"])
-    assert row["calibration"]["recommended"] == cal["recommended"]
+    assert row["calibration"]["recommended"] == cal["recommended"] and row["calibration"]["curve"] == curve
     assert json.loads((out / "compress.json").read_text())["artifacts"][0]["ece_after"] == test["ece_after"]
     md = (out / "compress.md").read_text()
     assert f"{test['ece_before']:.3f} → {test['ece_after']:.3f}" in md and f"| {th[2]['threshold']} |" in md
@@ -129,3 +139,22 @@ def test_no_calibration_split_is_a_note_not_a_failure(student, monkeypatch, engi
     assert row["passed"] and row["calibration"] is None and row.get("ece_before") is None and engines == []
     assert "calibration" not in read_manifest(student[0].parent / "artifacts" / "gguf-q8_0")
     assert "no calibration split" in capsys.readouterr().err
+
+
+def test_the_curve_is_thinned_but_keeps_the_targets_thresholds():
+    """300 distinct confidences: at most ~60 points spread evenly in fallback rate, 0 and 1 and the
+    kept thresholds exact; the point standing for any threshold is the largest one at or below it."""
+    conf = [i / 300 for i in range(300)]
+    right = [i % 7 != 0 or i > 150 for i in range(300)]  # is the student's answer right (the teacher's always is)
+    teacher = [True] * 300
+    keep = [0.123333, 0.501667]  # midpoints between neighbouring confidences, as the targets' thresholds are
+    curve = threshold_curve(right, conf, teacher, keep=keep)
+    assert len(curve) <= CURVE_POINTS + len(keep) + 1
+    ths = [p["threshold"] for p in curve]
+    assert ths[0] == 0.0 and ths[-1] == 1.0 and set(keep) <= set(ths)
+    rows_back = [round(p["fallback_rate"] * 300) for p in curve]  # rates are rounded to 4 decimals: back to row counts
+    assert max(b - a for a, b in pairwise(rows_back)) <= 6  # 301 candidates, every 6th kept
+    at = curve_point_at(curve, 0.501667)
+    assert (at["fallback_rate"], at["agreement"]) == (round(151 / 300, 4), 1.0)  # rows 0..150 fall back; every wrong one among them
+    assert curve_point_at(curve, 0.2)["threshold"] <= 0.2 < curve[ths.index(curve_point_at(curve, 0.2)["threshold"]) + 1]["threshold"]
+    assert curve_point_at([], 0.5) is None and curve_point_at(curve[1:], 0.0) is None

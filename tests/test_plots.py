@@ -221,6 +221,32 @@ def test_pareto_draws_the_served_cascades_sweep_only_and_labels_do_not_collide(t
     assert png_size(plot.pareto_png(pareto_rows(), tmp_path / "pareto.png", sweeps)) == (1560, 624)
 
 
+def test_pareto_stars_the_threshold_the_cascade_is_served_at(tmp_path):
+    """The sweep knows the served threshold (the cascade's /v1/models): the star is that point,
+    labelled "served"; the sweep's own pick on the other half is only a small open diamond."""
+    sw = sweep(0.93, 0.0011)
+    t = 0.8
+    sw["served"] = {"threshold": t, "test": {"cost_per_1k_usd": 0.0006 + t**3 * 0.0066, "accuracy": 0.966}}
+    fig = plot.pareto_figure(pareto_rows(), {"cascade": sw})
+    cost = fig.axes[0]
+    legend = [x.get_text() for x in fig.legends[0].get_texts()]
+    assert "cascade as served:\nthreshold 0.8 (report split)" in legend
+    assert "the sweep's own pick:\nthreshold 0.93" in legend and not [x for x in legend if "recommended" in x]
+    labels = [x.get_text() for x in cost.texts]
+    assert "cascade @ 0.8 (served)" in labels and not [x for x in labels if "0.93" in x]
+    star = next(c for c in cost.collections if c.get_label().startswith("cascade as served"))
+    assert list(star.get_offsets()[0]) == pytest.approx([0.0006 + t**3 * 0.0066, 0.966])
+    fig.canvas.draw()
+    boxes = [x.get_window_extent(fig.canvas.get_renderer()) for x in cost.texts]
+    assert all(not boxes[i].overlaps(boxes[j]) for i in range(len(boxes)) for j in range(i))
+    sw["served"]["threshold"] = 0.93  # served at the sweep's pick: one star, no diamond
+    legend = [x.get_text() for x in plot.pareto_figure(pareto_rows(), {"cascade": sw}).legends[0].get_texts()]
+    assert "cascade as served:\nthreshold 0.93 (report split)" in legend and not [x for x in legend if "own pick" in x]
+    png = tmp_path / "pareto-served.png"
+    sw["served"]["threshold"] = t
+    assert png_size(plot.pareto_png(pareto_rows(), png, {"cascade": sw})) == (1560, 624)
+
+
 def test_place_labels_moves_a_label_off_its_neighbours():
     fig, ax = plt.subplots(figsize=(4, 3))
     ax.set_xlim(0, 10)

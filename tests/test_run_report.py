@@ -191,3 +191,94 @@ def test_run_serves_the_cascade_at_the_recommended_threshold_unless_the_spec_set
     spec.bench.cascade_threshold = 0.8
     servers.serve_and_bench(spec, out.parent / "task.yaml", out, passed, out / "bench")
     assert started["cascade"][-2:] == ["--threshold", "0.8"]
+
+
+# the calibration split's curve of the cascade artifact: fallback rate and agreement with the teacher's labels
+CURVE = [{"threshold": 0.0, "fallback_rate": 0.0, "agreement": 0.9}, {"threshold": 0.5, "fallback_rate": 0.04, "agreement": 0.96},
+         {"threshold": 0.83, "fallback_rate": 0.11, "agreement": 0.995}, {"threshold": 0.92, "fallback_rate": 0.13, "agreement": 0.995},
+         {"threshold": 0.95, "fallback_rate": 0.3, "agreement": 1.0},
+         {"threshold": 1.0, "fallback_rate": 1.0, "agreement": 1.0}]  # fmt: skip
+THRESHOLDS = [{"target": 0.99, "threshold": 0.83, "fallback_rate": 0.11, "agreement": 0.995}]
+
+
+def with_calibration(out, **cal):
+    path = out / "artifacts" / "compress.json"
+    summary = json.loads(path.read_text())
+    summary["artifacts"][1]["calibration"] = {"n": 130, "thresholds": THRESHOLDS, "recommended": {"target": 0.99, "threshold": 0.83}, **cal}
+    write_json_atomic(path, summary)
+
+
+def test_the_cascades_prediction_at_the_served_threshold_from_the_curve(run_dir):
+    """cascade.predicted at the threshold served: the curve's point with the largest threshold at or
+    below it; accuracy = agreement x the teacher's test accuracy (0.98). Measured: fallback 0.1,
+    accuracy 0.975 on 200 rows."""
+    spec, out = run_dir
+    with_calibration(out, curve=CURVE)
+    c = build_report(spec, out, {})["cascade"]
+    p = c["predicted"]
+    assert (c["threshold"], p["threshold"], p["target"], p["n"], p["source"]) == (0.83, 0.83, 0.99, 130, "calibration split")
+    assert (p["fallback_rate"], p["accuracy"], p["agreement"]) == (0.11, 0.9751, 0.995)
+    assert "x the teacher's accuracy on the test split (0.98)" in p["accuracy_basis"]
+    assert c["prediction_ok"] is True and c["prediction_error"] == {"fallback_rate": -0.01, "accuracy": -0.0001}
+    assert c["prediction_in_interval"] == {"fallback_rate": True, "accuracy": True}
+
+    spec.bench.cascade_threshold = 0.9  # set by hand: between two curve points, the lower one stands for it
+    c = build_report(spec, out, {})["cascade"]
+    assert (c["predicted"]["threshold"], c["predicted"]["target"], c["predicted"]["fallback_rate"], c["prediction_ok"]) == (0.9, None, 0.11, True)
+
+    spec.bench.cascade_threshold = 0.96  # 30 % predicted to fall back, 10 % did: a miss far outside the measured interval
+    c = build_report(spec, out, {})["cascade"]
+    assert (c["predicted"]["fallback_rate"], c["predicted"]["accuracy"]) == (0.3, 0.98)
+    assert c["prediction_ok"] is False and c["prediction_error"] == {"fallback_rate": -0.2, "accuracy": -0.005}
+    assert c["prediction_in_interval"]["fallback_rate"] is False
+
+    spec.bench.cascade_threshold = 0.5  # 4 % predicted, 10 % measured: 6 points off, outside the interval too
+    c = build_report(spec, out, {})["cascade"]
+    assert c["prediction_ok"] is False and c["prediction_error"]["fallback_rate"] == 0.06
+
+
+def test_an_old_manifest_without_a_curve_predicts_only_at_its_thresholds(run_dir):
+    spec, out = run_dir
+    with_calibration(out)
+    c = build_report(spec, out, {})["cascade"]
+    assert (c["predicted"]["fallback_rate"], c["predicted"]["accuracy"], c["prediction_ok"]) == (0.11, 0.9751, True)
+    spec.bench.cascade_threshold = 0.9
+    c = build_report(spec, out, {})["cascade"]
+    assert c["predicted"] is None and c["prediction_ok"] is None and c["prediction_error"] is None
+    assert "No prediction for this threshold" in report_markdown(build_report(spec, out, {}))
+
+
+def test_no_measurement_no_verdict(run_dir):
+    spec, out = run_dir
+    with_calibration(out, curve=CURVE)
+    bench = json.loads((out / "bench" / "report.json").read_text())
+    del bench["quality"]["cascade"]
+    write_json_atomic(out / "bench" / "report.json", bench)
+    c = build_report(spec, out, {})["cascade"]
+    assert c["predicted"]["fallback_rate"] == 0.11 and c["prediction_ok"] is None
+    assert "Prediction not checked" in report_markdown(build_report(spec, out, {}))
+
+
+def test_report_markdown_shows_predicted_beside_measured(run_dir):
+    spec, out = run_dir
+    with_calibration(out, curve=CURVE)
+    rep = build_report(spec, out, {})
+    c = rep["cascade"]
+    md = report_markdown(rep)
+    assert "Predicted (calibration split, n=130) vs measured (test, n=200) at threshold 0.83:" in md
+    fb = c["fallback_rate_ci"]
+    assert f"| fallback rate | 0.110 | 0.100 ({fb[0]:.2f}–{fb[1]:.2f}) | -0.010 |" in md
+    assert "| accuracy | 0.975 | 0.975 (" in md and "| +0.000 |" in md
+    assert "The prediction held: fallback rate and accuracy each within 2 points" in md
+    assert "the test split alone cannot settle a 2-point difference" in md  # ±4 points at n=200, p=0.1
+
+    spec.bench.cascade_threshold = 0.96
+    md = report_markdown(build_report(spec, out, {}))
+    assert ("The prediction missed (more than 2 points): fallback rate off by 20.0 points "
+            "(outside the measured interval: a real miss)") in md  # accuracy, 0.5 points off, is not named
+    spec.bench.cascade_threshold = 0.93  # 13 % predicted, 10 % measured: 3 points off, but inside the measured interval
+    md = report_markdown(build_report(spec, out, {}))
+    assert "fallback rate off by 3.0 points (inside the measured interval: within noise)" in md
+    spec.bench.cascade_threshold = 0.0  # predicted 0 %, measured 10 %; accuracy 0.9 x 0.98 = 0.882 vs 0.975
+    md = report_markdown(build_report(spec, out, {}))
+    assert "fallback rate off by 10.0 points (outside" in md and "accuracy off by 9.3 points (outside" in md
