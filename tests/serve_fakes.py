@@ -10,6 +10,7 @@ gets logit ``peak``, every other token 0 (peak 20: p ~ 1; peak 3: p ~ 0.07).
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -177,6 +178,30 @@ class FakeTeacher:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def send_json(handler: BaseHTTPRequestHandler, data: bytes | dict, status: int = 200) -> None:
+    """Answer a stdlib handler's request with JSON (``data``: already encoded, or an object)."""
+    raw = data if isinstance(data, bytes) else json.dumps(data).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(raw)))
+    handler.end_headers()
+    handler.wfile.write(raw)
+
+
+def start_http(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, str]:
+    """A stdlib HTTP server for ``handler`` on 127.0.0.1, serving in a daemon thread, and its
+    base URL (ending in ``/v1``); stop it with ``stop_http``."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+
+def stop_http(server: ThreadingHTTPServer) -> None:
+    server.shutdown()
+    server.server_close()
 
 
 class LocalHTTPServer:

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import yaml
 from edgedistill.distill.pipeline import run_distill
 
 from edgedistill.spec import load_spec
+from tests.serve_fakes import send_json, start_http, stop_http
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -36,19 +36,12 @@ class ReferenceTeacher:
                 text = answers.get(body["messages"][-1]["content"], "unknown")
                 data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                                    "usage": {"prompt_tokens": 20, "completion_tokens": 5}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, data)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = start_http(H)
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        stop_http(self.server)
 
 
 @pytest.mark.parametrize("name", ["banking77", "restaurant8k", "qa", "generation"])

@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import yaml
 from edgedistill.distill.pipeline import run_distill
 
 from edgedistill.errors import GateFailed
+from tests.serve_fakes import send_json, start_http, stop_http
 
 WORDS = {"card": "card_arrival", "rate": "exchange_rate", "pin": "change_pin"}
 TEST = [("where is my card", "card_arrival"), ("the euro rate today", "exchange_rate"), ("new pin please", "change_pin")] * 3
@@ -49,19 +49,12 @@ class KeywordTeacher:
                     choice["logprobs"] = {"content": [{"token": text, "logprob": math.log(0.8), "top_logprobs": top[: body["top_logprobs"]]}]}
                 reply = {"choices": [choice], "usage": {"prompt_tokens": 20, "completion_tokens": 5}}
                 data = json.dumps(reply).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, data)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = start_http(H)
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        stop_http(self.server)
 
 
 def make_spec(tmp_path: Path, url: str, student: Path, min_score: float = 0.9) -> Path:
@@ -226,11 +219,7 @@ class JsonTeacher(KeywordTeacher):
             text = json.dumps(fake.answers[body["messages"][-1]["content"]])
             data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                                "usage": {"prompt_tokens": 20, "completion_tokens": 5}}).encode()
-            h.send_response(200)
-            h.send_header("Content-Type", "application/json")
-            h.send_header("Content-Length", str(len(data)))
-            h.end_headers()
-            h.wfile.write(data)
+            send_json(h, data)
 
         handler.do_POST = do_POST
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 import yaml
 from edgedistill.distill.pipeline import run_distill
 
 from edgedistill.task import Task
+from tests.serve_fakes import send_json, start_http, stop_http
 
 TOOLS = [
     {"type": "function", "function": {"name": "book", "parameters": {"type": "object", "properties": {"people": {"type": "string", "maxLength": 3}}}}},
@@ -51,19 +51,12 @@ class ToolTeacher:
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": 50, "completion_tokens": 10},
                 }).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, data)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = start_http(H)
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        stop_http(self.server)
 
 
 @pytest.fixture

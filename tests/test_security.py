@@ -21,7 +21,7 @@ import socket
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 from edgedistill.distill.cache import ResponseCache
@@ -33,6 +33,7 @@ from fastapi.testclient import TestClient
 
 from edgedistill.errors import UserError
 from edgedistill.spec import load_spec
+from tests.serve_fakes import send_json, start_http, stop_http
 from tests.test_faults import generation_spec
 from tests.test_load import serve_in_thread
 from tests.test_serve_api import MODEL, chat_body, classification_task, make_app
@@ -63,19 +64,12 @@ class EchoTeacher:
                 else:
                     data = {"error": {"message": f"bad credentials: {self.headers.get('Authorization')}"}}
                 raw = json.dumps(data).encode()
-                self.send_response(fake.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
+                send_json(self, raw, fake.status)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = start_http(H)
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        stop_http(self.server)
 
 
 @pytest.fixture
