@@ -89,12 +89,7 @@ class TrafficLog:
             if item is _STOP:
                 break
             self._write(item)
-        if self.fd is not None:
-            try:
-                os.close(self.fd)
-            except OSError:
-                pass
-            self.fd = None
+        self._reset()
 
     def _write(self, record: dict[str, Any]) -> None:
         try:
@@ -136,6 +131,7 @@ class TrafficLog:
         self.fd, self.size = fd, size
 
     def _reset(self) -> None:
+        """Close the current file (if any); the next record opens one again."""
         if self.fd is not None:
             try:
                 os.close(self.fd)
