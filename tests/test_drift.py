@@ -29,7 +29,12 @@ import drift_traffic as dt
 LABELS = ["card_arrival", "change_pin", "exchange_rate"]
 DEV = ["how long does my card take to arrive", "can i change my pin at an atm", "what rate do you use for dollars",
        "my card has not come yet", "is there a fee for exchanging money"]
-VOCAB = ["account", "app", "balance", "bank", "branch", "cash", "code", "debit", "euro", "fee", "form", "help", "issue", "limit", "login", "money", "month", "name", "number", "online", "order", "phone", "plastic", "post", "question", "reason", "refund", "request", "salary", "screen", "secure", "service", "statement", "support", "swift", "terminal", "travel", "update", "wallet", "week"]
+VOCAB = [
+    "account", "app", "balance", "bank", "branch", "cash", "code", "debit", "euro", "fee", "form", "help", "issue",
+    "limit", "login", "money", "month", "name", "number", "online", "order", "phone", "plastic", "post", "question",
+    "reason", "refund", "request", "salary", "screen", "secure", "service", "statement", "support", "swift",
+    "terminal", "travel", "update", "wallet", "week",
+]
 
 
 def fake_spec(tmp_path: Path) -> Path:
