@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except httpx.HTTPError as e:
+        print(f"error: a server stopped answering ({type(e).__name__}: {e}); its log is in {a.run / 'drift' / 'logs'}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted: the servers were stopped; run the same command again to start over", file=sys.stderr)
         sys.exit(130)
@@ -109,7 +112,7 @@ def run_scenario(spec_path: Path, run: Path, sizes: dict[str, int], shadow_rate:
             cascade_cmd = (f"edgedistill serve {run} --teacher-url {teacher_url} --teacher-model teacher --traffic-log {log} "
                            f"--shadow-rate {shadow_rate}")
             say(f"{phase}: {len(sets[name])} {name} rows through the cascade on {art} ({source})")
-            url = servers.cascade(teacher_url, log, shadow_rate)
+            url = servers.cascade(phase, teacher_url, log, shadow_rate)
             answers, wall_s = send_predict(url, sets[name], phase)
             metrics = wait_for_log(url, len(answers))
             servers.stop_cascade()
@@ -150,9 +153,9 @@ class Servers:
         self.threads = str(spec.bench.threads or os.cpu_count() or 1)
         self.procs: dict[str, Any] = {}
 
-    def _up(self, name: str, cmd: list[str]) -> str:
-        srv = self.s._start(name, cmd, self.logs)
-        self.procs[name] = srv
+    def _up(self, name: str, cmd: list[str], key: str | None = None) -> str:
+        srv = self.s._start(name, cmd, self.logs)  # its output: RUN/drift/logs/<name>.log
+        self.procs[key or name] = srv
         self.s._wait_ready(srv)
         return srv.url
 
@@ -162,12 +165,12 @@ class Servers:
         url = self._up("teacher", [*self.s._serve_cmd(artifact, self.s._free_port(), self.threads), "--model-alias", "teacher"])
         return url + "/v1"
 
-    def cascade(self, teacher_url: str, log: Path, shadow_rate: float) -> str:
+    def cascade(self, phase: str, teacher_url: str, log: Path, shadow_rate: float) -> str:
         cmd = [*self.s._serve_cmd(self.run, self.s._free_port(), self.threads), "--teacher-url", teacher_url, "--teacher-model", "teacher",
                "--traffic-log", str(log), "--shadow-rate", str(shadow_rate)]
         if self.spec.bench.cascade_threshold is not None:  # as `edgedistill run` serves it
             cmd += ["--threshold", str(self.spec.bench.cascade_threshold)]
-        return self._up("cascade", cmd)
+        return self._up(f"cascade-{phase}", cmd, key="cascade")
 
     def stop_cascade(self) -> None:
         """SIGTERM, as an orchestrator stops it: in-flight work finished, the traffic log flushed."""
