@@ -20,6 +20,11 @@ Against a finished ``edgedistill run`` (RUN, default runs/demo), one command:
 6. report    RUN/drift/report.json and report.md (``drift_report``): per phase the drift score, the
              live agreement estimate with its interval beside the true agreement, the fallback rate,
              the cascade accuracy (95 % intervals) and the cost per 1k requests.
+
+What was sent is in RUN/drift/traffic-sets.jsonl, each answer in answers.json, each server's output
+in logs/. A rerun starts the traffic over (RUN/drift/traffic*) and improves on whatever is served
+then (after a promotion: the new artifact, and the next retrain continues from its student).
+``--no-retrain`` runs the loop without step 4 (the after phase then serves the same artifact).
 """
 
 from __future__ import annotations
