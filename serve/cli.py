@@ -30,11 +30,15 @@ def serve_command(artifact: str, config: Path | None = None, **flags: Any) -> No
     """Serve ``artifact`` with the settings ``flags`` (``Settings`` fields; None: not given).
     Flags left out come from EDGEDISTILL_* environment variables, then the config file, then defaults."""
     from edgedistill.serve.app import create_app
+    from edgedistill.serve.artifact import run_artifact
     from edgedistill.serve.shutdown import serve_app
 
     settings = Settings.load(config, artifact=artifact, **flags)
     if not settings.artifact:
-        raise UserError("serve needs an artifact: a folder with manifest.json or a .gguf file")
+        raise UserError("serve needs an artifact: a folder with manifest.json, a .gguf file or a run folder")
+    if (resolved := run_artifact(settings.artifact)) is not None:
+        print(f"{settings.artifact} is a run folder: serving {resolved[0]} (from {resolved[1]})", file=sys.stderr)
+        settings = settings.model_copy(update={"artifact": str(resolved[0])})
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     st = app.state.st

@@ -56,7 +56,11 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="EDGEDISTILL_", extra="forbid", validate_default=True)
 
-    artifact: str = Field("", description="Artifact folder (with manifest.json) or a .gguf file.")
+    artifact: str = Field(
+        "",
+        description="Artifact folder (with manifest.json), a .gguf file, or an `edgedistill run` folder (RUN: serves the "
+        "artifact RUN/serving.json points at, else RUN/report.json's cascade artifact).",
+    )
     model_alias: str | None = Field(None, description="Model id served in /v1/models (default: the artifact's name).")
     host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 exposes the server to the network.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
