@@ -186,11 +186,15 @@ class Engine:
         with self._cv:
             self._cv.notify()
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Stop the engine thread, leaving the runner open (its owner closes it)."""
         with self._cv:
             self._stop = True
             self._cv.notify()
         self._thread.join(timeout=10)
+
+    def close(self) -> None:
+        self.stop()
         self.runner.close()
 
     # ---- engine thread ------------------------------------------------------------------------

@@ -70,11 +70,8 @@ def answers(runner, constraint, *, jump_forward: bool, labels: bool) -> tuple[li
         for i in range(runner.n_slots):  # every run starts from empty caches: the same prefills
             runner.seq_rm(i, 0)
         return asyncio.run(go()), engine.steps
-    finally:  # stop the engine's thread; the runner outlives it
-        with engine._cv:
-            engine._stop = True
-            engine._cv.notify()
-        engine._thread.join(timeout=10)
+    finally:
+        engine.stop()  # the runner outlives this engine
 
 
 def check_same(plain, jumped):
