@@ -37,6 +37,7 @@ import numpy as np
 from edgedistill.runtimes.base import Runner
 from edgedistill.runtimes.constrain import Constraint, Matcher, masked
 from edgedistill.serve.confidence import LabelScorer
+from edgedistill.serve.sampling import adjusted, sample
 
 log = logging.getLogger("edgedistill.serve")
 
@@ -309,7 +310,7 @@ class Engine:
     def _on_logits(self, s: _Seq, logits: np.ndarray) -> None:
         p = s.params
         if p.logit_bias or (s.counts and (p.presence_penalty or p.frequency_penalty)):
-            logits = _adjusted(logits, p, s.counts)
+            logits = adjusted(logits, p.logit_bias, p.presence_penalty, p.frequency_penalty, s.counts)
         forced = False
         if s.matcher is not None:
             allowed = s.allowed if s.allowed is not None else s.matcher.allowed()
@@ -320,7 +321,7 @@ class Engine:
             forced = n_allowed == 1
             # every probability below is the model's renormalised over what the constraint allows
             logits = masked(logits, allowed)
-        tok = _sample(logits, p.temperature, p.top_p, s.rng)
+        tok = sample(logits, p.temperature, p.top_p, s.rng)
         if s.first_token_s is None:
             s.first_token_s = time.perf_counter() - s.handle.submitted_at
         if not self._emit(s, tok, forced, logits):
@@ -484,43 +485,3 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
-
-
-def _adjusted(logits: np.ndarray, p: GenParams, counts: dict[int, int]) -> np.ndarray:
-    """OpenAI's logit_bias and presence/frequency penalties on a copy of the row."""
-    x = np.array(logits, dtype=np.float32)
-    for t, b in (p.logit_bias or {}).items():
-        if 0 <= t < x.size:
-            x[t] += b
-    if counts and (p.presence_penalty or p.frequency_penalty):
-        ids = np.fromiter(counts.keys(), dtype=np.int64)
-        n = np.fromiter(counts.values(), dtype=np.float32)
-        x[ids] -= p.frequency_penalty * n + p.presence_penalty
-    return x
-
-
-MIN_TEMPERATURE = 1e-4  # below: greedy (logits / 1e-309 overflow to inf, and the probabilities to NaN)
-
-
-def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    if temperature < MIN_TEMPERATURE:
-        return int(logits.argmax())
-    x = logits.astype(np.float64) / temperature
-    if top_p < 1.0:
-        # the nucleus almost always lies in the top few hundred tokens: avoid sorting the vocabulary
-        k = min(256, x.size - 1)
-        cand = np.argpartition(-x, k)[:k]
-        m = x.max()
-        total = np.exp(x - m).sum()
-        cand = cand[np.argsort(-x[cand])]
-        probs = np.exp(x[cand] - m) / total
-        if probs.sum() < top_p:  # flat distribution: fall back to the full sort
-            cand = np.argsort(-x)
-            probs = np.exp(x[cand] - m) / total
-        cut = int(np.searchsorted(np.cumsum(probs), top_p)) + 1
-        cand, probs = cand[:cut], probs[:cut]
-        return int(cand[rng.choice(len(cand), p=probs / probs.sum())])
-    m = x.max()
-    probs = np.exp(x - m)
-    probs /= probs.sum()
-    return int(rng.choice(x.size, p=probs))
