@@ -6,16 +6,23 @@ decodes the same number of tokens), on llama-cpp-python's low-level batch API th
 ``edgedistill.runtimes.llama.LlamaRunner`` -- the same calls the server makes, without HTTP, queueing,
 sampling options or confidence. Only the decode steps are timed (prefill is reported apart).
 ``llama_cpp`` is imported only here, and only when a ceiling is asked for.
+
+:func:`request_ceiling` is the ceiling of a request workload (a task's answers): the same prompts,
+greedy under the task's constraint, on the same runner in this process, with the scheduling the
+server uses (one decode per step, forced tokens chained, prompt prefixes kept per slot) and nothing
+else, so a server's requests/s over it is what the rest of the server costs.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edgedistill.runtimes.masking import pick
 
 MIN_TOKENS = 64  # decode at least this many steps: fewer is too short to time
 
@@ -72,6 +79,98 @@ def run_ceiling(
     new_tokens = min(new_tokens, room)
     measure(runner, prompts, 1, min(8, new_tokens))
     return [measure(runner, prompts, c, new_tokens) for c in concurrencies]
+
+
+@dataclass
+class _Request:
+    prompt: list[int]
+    todo: list[int]  # tokens to decode next: the prompt's uncached rest, then each step's chosen (and forced) tokens
+    n_past: int
+    matcher: Any
+    out: list[int] = field(default_factory=list)
+
+
+def request_ceiling(
+    runner: Any, prompts: Sequence[list[int]], constraint: Any, concurrency: int, max_tokens: int, *, warmup: int = 0
+) -> dict[str, Any]:
+    """Requests/s of ``prompts`` answered in this process on the runner alone: ``concurrency`` in
+    flight, one ``decode`` per step for all of them, greedy under ``constraint``
+    (``runtimes.constrain``), the tokens it forces decoded with the chosen one, each slot's KV kept
+    for the next prompt's common prefix -- the work ``/v1/predict`` does, without HTTP, queueing or
+    confidence. ``warmup`` requests first (the slots' caches filled, as a server's in steady state)."""
+    if concurrency > runner.n_slots:
+        raise ValueError(f"concurrency {concurrency} is more than the runner's {runner.n_slots} slots")
+    cached: list[list[int]] = [[] for _ in range(runner.n_slots)]
+
+    def admit(slot: int, prompt: list[int]) -> _Request:
+        keep = min(_common_prefix(cached[slot], prompt), len(prompt) - 1)
+        runner.seq_rm(slot, keep)
+        return _Request(prompt, prompt[keep:], keep, constraint.start() if constraint is not None else None)
+
+    def chosen(r: _Request, tok: int) -> bool:
+        """Record ``tok`` and the tokens forced after it; True when the answer is complete."""
+        while True:
+            if tok in runner.eog_tokens or len(r.out) >= max_tokens:
+                return True
+            r.out.append(tok)
+            r.todo.append(tok)
+            if r.matcher is None:
+                return False
+            r.matcher.advance(tok)
+            allowed = r.matcher.allowed()
+            ids = np.flatnonzero(allowed) if allowed is not None else None
+            if ids is not None and ids.size == 0:
+                return True
+            if ids is None or ids.size > 1:
+                return False
+            tok = int(ids[0])
+
+    def run(batch: Sequence[list[int]]) -> float:
+        queue = list(batch)[::-1]
+        live: dict[int, _Request] = {}
+        t0 = time.perf_counter()
+        while queue or live:
+            for slot in range(concurrency):
+                if slot not in live and queue:
+                    live[slot] = admit(slot, queue.pop())
+            tokens, pos, seqs, outputs, rows = [], [], [], [], []
+            for slot, r in live.items():
+                n = min(len(r.todo), runner.n_batch - len(tokens))
+                if n <= 0:
+                    continue
+                tokens += r.todo[:n]
+                pos += range(r.n_past, r.n_past + n)
+                seqs += [slot] * n
+                outputs += [False] * (n - 1) + [n == len(r.todo)]
+                if n == len(r.todo):
+                    rows.append(slot)
+                r.n_past += n
+                del r.todo[:n]
+            logits = runner.decode(tokens, pos, seqs, outputs)
+            for row, slot in enumerate(rows):
+                r = live[slot]
+                if chosen(r, pick(logits[row], r.matcher)):
+                    cached[slot] = (r.prompt + r.out)[: r.n_past]
+                    del live[slot]
+        return time.perf_counter() - t0
+
+    if warmup:
+        run([prompts[i % len(prompts)] for i in range(warmup)])
+    wall = run(prompts)
+    return {
+        "concurrency": concurrency,
+        "requests": len(prompts),
+        "wall_s": round(wall, 4),
+        "requests_per_s": float(f"{len(prompts) / wall:.6g}") if wall > 0 else None,
+    }
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def gguf_runner(path: str, n_slots: int, threads: int, ctx_per_slot: int = 1024) -> Any:

@@ -87,6 +87,29 @@ class LabelScorer:
         else:
             self.node = node[taken]
 
+    def forced(self, token: int) -> bool:
+        """Whether ``token`` is the only branch here (or the walk is over): then ``step_forced`` is
+        exactly ``step`` -- one child renormalised over itself has log-mass 0 and leaves no sibling."""
+        node = self.node
+        if node is None:
+            return True
+        children = [c for c in node if c != LABELS]
+        if len(children) != 1:
+            return False
+        return children[0] == (TERMINAL if token in self.eog_tokens else token)
+
+    def step_forced(self, token: int) -> None:
+        """``step`` for a token that is the only branch (``forced``), which needs no logits."""
+        node = self.node
+        if node is None:
+            return
+        taken = TERMINAL if token in self.eog_tokens else token
+        if taken == TERMINAL or taken not in node:
+            self.node = None
+            self.answer_logp = self.prefix_logp
+        else:
+            self.node = node[taken]
+
     def scores(self, answer_label: int | None = None) -> list[float]:
         """[answer log-mass, competitor log-masses...] once the parsed answer's label id is known."""
         answer = self.answer_logp if self.answer_logp is not None else self.prefix_logp

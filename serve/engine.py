@@ -9,6 +9,14 @@ tokens travel back through per-request asyncio queues fed with ``loop.call_soon_
 keeps its KV cache after a request, so the next prompt with the same prefix (a system prompt, the
 task template) only prefills what differs.
 
+Jump-forward: under a constraint, a token the mask admits alone (after ``card_`` only ``arrival``
+spells a label) needs no logits to be chosen -- greedy or sampled, it is the only choice, with
+probability 1. The engine appends such tokens to the sequence right after the sampled one and
+decodes them all in the same ``decode`` call (logits only at the last), instead of one step each;
+when the mask admits nothing more, or only one end token, the answer ends without another decode.
+The tokens, their probabilities (1.0, marked ``forced``) and the label scorer's walk are the ones
+stepping one token at a time gives (see docs/performance.md).
+
 The model itself is behind ``Runner`` (``edgedistill.runtimes.base``; opened by ``runtimes.registry``; a numpy
 fake in the tests).
 """
@@ -29,6 +37,7 @@ import numpy as np
 from edgedistill.runtimes.base import Runner
 from edgedistill.runtimes.constrain import Constraint, Matcher, masked
 from edgedistill.serve.confidence import LabelScorer
+from edgedistill.serve.sampling import adjusted, sample
 
 log = logging.getLogger("edgedistill.serve")
 
@@ -78,7 +87,8 @@ class _Seq:
     rng: np.random.Generator
     slot: int = -1
     n_past: int = 0  # tokens of this sequence already in the KV cache
-    pending: int | None = None  # sampled token not yet decoded
+    pending: list[int] | None = None  # tokens chosen, not yet decoded: the sampled one and those the constraint forced after it
+    allowed: Any = None  # the matcher's mask for the next token, computed while jumping forward (consumed by _on_logits)
     generated: list[int] = field(default_factory=list)
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
     flushed: str = ""
@@ -125,9 +135,12 @@ class RequestHandle:
 
 
 class Engine:
-    def __init__(self, runner: Runner, *, max_queue: int = 32, name: str = "engine"):
+    def __init__(self, runner: Runner, *, max_queue: int = 32, name: str = "engine", jump_forward: bool = True):
         self.runner = runner
         self.max_queue = max_queue
+        self.jump_forward = jump_forward
+        # a chain of forced tokens per sequence and step: every slot's chain fits one decode call
+        self._max_chain = max(1, runner.n_batch // max(1, runner.n_slots))
         self._inbox: deque[_Seq] = deque()
         self._slots: list[_Seq | None] = [None] * runner.n_slots
         self._cached: list[list[int]] = [[] for _ in range(runner.n_slots)]  # tokens in each slot's KV
@@ -174,11 +187,15 @@ class Engine:
         with self._cv:
             self._cv.notify()
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Stop the engine thread, leaving the runner open (its owner closes it)."""
         with self._cv:
             self._stop = True
             self._cv.notify()
         self._thread.join(timeout=10)
+
+    def close(self) -> None:
+        self.stop()
         self.runner.close()
 
     # ---- engine thread ------------------------------------------------------------------------
@@ -242,13 +259,15 @@ class Engine:
         seqs: list[int] = []
         outputs: list[bool] = []
         samplers: list[_Seq] = []
-        # decoding sequences first: one token each keeps every stream moving while prompts prefill
+        # decoding sequences first: their tokens (one, or a forced chain) keep every stream moving while prompts prefill
         for s in self._slots:
             if s is not None and s.pending is not None:
-                tokens.append(s.pending)
-                pos.append(s.n_past)
-                seqs.append(s.slot)
-                outputs.append(True)
+                last = len(s.pending) - 1
+                for j, t in enumerate(s.pending):
+                    tokens.append(t)
+                    pos.append(s.n_past + j)
+                    seqs.append(s.slot)
+                    outputs.append(j == last)
                 samplers.append(s)
         budget = r.n_batch - len(tokens)
         chunks: dict[int, int] = {}
@@ -274,7 +293,7 @@ class Engine:
             if s is None:
                 continue
             if s.pending is not None:
-                s.n_past += 1
+                s.n_past += len(s.pending)
                 s.pending = None
             else:
                 s.n_past += chunks.get(s.slot, 0)
@@ -291,26 +310,63 @@ class Engine:
     def _on_logits(self, s: _Seq, logits: np.ndarray) -> None:
         p = s.params
         if p.logit_bias or (s.counts and (p.presence_penalty or p.frequency_penalty)):
-            logits = _adjusted(logits, p, s.counts)
+            logits = adjusted(logits, p.logit_bias, p.presence_penalty, p.frequency_penalty, s.counts)
         forced = False
         if s.matcher is not None:
-            allowed = s.matcher.allowed()
+            allowed = s.allowed if s.allowed is not None else s.matcher.allowed()
+            s.allowed = None
             n_allowed = int(np.count_nonzero(allowed))
             if n_allowed == 0:  # the constraint admits nothing more (complete): end here
                 return self._finish(s, "stop")
             forced = n_allowed == 1
             # every probability below is the model's renormalised over what the constraint allows
             logits = masked(logits, allowed)
-        need_lse = p.confidence or p.logprobs is not None or s.scorer is not None
-        tok = _sample(logits, p.temperature, p.top_p, s.rng)
+        tok = sample(logits, p.temperature, p.top_p, s.rng)
         if s.first_token_s is None:
             s.first_token_s = time.perf_counter() - s.handle.submitted_at
+        if not self._emit(s, tok, forced, logits):
+            s.pending = [tok]
+            if self.jump_forward and s.matcher is not None:
+                self._jump(s)
+
+    def _jump(self, s: _Seq) -> None:
+        """Append the tokens the constraint forces after ``s.pending`` (each the only one its mask
+        admits) without asking the model; they are decoded with it in one call. Stops at a choice
+        (its mask kept for ``_on_logits``), or where the answer ends."""
+        while len(s.pending) < self._max_chain:
+            allowed = s.matcher.allowed()
+            if allowed is None:
+                return
+            ids = np.flatnonzero(allowed)
+            if ids.size == 0:  # complete: the step after would end it before sampling anything
+                return self._finish(s, "stop")
+            tok = int(ids[0])
+            if ids.size > 1 or (s.scorer is not None and not s.scorer.forced(tok)):
+                s.allowed = allowed
+                return
+            if self._emit(s, tok, True, None):
+                return
+            s.pending.append(tok)
+
+    def _emit(self, s: _Seq, tok: int, forced: bool, logits: np.ndarray | None) -> bool:
+        """Record a chosen token (``logits`` None: forced, chosen without them); True when it ended the sequence."""
+        p = s.params
         s.generated.append(tok)
         if p.presence_penalty or p.frequency_penalty:
             s.counts[tok] = s.counts.get(tok, 0) + 1
         if s.matcher is not None and tok not in self.runner.eog_tokens:
             s.matcher.advance(tok)
-        if need_lse:
+        if logits is None:  # the only token allowed: probability 1 (what the masked softmax gives it exactly)
+            if p.confidence:
+                s.token_probs.append(1.0)
+                s.forced.append(True)
+            if s.scorer is not None and s.scorer.node is not None:
+                s.scorer.step_forced(tok)
+            if p.logprobs is not None and tok not in self.runner.eog_tokens:
+                entry = self._forced_entry(tok, p.logprobs)
+                s.lp_pending.append(entry)
+                s.lp_all.append(entry)
+        elif p.confidence or p.logprobs is not None or s.scorer is not None:
             m = float(logits.max())
             lse = m + math.log(float(np.exp(logits - m).sum()))
             if p.confidence:
@@ -323,13 +379,22 @@ class Engine:
                 s.lp_pending.append(entry)
                 s.lp_all.append(entry)
         if tok in self.runner.eog_tokens:
-            return self._finish(s, "stop")
+            self._finish(s, "stop")
+            return True
         text = s.decoder.decode(self.runner.pieces[tok])
         if text and self._add_text(s, text):
-            return self._finish(s, "stop", stopped=True)
+            self._finish(s, "stop", stopped=True)
+            return True
         if len(s.generated) >= p.max_tokens:
-            return self._finish(s, "length")
-        s.pending = tok
+            self._finish(s, "length")
+            return True
+        return False
+
+    def _forced_entry(self, tok: int, k: int) -> dict[str, Any]:
+        """A forced token's logprobs entry: log 1 = 0, and it is the only alternative."""
+        piece = self.runner.pieces[tok]
+        alt = {"token": piece.decode("utf-8", "replace"), "logprob": 0.0, "bytes": list(piece)}
+        return {**alt, "top_logprobs": [dict(alt)] if k else []}
 
     def _logprob_entry(self, tok: int, logp: float, logits: np.ndarray, lse: float, k: int) -> dict[str, Any]:
         piece = self.runner.pieces[tok]
@@ -420,43 +485,3 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
-
-
-def _adjusted(logits: np.ndarray, p: GenParams, counts: dict[int, int]) -> np.ndarray:
-    """OpenAI's logit_bias and presence/frequency penalties on a copy of the row."""
-    x = np.array(logits, dtype=np.float32)
-    for t, b in (p.logit_bias or {}).items():
-        if 0 <= t < x.size:
-            x[t] += b
-    if counts and (p.presence_penalty or p.frequency_penalty):
-        ids = np.fromiter(counts.keys(), dtype=np.int64)
-        n = np.fromiter(counts.values(), dtype=np.float32)
-        x[ids] -= p.frequency_penalty * n + p.presence_penalty
-    return x
-
-
-MIN_TEMPERATURE = 1e-4  # below: greedy (logits / 1e-309 overflow to inf, and the probabilities to NaN)
-
-
-def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    if temperature < MIN_TEMPERATURE:
-        return int(logits.argmax())
-    x = logits.astype(np.float64) / temperature
-    if top_p < 1.0:
-        # the nucleus almost always lies in the top few hundred tokens: avoid sorting the vocabulary
-        k = min(256, x.size - 1)
-        cand = np.argpartition(-x, k)[:k]
-        m = x.max()
-        total = np.exp(x - m).sum()
-        cand = cand[np.argsort(-x[cand])]
-        probs = np.exp(x[cand] - m) / total
-        if probs.sum() < top_p:  # flat distribution: fall back to the full sort
-            cand = np.argsort(-x)
-            probs = np.exp(x[cand] - m) / total
-        cut = int(np.searchsorted(np.cumsum(probs), top_p)) + 1
-        cand, probs = cand[:cut], probs[:cut]
-        return int(cand[rng.choice(len(cand), p=probs / probs.sum())])
-    m = x.max()
-    probs = np.exp(x - m)
-    probs /= probs.sum()
-    return int(rng.choice(x.size, p=probs))

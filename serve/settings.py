@@ -113,6 +113,11 @@ class Settings(BaseSettings):
     n_slots: int = Field(4, ge=1, le=64, description="Sequences decoded together in one batch (continuous batching).")
     ctx_per_slot: int = Field(2048, ge=64, description="Context length (prompt + completion) of one sequence.")
     n_batch: int = Field(512, ge=16, description="Most tokens in one llama_decode call (prompt chunks + decode steps).")
+    jump_forward: bool = Field(
+        True,
+        description="Under a constraint, append the tokens it forces (the only one its mask admits) in the same decode "
+        "call instead of one step each; the tokens and confidences are the same (off: one step per token, for comparisons).",
+    )
     confidence: bool = Field(True, description="Compute per-response confidence (off: greedy needs no softmax at all).")
     confidence_quantile: float = Field(0.1, ge=0.0, le=1.0, description="Generation: this quantile of per-token probabilities.")
     constrain: bool = Field(

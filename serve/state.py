@@ -109,4 +109,4 @@ def build_state(
 def _make_engine(artifact: Artifact, s: Settings) -> Engine:
     from edgedistill.runtimes.registry import make_runner
 
-    return Engine(make_runner(artifact, s), max_queue=s.max_queue)
+    return Engine(make_runner(artifact, s), max_queue=s.max_queue, jump_forward=s.jump_forward)
