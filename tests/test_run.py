@@ -62,8 +62,8 @@ def calls(monkeypatch):
         write_json_atomic(out / "distill.json", {"eval": {"teacher": res, "student": {**res, "agreement_with_teacher": 0.95},
                                                           "undistilled student": {**res, "accuracy": 0.1}}})
 
-    def fake_compress(student, *, calibration, task, out, strict, formats=None):
-        calls.append("compress" if formats is None else f"compress {Path(student).name} {formats}")
+    def fake_compress(student, *, calibration, task, out, strict, formats=None, model="student"):
+        calls.append("compress" if formats is None else f"compress {Path(student).name} {formats} ({model})")
         art = out / "gguf-q4_k_m"
         art.mkdir(parents=True, exist_ok=True)
         (art / "model.gguf").write_text("g")
@@ -200,7 +200,7 @@ def test_local_teacher_is_also_quantized_as_the_baseline(spec_path, calls, tmp_p
     spec["teacher"] = {"kind": "local", "path": "teacher"}
     spec_path.write_text(yaml.safe_dump(spec))
     rep = run_mod.run_all(spec_path, tmp_path / "run")
-    assert calls == ["distill", "compress", "compress teacher gguf:q4_k_m", "bench + ['gguf-q4_k_m']"]
+    assert calls == ["distill", "compress", "compress teacher gguf:q4_k_m (teacher)", "bench + ['gguf-q4_k_m']"]
     (qt,) = rep["quantized_teacher"]
     assert qt["name"] == "teacher-gguf-q4_k_m" and qt["bits"] == 4 and qt["accuracy"] == 0.88 and qt["drop_vs_teacher"] == 0.02
     assert qt["cost_per_1k_usd"] == 0.004 and qt["params"] == 1000
