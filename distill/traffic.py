@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from edgedistill.distill.calibration_split import CALIBRATION_FILE, calibration_record, split_calibration
 from edgedistill.distill.generate import attach_labels, label_requests
 from edgedistill.distill.teacher import Teacher
 
@@ -149,6 +150,20 @@ def traffic_report(report: dict[str, Any]) -> dict[str, Any]:
     return {"total": part["total"], "kept": part["kept"], "dropped": {k: v for k, v in part["rejected"].items() if v}}
 
 
+def _hold_out_calibration(spec: Any, kept: list[dict], old_data: Path) -> tuple[list[dict], list[dict]]:
+    """(training rows, calibration rows) of a retrain: the run's calibration split (never trained on)
+    plus a share of the validated traffic rows held out by the spec's ``calibration`` rule, so the
+    new artifact's confidence is calibrated, and its drift reference drawn, on what the traffic now
+    looks like. Old training rows stay in training."""
+    old_file = old_data / CALIBRATION_FILE
+    old = [json.loads(line) for line in old_file.read_text(encoding="utf-8").splitlines() if line.strip()] if old_file.exists() else []
+    traffic = [r for r in kept if r.get("source") == SOURCE]
+    cfg = spec.calibration.model_copy(update={"prefer_sources": [SOURCE]})
+    _, held = split_calibration(cfg, traffic, stratify=spec.type == "classification")
+    held_ids = {id(r) for r in held}
+    return [r for r in kept if id(r) not in held_ids], old + [calibration_record(r) for r in held]
+
+
 def traffic_dataset(spec: Any, teacher: Teacher, traffic: Path, old_data: Path, data_dir: Path) -> tuple[list[dict], dict[str, Any]]:
     """The retrain's dataset in ``data_dir`` (the layout of distill's ``data/``: train.jsonl, the
     traffic rows in traffic.jsonl, the rejected ones in rejects.jsonl, report.json, manifest.json):
@@ -169,7 +184,9 @@ def traffic_dataset(spec: Any, teacher: Teacher, traffic: Path, old_data: Path, 
     usage = {k: v - before.get(k, 0) for k, v in teacher.usage.as_dict().items()}
     test = spec.load_test_set()
     kept, rejected, report = validate_rows(spec, old_rows + rows, [r.input for r in test])
+    kept, calibration = _hold_out_calibration(spec, kept, old_data)
     reused = sum(r["provenance"].get("label") == "reused" for r in rows)
+    report["calibration_rows"] = len(calibration)
     report["traffic"] = {
         "log": {"folder": str(traffic), **log},
         "reused_teacher_answers": reused,
@@ -181,7 +198,7 @@ def traffic_dataset(spec: Any, teacher: Teacher, traffic: Path, old_data: Path, 
         **traffic_report(report),
     }
     data_dir.mkdir(parents=True, exist_ok=True)
-    for name, part in (("traffic.jsonl", rows), ("train.jsonl", kept), ("rejects.jsonl", rejected)):
+    for name, part in (("traffic.jsonl", rows), ("train.jsonl", kept), ("rejects.jsonl", rejected), (CALIBRATION_FILE, calibration)):
         _write_jsonl(data_dir / name, part)
     write_json_atomic(data_dir / "report.json", report)
     write_manifest(

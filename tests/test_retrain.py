@@ -140,7 +140,9 @@ def test_retrain_end_to_end_promotes_then_refuses_a_worse_student(tmp_path, teac
     assert t["reused_teacher_answers"] == 2 and t["newly_labelled"] == 2 and t["dropped"] == {"contaminated": 1} and t["kept"] == 3
     assert t["log"]["broken_lines"] == 1 and t["log"]["hash_only"] == 1
     train = [json.loads(x) for x in (out / "data" / "train.jsonl").read_text().splitlines()]
-    assert len(train) == t["old_rows"] + 3 and sum(r["source"] == "traffic" for r in train) == 3
+    cal = [json.loads(x) for x in (out / "data" / "calibration.jsonl").read_text().splitlines()]
+    held = sum(r["source"] == "traffic" for r in cal)  # half of 3 traffic rows, rounded down: calibration, not training
+    assert held == 1 and len(train) == t["old_rows"] + 3 - held and sum(r["source"] == "traffic" for r in train) == 3 - held
     assert rep["continued_from"] == str(run / "student")
     student_manifest = json.loads((out / "student" / "manifest.json").read_text())
     assert student_manifest["continued_from"] == str(run / "student") and student_manifest["data_hash"]

@@ -120,3 +120,29 @@ def test_validation_drops_contaminated_and_duplicate_traffic_rows(tmp_path, teac
     rejects = [json.loads(x) for x in (tmp_path / "new" / "rejects.jsonl").read_text().splitlines()]
     assert {r["input"]: r["reject_reason"] for r in rejects}["where is my card"] == "contaminated"
     assert (tmp_path / "new" / "manifest.json").exists() and len((tmp_path / "new" / "traffic.jsonl").read_text().splitlines()) == 4
+
+
+def test_the_retrain_calibrates_on_the_old_split_and_held_out_traffic(tmp_path, teacher, tiny_model_dir):
+    """The new artifact needs a calibration split (without one, serve falls back to 0.9 and has no
+    drift reference): the run's old split, plus a share of the validated traffic rows, held out of
+    training."""
+    spec = load_spec(make_spec(tmp_path, teacher.url, tiny_model_dir))
+    old = tmp_path / "data"
+    old.mkdir()
+    (old / "train.jsonl").write_text(json.dumps({"id": "seed-0", "input": "seed 0 card", "output": "card_arrival", "source": "seed"}) + "\n")
+    old_cal = {"id": "pool-9", "input": "an old held-out pin question", "output": "change_pin", "source": "pool"}
+    (old / "calibration.jsonl").write_text(json.dumps(old_cal) + "\n")
+    write_manifest(old, kind="dataset", format="jsonl", stage="distill/data")
+    texts = ["my parcel with the plastic never came", "what rate do you give for yen", "i forgot the four digits again",
+             "how long until the courier brings it", "euro to dollar price today please", "set a fresh secret number for me"]
+    labels = ["card_arrival", "exchange_rate", "change_pin"] * 2
+    log = tmp_path / "log"
+    write_log(log, "a.jsonl", [record(t, lab, rid=f"r{i}") for i, (t, lab) in enumerate(zip(texts, labels))])
+    with ResponseCache(tmp_path / "cache.sqlite") as cache:
+        kept, report = traffic_dataset(spec, make_teacher(spec.teacher, spec.base_dir, cache), log, old, tmp_path / "new")
+    cal = [json.loads(x) for x in (tmp_path / "new" / "calibration.jsonl").read_text().splitlines()]
+    train = [json.loads(x)["input"] for x in (tmp_path / "new" / "train.jsonl").read_text().splitlines()]
+    held = [r for r in cal if r["source"] == "traffic"]
+    assert cal[0] == old_cal and len(held) == 3 and report["calibration_rows"] == 4  # half of 6, the cap (min_rows 40 > 6)
+    assert not {r["input"] for r in held} & set(train) and len(train) == 1 + 6 - 3 == len(kept)
+    assert all(r["output"] == dict(zip(texts, labels))[r["input"]] for r in held)  # the teacher's answers are the reference
