@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 from edgedistill.runtimes.masking import pick
+from edgedistill.serve.engine import common_prefix
 
 MIN_TOKENS = 64  # decode at least this many steps: fewer is too short to time
 
@@ -103,7 +104,7 @@ def request_ceiling(
     cached: list[list[int]] = [[] for _ in range(runner.n_slots)]
 
     def admit(slot: int, prompt: list[int]) -> _Request:
-        keep = min(_common_prefix(cached[slot], prompt), len(prompt) - 1)
+        keep = min(common_prefix(cached[slot], prompt), len(prompt) - 1)
         runner.seq_rm(slot, keep)
         return _Request(prompt, prompt[keep:], keep, constraint.start() if constraint is not None else None)
 
@@ -163,14 +164,6 @@ def request_ceiling(
         "wall_s": round(wall, 4),
         "requests_per_s": float(f"{len(prompts) / wall:.6g}") if wall > 0 else None,
     }
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def gguf_runner(path: str, n_slots: int, threads: int, ctx_per_slot: int = 1024) -> Any:

@@ -240,8 +240,8 @@ class Engine:
             seq = self._inbox.popleft()
             free = [i for i, s in enumerate(self._slots) if s is None]
             # the free slot whose cached tokens share the longest prefix with this prompt
-            best = max(free, key=lambda i: _common_prefix(self._cached[i], seq.prompt))
-            keep = min(_common_prefix(self._cached[best], seq.prompt), len(seq.prompt) - 1)
+            best = max(free, key=lambda i: common_prefix(self._cached[i], seq.prompt))
+            keep = min(common_prefix(self._cached[best], seq.prompt), len(seq.prompt) - 1)
             self.runner.seq_rm(best, keep)
             self._cached[best] = self._cached[best][:keep]
             seq.slot, seq.n_past = best, keep
@@ -479,7 +479,8 @@ class Engine:
         s.handle.put(("done", s.index, result))
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two sequences share (the KV a slot can keep; bench's ceiling reuses it)."""
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
