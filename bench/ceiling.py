@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edgedistill.runtimes.base import common_prefix
 from edgedistill.runtimes.masking import pick
-from edgedistill.serve.engine import common_prefix
 
 MIN_TOKENS = 64  # decode at least this many steps: fewer is too short to time
 

@@ -45,3 +45,12 @@ class Runtime(Protocol):
     ) -> list[int]: ...
 
     def close(self) -> None: ...
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two sequences share (the KV a slot can keep; bench's ceiling reuses it)."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

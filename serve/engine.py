@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from edgedistill.runtimes.base import Runner
+from edgedistill.runtimes.base import Runner, common_prefix
 from edgedistill.runtimes.constrain import Constraint, Matcher, masked
 from edgedistill.serve.confidence import LabelScorer
 from edgedistill.serve.sampling import adjusted, sample
@@ -477,12 +477,3 @@ class Engine:
         )
         self._release(s)
         s.handle.put(("done", s.index, result))
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens two sequences share (the KV a slot can keep; bench's ceiling reuses it)."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
