@@ -187,3 +187,64 @@ def test_drift_without_a_finished_run_is_a_one_line_error(tmp_path):
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines() == [(f"error: {tmp_path / 'nothing'} has no report.json: run `make demo` first "
                                              "(or pass --run RUN, a finished `edgedistill run`)")]
+
+
+# ---- the shadow verdicts against the truth, and the old artifact on the same rows ---------------
+
+def test_shadow_truth_puts_the_logs_verdicts_beside_the_direct_truth_on_the_same_requests():
+    ans = [{"request_id": f"r{i}", "label": "a", "served": "a", "teacher": "a" if i != 2 else "b", "answered_by": "student"}
+           for i in range(6)]
+    log = [{"request_id": "r0", "shadow": True, "shadow_agrees": True},
+           {"request_id": "r2", "shadow": True, "shadow_agrees": True},  # the log says agrees, the direct question says not
+           {"request_id": "r3", "shadow": True, "shadow_agrees": None},  # a check that failed: no verdict
+           {"request_id": "r4", "shadow": False}]
+    t = dr.shadow_truth({"answers": ans, "log": log}, same)
+    assert t["n"] == 2 and t["verdicts_differ"] == 1
+    assert t["shadow_agrees"]["k"] == 2 and t["direct_agrees"]["k"] == 1
+    assert t["all_student_answers"] == {"value": 5 / 6, "ci": proportion_ci(5, 6), "k": 5, "n": 6}
+    assert dr.shadow_truth({"answers": ans, "log": []}, same) is None
+
+
+def fresh(student_ok: list[bool], conf: list[float], teacher_ok: list[bool]) -> list[dict]:
+    return [{"label": "a", "student": "a" if s else "x", "confidence": c, "teacher": "a" if t else "y", "served": "a",
+             "answered_by": "student", "latency_s": 0.25, "teacher_latency_s": 0.5} for s, c, t in zip(student_ok, conf, teacher_ok)]
+
+
+def test_same_rows_compares_the_old_artifact_at_the_new_ones_accuracy_paired_per_row():
+    teacher = [True] * 10
+    # the new student: wrong on rows 0-1 only, and unsure exactly there
+    new = fresh([False, False] + [True] * 8, [0.3, 0.4] + [0.9] * 8, teacher)
+    # the old student: wrong on rows 0-4, and sure of row 4 (it must send 9 rows back to fix all five)
+    old = fresh([False] * 4 + [False] + [True] * 5, [0.1, 0.2, 0.3, 0.35, 0.95] + [0.5, 0.6, 0.7, 0.8, 0.9], teacher)
+    after = {"name": "after", "set": "fresh", "artifact": "new/q4", "threshold": 0.5, "answers": new}
+    sr = dr.same_rows(after, {"artifact": "old/q4", "threshold": 0.25, "answers": old}, same)
+    assert sr["n"] == 10 and sr["teacher_accuracy"]["value"] == 1.0
+    assert sr["new"]["served"] == {"threshold": 0.5, "fallback_rate": 0.2, "accuracy": 1.0}
+    assert sr["old"]["served"] == {"threshold": 0.25, "fallback_rate": 0.2, "accuracy": 0.7}
+    assert sr["old"]["student_accuracy"]["k"] == 5 and sr["new"]["student_accuracy"]["k"] == 8
+    at = sr["old"]["at_new_accuracy"]
+    assert at["met"] and at["accuracy"] == 1.0 and at["fallback_rate"] == 1.0  # row 4 (0.95) is the most sure of all
+    assert sr["fallback_difference"]["diff"] == -0.8 and sr["fallback_difference"]["p_value"] < 0.05
+    rep = dr.build_report([*PHASES[:2], {**PHASES[2], **after}], same, 0.36, retrain={"promoted": True, "reason": "ok"},
+                          old_on_fresh={"artifact": "old/q4", "threshold": 0.25, "answers": old})
+    assert "old_on_fresh" not in rep and rep["same_rows"] == sr and rep["checks"][-1]["ok"] is True
+    assert "## The old and the new artifact on the same fresh rows" in dr.report_markdown(rep)
+    # the fake PHASES' after answers are 8 rows without own answers: same_rows needs the same rows
+    with pytest.raises(ValueError):
+        dr.same_rows({**PHASES[2], "threshold": 0.5}, {"artifact": "o", "threshold": 0.2, "answers": old}, same)
+
+
+def test_the_same_rows_check_fails_when_the_new_student_needs_more_fallback_than_the_old():
+    teacher = [True] * 10
+    good = fresh([True] * 9 + [False], [0.9] * 9 + [0.2], teacher)
+    bad = fresh([True] * 9 + [False], [0.9] * 10, teacher)  # as right, but sure of its mistake
+    rows = {"after": {}}
+    sr = dr.same_rows({"set": "fresh", "artifact": "new", "threshold": 0.95, "answers": bad},
+                      {"artifact": "old", "threshold": 0.5, "answers": good}, same)
+    assert sr["new"]["served"]["fallback_rate"] == 1.0 and sr["old"]["at_new_accuracy"]["fallback_rate"] == 0.1
+    assert dr.checks(rows, True, sr)[-1]["ok"] is False
+    sr = dr.same_rows({"set": "fresh", "artifact": "new", "threshold": 0.5, "answers": good},
+                      {"artifact": "old", "threshold": 0.5, "answers": bad}, same)
+    assert dr.checks(rows, True, sr)[-1]["ok"] is True
+    md = "\n".join(dr.same_rows_markdown(sr))
+    assert "| old old |" in md and "| new new |" in md and "McNemar" in md

@@ -17,6 +17,8 @@ Against a finished ``edgedistill run`` (RUN, default runs/demo), one command:
 4. retrain   ``edgedistill retrain examples/banking77/task.yaml --traffic RUN/drift/traffic --run RUN``;
 5. after     the cascade restarted on what RUN/serving.json now points at (the old artifact when the
              new one was not promoted: the report says so), ``fresh`` sent and measured the same way;
+             after a promotion the old artifact answers the same ``fresh`` rows alone (``fallback: false``),
+             so the two are compared on the same rows at equal cascade accuracy;
 6. report    RUN/drift/report.json and report.md (``drift_report``): per phase the drift score, the
              live agreement estimate with its interval beside the true agreement, the fallback rate,
              the cascade accuracy (95 % intervals) and the cost per 1k requests.
@@ -105,6 +107,7 @@ def run_scenario(spec_path: Path, run: Path, sizes: dict[str, int], shadow_rate:
 
     servers = Servers(spec, run, out / "logs")
     phases: list[dict[str, Any]] = []
+    same_rows_old: dict[str, Any] | None = None
     retrain_info: dict[str, Any] | None = None
     cascade_cmd = ""
     try:
@@ -118,13 +121,22 @@ def run_scenario(spec_path: Path, run: Path, sizes: dict[str, int], shadow_rate:
                            f"--shadow-rate {shadow_rate}")
             say(f"{phase}: {len(sets[name])} {name} rows through the cascade on {art} ({source})")
             url = servers.cascade(phase, teacher_url, log, shadow_rate)
-            answers, wall_s = send_predict(url, sets[name], phase)
+            threshold = served_threshold(url)
+            answers, wall_s = send_predict(url, sets[name], phase, spec)
             metrics = wait_for_log(url, len(answers))
             servers.stop_cascade()
             say(f"{phase}: asking the teacher every row directly (the truth)")
             ask_teacher(spec, teacher_url, sets[name], answers)
             phases.append({"name": phase, "set": name, "artifact": str(art), "artifact_source": source, "metrics": metrics,
-                           "answers": answers, "wall_s": wall_s, "log_records": count_records(log)})
+                           "threshold": threshold, "answers": answers, "wall_s": wall_s, "log_records": count_records(log),
+                           "log": read_log(log)})
+        old_art, fresh = phases[1]["artifact"], PHASES[-1][1]
+        if phases[-1]["artifact"] != old_art:  # promoted: the old artifact on the same fresh rows, for the comparison
+            say(f"same rows: the {fresh} rows through the old artifact ({old_art}), the student alone")
+            url = servers.student("old", Path(old_art))
+            same_rows_old = {"artifact": old_art, "threshold": phases[1]["threshold"],  # as it was served
+                             "answers": send_predict(url, sets[fresh], "old", spec, fallback=False)[0]}
+            servers.stop_cascade()
     finally:
         servers.stop_all()
 
@@ -134,10 +146,14 @@ def run_scenario(spec_path: Path, run: Path, sizes: dict[str, int], shadow_rate:
     elif retrain_info and not retrain_info.get("promoted"):
         retrain_info["note"] = f"The new artifact was not promoted: the after phase served the old one ({phases[-1]['artifact']})."
     rep = build_report(phases, spec.task.same_answer, spec.bench.machine_usd_per_hour, task=spec.name, run=str(run),
-                       traffic={**describe(sets, seed), "shadow_rate": shadow_rate}, retrain=retrain_info, cascade_command=cascade_cmd)
+                       traffic={**describe(sets, seed), "shadow_rate": shadow_rate}, retrain=retrain_info, cascade_command=cascade_cmd,
+                       old_on_fresh=same_rows_old)
     for p, row in zip(phases, rep["phases"]):
         row["wall_s"], row["log_records_on_disk"] = round(p["wall_s"], 1), p["log_records"]
-    (out / "answers.json").write_text(json.dumps([{k: p[k] for k in ("name", "set", "artifact", "answers")} for p in phases]))
+    kept = [{k: p[k] for k in ("name", "set", "artifact", "threshold", "answers")} for p in phases]
+    if same_rows_old:
+        kept.append({"name": "old-on-fresh", "set": "fresh", **same_rows_old})
+    (out / "answers.json").write_text(json.dumps(kept))
     (out / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
     (out / "report.md").write_text(report_markdown(rep))
     say(f"wrote {out / 'report.md'} and {out / 'report.json'}")
@@ -177,6 +193,10 @@ class Servers:
             cmd += ["--threshold", str(self.spec.bench.cascade_threshold)]
         return self._up(f"cascade-{phase}", cmd, key="cascade")
 
+    def student(self, name: str, artifact: Path) -> str:
+        """An artifact served alone (no teacher, no log): its student's own answers and confidences."""
+        return self._up(f"student-{name}", self.s._serve_cmd(artifact, self.s._free_port(), self.threads), key="cascade")
+
     def stop_cascade(self) -> None:
         """SIGTERM, as an orchestrator stops it: in-flight work finished, the traffic log flushed."""
         srv = self.procs.pop("cascade", None)
@@ -196,20 +216,28 @@ class Servers:
         self.procs.clear()
 
 
-def send_predict(url: str, rows: list[Row], phase: str) -> tuple[list[dict[str, Any]], float]:
-    """Each row to /v1/predict, one at a time; the served answer, who answered, the latency."""
+def served_threshold(url: str) -> float:
+    """The threshold the server applies (``GET /v1/models``)."""
+    return float(httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["edgedistill"]["threshold"])
+
+
+def send_predict(url: str, rows: list[Row], phase: str, spec: TaskSpec, fallback: bool = True) -> tuple[list[dict[str, Any]], float]:
+    """Each row to /v1/predict, one at a time; the served answer, who answered, the latency, and the
+    student's own answer (``student``, parsed from ``edgedistill.student_output``) beside its confidence."""
     answers = []
     t_start = time.perf_counter()
     with httpx.Client(base_url=url, timeout=300) as c:
         for i, row in enumerate(rows, 1):
             t0 = time.perf_counter()
-            r = c.post("/v1/predict", json={"input": row.text})
+            r = c.post("/v1/predict", json={"input": row.text, **({} if fallback else {"fallback": False})})
             dt = time.perf_counter() - t0
             if r.status_code != 200:
                 raise UserError(f"{phase}: the cascade answered HTTP {r.status_code} to a request: {r.text[:200]}")
             body = r.json()
+            own, err = spec.task.parse_answer(body["edgedistill"]["student_output"], None)
             answers.append({"label": row.label, "served": body["output"], "answered_by": body["answered_by"],
-                            "confidence": body["confidence"], "latency_s": dt, "request_id": r.headers.get("x-request-id")})
+                            "student": None if err else own, "confidence": body["confidence"], "latency_s": dt,
+                            "request_id": r.headers.get("x-request-id")})
             if i % 50 == 0 or i == len(rows):
                 by_t = sum(a["answered_by"] == "teacher" for a in answers)
                 say(f"{phase}: {i}/{len(rows)} answered, {by_t} by the teacher")
@@ -269,6 +297,14 @@ def do_retrain(spec_path: Path, run: Path, traffic: Path) -> dict[str, Any]:
 
 def count_records(log: Path) -> int:
     return sum(p.read_bytes().count(b"\n") for p in log.glob("*.jsonl")) if log.is_dir() else 0
+
+
+def read_log(log: Path) -> list[dict[str, Any]]:
+    """The phase's traffic-log records (the report compares its shadow verdicts with the truth)."""
+    out = []
+    for p in sorted(log.glob("*.jsonl")) if log.is_dir() else []:
+        out += [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return out
 
 
 if __name__ == "__main__":
