@@ -134,6 +134,11 @@ class RequestHandle:
         return [r for r in out if r is not None]
 
 
+def _deliver(batch: list[tuple[RequestHandle, tuple]]) -> None:
+    for h, ev in batch:
+        h.queue.put_nowait(ev)
+
+
 class Engine:
     def __init__(self, runner: Runner, *, max_queue: int = 32, name: str = "engine", jump_forward: bool = True):
         self.runner = runner
@@ -144,6 +149,7 @@ class Engine:
         self._inbox: deque[_Seq] = deque()
         self._slots: list[_Seq | None] = [None] * runner.n_slots
         self._cached: list[list[int]] = [[] for _ in range(runner.n_slots)]  # tokens in each slot's KV
+        self._outbox: list[tuple[RequestHandle, tuple]] = []  # this step's events, delivered together by _post
         self._cv = threading.Condition()
         self._stop = False
         self.steps = 0
@@ -220,13 +226,34 @@ class Engine:
                             s.n_past = 0
                             s.generated = []
                             self._release(s)
-                            s.handle.put(("error", s.index, str(e)))
+                            self._send(s.handle, ("error", s.index, str(e)))
+                self._post()
         except Exception as e:  # a runner bug must not leave requests hanging forever
             log.exception("engine thread failed")
             self.failed = f"{type(e).__name__}: {e}"
+            self._post()
             for s in [*self._slots, *self._inbox]:
                 if s is not None:
                     s.handle.put(("error", s.index, self.failed))
+
+    def _send(self, handle: RequestHandle, event: tuple) -> None:
+        self._outbox.append((handle, event))
+
+    def _post(self) -> None:
+        """Deliver the step's events: one wakeup of each event loop per step, not one per token and
+        sequence (a woken loop thread takes a core from the decode threads; docs/performance.md H1)."""
+        if not self._outbox:
+            return
+        items, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, tuple]]] = {}
+        for h, ev in items:
+            by_loop.setdefault(h.loop, []).append((h, ev))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # loop closed: the clients are gone
+                for h, _ in batch:
+                    h.cancelled = True
 
     def _drop_cancelled(self) -> None:
         if any(s.handle.cancelled for s in self._inbox):
@@ -305,7 +332,7 @@ class Engine:
                 log.exception("sampling failed")
                 if not s.done:
                     self._release(s)
-                s.handle.put(("error", s.index, f"{type(e).__name__}: {e}"))
+                self._send(s.handle, ("error", s.index, f"{type(e).__name__}: {e}"))
 
     def _on_logits(self, s: _Seq, logits: np.ndarray) -> None:
         p = s.params
@@ -444,7 +471,7 @@ class Engine:
             return
         s.flushed += text
         if s.params.stream:
-            s.handle.put(("delta", s.index, (text, s.lp_pending)))
+            self._send(s.handle, ("delta", s.index, (text, s.lp_pending)))
         s.lp_pending = []
 
     def _finish(self, s: _Seq, reason: str, stopped: bool = False) -> None:
@@ -476,4 +503,4 @@ class Engine:
             forced=s.forced,
         )
         self._release(s)
-        s.handle.put(("done", s.index, result))
+        self._send(s.handle, ("done", s.index, result))
