@@ -14,6 +14,7 @@ rows asked for, which is why confidence needs no ``logits_all``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from pathlib import Path
@@ -138,10 +139,10 @@ def token_piece(ll: Any, vocab: Any, t: int) -> bytes:
     return buf.raw[: max(n, 0)]
 
 
-def end_token_texts(path: Path) -> list[str]:
-    """The texts of the tokens llama.cpp ends a generation on (``llama_vocab_is_eog``: EOS, EOT and
-    the end-of-turn and fill-in-the-middle tokens it knows by name), in id order, from the GGUF's
-    vocabulary alone (no weights loaded). ImportError without llama-cpp-python."""
+@contextlib.contextmanager
+def _vocab_only(path: Path):
+    """llama.cpp's model of the GGUF at ``path`` with its vocabulary only (no weights loaded), and
+    ``llama_cpp``. ImportError without llama-cpp-python."""
     import llama_cpp
     from llama_cpp import _internals, _logger
 
@@ -154,6 +155,16 @@ def end_token_texts(path: Path) -> list[str]:
     except ValueError as e:
         raise UserError(f"llama.cpp could not load {path} ({e}); is it a complete GGUF for this llama.cpp version?") from None
     try:
+        yield llama_cpp, model
+    finally:
+        model.close()
+
+
+def end_token_texts(path: Path) -> list[str]:
+    """The texts of the tokens llama.cpp ends a generation on (``llama_vocab_is_eog``: EOS, EOT and
+    the end-of-turn and fill-in-the-middle tokens it knows by name), in id order, from the GGUF's
+    vocabulary alone (no weights loaded). ImportError without llama-cpp-python."""
+    with _vocab_only(path) as (llama_cpp, model):
         vocab = model.vocab
         out = []
         for t in range(model.n_vocab()):
@@ -162,8 +173,14 @@ def end_token_texts(path: Path) -> list[str]:
                 n = llama_cpp.llama_token_to_piece(vocab, t, buf, 64, 0, True)
                 out.append(buf.raw[: max(n, 0)].decode("utf-8", "replace"))
         return [t for t in dict.fromkeys(out) if t]
-    finally:
-        model.close()
+
+
+def answer_token_ids(path: Path, texts: list[str]) -> list[list[int]]:
+    """Each text tokenized as an answer's first text (no BOS, no special tokens), as
+    ``runtimes.constrain.LabelSet`` tokenizes a label on this GGUF's vocabulary (no weights loaded).
+    ImportError without llama-cpp-python."""
+    with _vocab_only(path) as (_, model):
+        return [list(model.tokenize(t.encode("utf-8"), False, False)) for t in texts]
 
 
 def _threads() -> int:

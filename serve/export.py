@@ -94,6 +94,20 @@ class Source:
         except ImportError:
             return self.gguf.end_tokens(EOG_NAMES)
 
+    @cached_property
+    def label_tokens(self) -> list[list[int]] | None:
+        """The task's labels as the token ids our server constrains a classification answer to
+        (``runtimes.constrain.LabelSet``: the tokenizer's own tokenization of each), or None without
+        llama-cpp-python or labels."""
+        if self.task is None or self.task.type != "classification" or not self.task.labels:
+            return None
+        try:
+            from edgedistill.runtimes.llama import answer_token_ids
+
+            return answer_token_ids(self.artifact.model_path, list(self.task.labels))
+        except ImportError:
+            return None
+
     def chatml_faithful(self) -> tuple[bool, str]:
         """Whether ChatML renders every conversation our server sends (a system message first) exactly
         as the GGUF's own chat template does (as ``runtimes.llama`` renders it), and why not."""

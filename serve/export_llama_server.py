@@ -4,10 +4,12 @@ constraint as its default grammar), ``system_prompt.txt`` and a README.
 - Chat template: ``--jinja`` renders the GGUF's own template (the one ``runtimes.llama`` renders);
   a GGUF without one gets ``--chat-template chatml``, our runners' fallback.
 - Constraint: classification, ``labels.gbnf`` (exactly one of the labels, then the end of the
-  answer, as ``runtimes.constrain.LabelSet``: the task's labels, verbatim, in order); extraction
-  and tool_call, the answer's JSON schema (``Task.answer_schema``, what serve decodes under) in
-  ``schema.json``, given with ``--json-schema-file`` (llama-server compiles it with its own
-  json-schema-to-grammar). Either is the default grammar of every request that brings none.
+  answer, as ``runtimes.constrain.LabelSet``: the task's labels in order, each in the token ids of
+  its tokenizer's own tokenization, so llama.cpp's grammar allows what ours allows, token for
+  token); extraction and tool_call, ``answer.gbnf``: the answer's JSON schema (``Task.answer_schema``,
+  also written as ``schema.json``) converted by llama.cpp's json-schema-to-grammar with the
+  whitespace pinned to the spelling serve decodes. Either is the default grammar of every request
+  that brings none. (Without llama-cpp-python: the labels' texts, and ``--json-schema-file``.)
 - System prompt: llama-server has none of its own (removed in 2024, ggml-org/llama.cpp#9857):
   every client sends ``system_prompt.txt`` as the first message; the README says how.
 """
@@ -15,6 +17,7 @@ constraint as its default grammar), ``system_prompt.txt`` and a README.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 
 from edgedistill.serve.export import Bundle, Source
@@ -36,11 +39,36 @@ def gbnf_literal(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-def labels_gbnf(labels: list[str]) -> str:
+def labels_gbnf(labels: list[str], tokens: list[list[int]] | None = None) -> str:
     """Exactly one of ``labels``; the end of generation follows (llama.cpp allows only end tokens
-    once the grammar is complete)."""
-    alternatives = " |\n    ".join(gbnf_literal(lab) for lab in labels)
-    return f"# exactly one of the task's {len(labels)} labels (edgedistill export)\nroot ::=\n    {alternatives}\n"
+    once the grammar is complete). With ``tokens`` (each label's token ids), each label in exactly
+    that tokenization (GBNF's ``<[id]>`` token references): the constraint our server decodes under,
+    token for token. Without, the labels' texts, in any tokenization."""
+    if tokens is None:
+        alternatives = [gbnf_literal(lab) for lab in labels]
+        head = f"# exactly one of the task's {len(labels)} labels (edgedistill export)\n"
+    else:
+        alternatives = [" ".join(f"<[{t}]>" for t in ids) for ids in tokens]
+        head = (
+            f"# exactly one of the task's {len(labels)} labels, each as the tokenizer spells it (edgedistill export):\n"
+            + "".join(f"#   {alt}  =  {gbnf_literal(lab)}\n" for lab, alt in zip(labels, alternatives, strict=True))
+        )
+    return head + "root ::=\n    " + " |\n    ".join(alternatives) + "\n"
+
+
+def schema_gbnf(schema: dict) -> str | None:
+    """The answer's JSON schema as GBNF: llama.cpp's json-schema-to-grammar (llama-cpp-python's
+    port, ``json_schema_to_gbnf``), its free whitespace pinned to ``json.dumps``'s spelling (``", "``
+    between items, ``": "`` after a key, nothing else) -- the spelling serve decodes under
+    (``runtimes.constrain.json_schema_grammar``, compact). None without llama-cpp-python."""
+    try:
+        from llama_cpp.llama_grammar import json_schema_to_gbnf
+    except ImportError:
+        return None
+    gbnf = json_schema_to_gbnf(json.dumps(schema))
+    gbnf = re.sub(r'"([,:])" space\b', r'"\1 "', gbnf)
+    gbnf = re.sub(r"^space ::= .*$", 'space ::= ""', gbnf, flags=re.MULTILINE)
+    return "# the answer's JSON schema (schema.json), spelled as json.dumps spells it (edgedistill export)\n" + gbnf
 
 
 def write(src: Source) -> Bundle:
@@ -53,13 +81,20 @@ def write(src: Source) -> Bundle:
         args.append(f"-n {src.max_tokens}")
     constraint = None
     if task is not None and task.type == "classification" and task.labels:
-        files["labels.gbnf"] = labels_gbnf(task.labels)
+        files["labels.gbnf"] = labels_gbnf(task.labels, src.label_tokens)
         args.append('--grammar-file "$here"/labels.gbnf')
         constraint = "labels.gbnf"
     elif task is not None and (schema := task.answer_schema()) is not None:
         files["schema.json"] = json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
-        args.append('--json-schema-file "$here"/schema.json')
-        constraint = "schema.json"
+        if (gbnf := schema_gbnf(schema)) is not None:
+            # not --json-schema-file: this llama.cpp's server fails every request with "Failed to
+            # initialize samplers" when it brings one (ggml-org/llama.cpp#22396); a grammar file works
+            files["answer.gbnf"] = gbnf
+            args.append('--grammar-file "$here"/answer.gbnf')
+            constraint = "answer.gbnf"
+        else:
+            args.append('--json-schema-file "$here"/schema.json')
+            constraint = "schema.json"
     if system is not None:
         files["system_prompt.txt"] = system  # verbatim: no trailing newline
     files["llama-server.sh"] = "\n".join(
@@ -114,8 +149,26 @@ def _readme(src: Source, constraint: str | None) -> str:
     if constraint == "labels.gbnf":
         out += [
             "Every request that brings no grammar of its own is decoded under `labels.gbnf`: exactly one of the labels.",
-            "llama.cpp's grammar admits every tokenization of a label where ours admits the tokenizer's own one, so a",
-            "trained student gives the same greedy label, with probabilities that differ.",
+            *(
+                [
+                    "Each label is spelled in the token ids our server allows (GBNF `<[id]>` references: the tokenizer's own",
+                    "tokenization), so the constraint is ours token for token and greedy answers are the same.",
+                ]
+                if src.label_tokens is not None
+                else [
+                    "llama.cpp's grammar admits every tokenization of a label where ours admits the tokenizer's own one, so a",
+                    "trained student gives the same greedy label, with probabilities that differ.",
+                ]
+            ),
+            "",
+        ]
+    elif constraint == "answer.gbnf":
+        out += [
+            "Every request that brings no grammar of its own is decoded under `answer.gbnf`: the answer's JSON schema",
+            "(`schema.json`, the one `edgedistill serve` decodes under) converted by llama.cpp's json-schema-to-grammar,",
+            "with JSON's free whitespace pinned to the spelling our server decodes (`{\"key\": \"value\", ...}`).",
+            "(Not `--json-schema-file schema.json`: this llama.cpp's server then fails every request with",
+            "\"Failed to initialize samplers\", ggml-org/llama.cpp#22396.) Compare answers as parsed JSON.",
             "",
         ]
     elif constraint == "schema.json":

@@ -137,10 +137,21 @@ class LlamaGrammar:
     def accepts(self, gbnf: str, text: str) -> bool:
         """``text`` (in the tokenizer's own tokens) is a complete answer: every token allowed in turn,
         then an end token."""
+        return self.accepts_tokens(gbnf, self.model.tokenize(text.encode(), False, False))
+
+    def tokens_of(self, text: str) -> list[int]:
+        return self.model.tokenize(text.encode(), False, False)
+
+    def piece_id(self, piece: str) -> int:
+        """The id of the token spelling ``piece`` alone."""
+        (t,) = self.tokens_of(piece)
+        return t
+
+    def accepts_tokens(self, gbnf: str, tokens: list[int]) -> bool:
         sampler = self.ll.llama_sampler_init_grammar(self.model.vocab, gbnf.encode(), b"root")
         assert sampler, "llama.cpp could not parse the grammar"
         try:
-            for t in self.model.tokenize(text.encode(), False, False):
+            for t in tokens:
                 if t not in self._allowed(sampler):
                     return False
                 self.ll.llama_sampler_accept(sampler, t)
@@ -242,10 +253,21 @@ def test_llama_server_bundle_of_a_classification_artifact(classify, gguf):
     assert flag["-n"] == str(Task.from_manifest(CLASSIFY).output_budget)
     grammar = (bundle / "labels.gbnf").read_text()
     llama = LlamaGrammar(gguf)
+    wrongs = ("card", "card_arrival ", "Card_arrival", "card_arrivalx", "say hi", "hello", "")
+    # the exported grammar holds each label in the tokenizer's own tokens, as our LabelSet does:
+    # llama.cpp's engine takes exactly those and no other spelling of the same text
+    assert all(llama.accepts(grammar, label) for label in LABELS)
+    assert not any(llama.accepts(grammar, w) for w in wrongs)
+    canonical = llama.tokens_of("card_arrival")
+    spelled = [t for ch in "card_arrival" for t in llama.tokens_of(ch)]  # one token a character
+    assert spelled != canonical and not llama.accepts_tokens(grammar, spelled)
+    assert [ln.split("  =  ")[1] for ln in grammar.splitlines() if "  =  " in ln] == [gbnf_literal(lab) for lab in LABELS]
+    # without the tokenizer (no llama-cpp-python): the labels' texts, in any tokenization
+    text = labels_gbnf(LABELS)
     for accepts in (llama.accepts, llguidance_accepts):
-        assert all(accepts(grammar, label) for label in LABELS)
-        for wrong in ("card", "card_arrival ", "Card_arrival", "card_arrivalx", "say hi", "hello", ""):
-            assert not accepts(grammar, wrong), wrong
+        assert all(accepts(text, label) for label in LABELS)
+        assert not any(accepts(text, w) for w in wrongs)
+    assert llama.accepts_tokens(text, spelled)
 
 
 def test_gbnf_literals_escape_what_the_grammar_parser_reads():
@@ -260,15 +282,13 @@ def test_llama_server_bundle_of_an_extraction_artifact_constrains_to_the_schema(
     task = Task.from_manifest(read_manifest(extract)["task"])
     assert json.loads((bundle / "schema.json").read_text()) == task.answer_schema()
     args = script_args(bundle)
-    assert Path(args[args.index("--json-schema-file") + 1]) == bundle / "schema.json" and "--grammar-file" not in args
-    pytest.importorskip("llama_cpp")
-    from llama_cpp.llama_grammar import json_schema_to_gbnf  # llama.cpp's json-schema-to-grammar, ported
-
-    grammar = json_schema_to_gbnf((bundle / "schema.json").read_text())
+    assert Path(args[args.index("--grammar-file") + 1]) == bundle / "answer.gbnf" and "--json-schema-file" not in args
+    grammar = (bundle / "answer.gbnf").read_text()
     llama = LlamaGrammar(gguf)
     for value in ({}, {"people": "2"}, {"date": "tomorrow", "people": "2", "time": "7pm"}):  # our answers' spelling
         assert llama.accepts(grammar, task.format_answer(value)), value
-    for wrong in ('{"colour": "red"}', '{"people": 2}', "two people", '{"time": "7pm", "date": "x"}'):
+    wrong_spelling = ('{"people":"2"}', '{ "people": "2"}', '{"people": "2"} ', '{"date": "x","time": "y"}', '{\n  "people": "2"\n}')
+    for wrong in ('{"colour": "red"}', '{"people": 2}', "two people", '{"time": "7pm", "date": "x"}', *wrong_spelling):
         assert not llama.accepts(grammar, wrong), wrong
 
 
