@@ -87,8 +87,9 @@ def write(src: Source) -> Bundle:
     elif task is not None and (schema := task.answer_schema()) is not None:
         files["schema.json"] = json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
         if (gbnf := schema_gbnf(schema)) is not None:
-            # not --json-schema-file: this llama.cpp's server fails every request with "Failed to
-            # initialize samplers" when it brings one (ggml-org/llama.cpp#22396); a grammar file works
+            # not --json-schema-file: a llama-server started with one fails every request with "Failed
+            # to initialize samplers" (ggml-org/llama.cpp#22396); a grammar file, or a request's own
+            # response_format json_schema, works
             files["answer.gbnf"] = gbnf
             args.append('--grammar-file "$here"/answer.gbnf')
             constraint = "answer.gbnf"
@@ -167,8 +168,9 @@ def _readme(src: Source, constraint: str | None) -> str:
             "Every request that brings no grammar of its own is decoded under `answer.gbnf`: the answer's JSON schema",
             "(`schema.json`, the one `edgedistill serve` decodes under) converted by llama.cpp's json-schema-to-grammar,",
             "with JSON's free whitespace pinned to the spelling our server decodes (`{\"key\": \"value\", ...}`).",
-            "(Not `--json-schema-file schema.json`: this llama.cpp's server then fails every request with",
-            "\"Failed to initialize samplers\", ggml-org/llama.cpp#22396.) Compare answers as parsed JSON.",
+            "(Not `--json-schema-file schema.json`: a llama-server started with it fails every request with",
+            "\"Failed to initialize samplers\", ggml-org/llama.cpp#22396; a request's own `response_format` with",
+            "`schema.json` works, with llama.cpp's free whitespace.) Compare answers as parsed JSON.",
             "",
         ]
     elif constraint == "schema.json":
