@@ -270,9 +270,13 @@ async def gather_fail_fast(coros: list[Any]) -> None:
         t.cancel()
     if pending:
         await asyncio.gather(*pending, return_exceptions=True)
-    for t in tasks:
-        if t.done() and not t.cancelled() and t.exception() is not None:
-            raise t.exception()  # type: ignore[misc]
+    # every failed task's exception is retrieved, not only the one raised: several can fail in the
+    # same wakeup (a refused connection fails every request at once), and asyncio prints a traceback,
+    # "Task exception was never retrieved", for each one nobody looked at
+    errors = [t.exception() for t in tasks if t.done() and not t.cancelled()]
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
 
 
 # --- factory ---------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ cache, retries, errors, concurrency, and the local HF (tiny model) and GGUF teac
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import os
 import signal
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from edgedistill.distill.cache import ResponseCache, cache_key
-from edgedistill.distill.teacher import ChatRequest, make_teacher
+from edgedistill.distill.teacher import ChatRequest, gather_fail_fast, make_teacher
 from edgedistill.distill.teacher_api import OpenAITeacher
 from edgedistill.distill.teacher_local import LocalGGUFTeacher, LocalHFTeacher
 
@@ -577,3 +579,22 @@ def test_local_gguf_teacher(tmp_path):
     again = t.run_chat_many(batch)
     assert all(r.cached for r in again) and t.usage.requests_sent == 2
     cache.close()
+
+
+def test_gather_fail_fast_raises_the_first_error_and_leaves_none_unretrieved():
+    """Requests that fail in the same wakeup (a refused connection fails them all at once): one error
+    is raised, and asyncio reports no other as never retrieved (a traceback in the CLI's output)."""
+    unretrieved: list[dict] = []
+
+    async def fail(i: int) -> None:
+        raise ValueError(f"refused {i}")
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: unretrieved.append(ctx))
+        with pytest.raises(ValueError, match="refused"):
+            await gather_fail_fast([fail(i) for i in range(4)])
+        gc.collect()  # the never-retrieved report comes when a failed task is collected
+
+    asyncio.run(main())
+    gc.collect()
+    assert unretrieved == []
