@@ -6,8 +6,9 @@ Workloads:
   SmolLM2-135M Q4_1 GGUF from PyPI); completion tokens/s, streaming or not (``--stream``).
 - ``task``: the test rows of a task (``--spec``'s test set, or ``--data`` JSONL ``{input, output}``)
   on ``--artifact``'s GGUF: ours through ``/v1/predict`` (student alone); llama-server through chat
-  with the same messages (``Task.student_messages``) under the task's constraint (the labels as a
-  GBNF grammar, or the answer's JSON schema), greedy, the task's output budget; requests/s,
+  with the same messages (``Task.student_messages``) under the task's constraint (the labels as
+  ``edgedistill export`` writes them, ``runtimes.gbnf``: in the artifact's token ids, so both servers
+  decode under the same constraint; or the answer's JSON schema), greedy, the task's output budget; requests/s,
   accuracy and agreement of the two servers' answers.
 
 Each server runs alone (started, measured at every concurrency, stopped); rounds are interleaved
@@ -39,6 +40,7 @@ from typing import Any
 
 import httpx
 from edgedistill.bench.serve_speed import ROOT, TOPICS, _port
+from edgedistill.runtimes.gbnf import labels_gbnf
 
 LLAMA_SERVER = "llama-server"
 OURS = {"ours": [], "ours-nojf": ["--no-jump-forward"]}  # target -> extra `edgedistill serve` flags
@@ -127,29 +129,17 @@ async def chat_load(base: str, concurrency: int, per_client: int, max_tokens: in
     return {"value": round(tokens / wall, 2), "unit": "tokens/s", "tokens": tokens, "wall_s": round(wall, 3)}
 
 
-def labels_gbnf(labels: list[str]) -> str:
-    """Exactly one of ``labels`` as a GBNF grammar (what ``edgedistill export --to llama-server`` writes
-    to labels.gbnf; llama.cpp allows only end tokens once the grammar is complete)."""
-
-    def literal(text: str) -> str:
-        return (
-            '"'
-            + "".join(
-                "\\" + ch if ch in '"\\' else f"\\x{ord(ch):02X}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch for ch in text
-            )
-            + '"'
-        )
-
-    return "root ::= " + " | ".join(literal(lab) for lab in labels) + "\n"
-
-
-def task_request(target: str, task: Any, text: Any, budget: int) -> tuple[str, dict[str, Any]]:
-    """The route and body one task input is sent as: ours /v1/predict; llama-server chat under the constraint."""
+def task_request(
+    target: str, task: Any, text: Any, budget: int, label_tokens: list[list[int]] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The route and body one task input is sent as: ours /v1/predict; llama-server chat under the
+    constraint -- the labels as ``edgedistill export`` writes them (in ``label_tokens``, their token
+    ids, when given), or the answer's JSON schema."""
     if target != LLAMA_SERVER:
         return "/v1/predict", {"input": text, "fallback": False}
     body: dict[str, Any] = {"model": "m", "messages": task.student_messages(text), "temperature": 0, "max_tokens": budget}
     if task.type == "classification" and task.labels:
-        body["grammar"] = labels_gbnf(task.labels)
+        body["grammar"] = labels_gbnf(task.labels, label_tokens)
     elif (schema := task.answer_schema()) is not None:
         body["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
     return "/v1/chat/completions", body
@@ -162,14 +152,16 @@ def _answer(target: str, task: Any, payload: dict[str, Any]) -> Any:
     return None if err else value
 
 
-async def task_load(base: str, target: str, task: Any, rows: list[dict[str, Any]], concurrency: int) -> dict[str, Any]:
+async def task_load(
+    base: str, target: str, task: Any, rows: list[dict[str, Any]], concurrency: int, label_tokens: list[list[int]] | None = None
+) -> dict[str, Any]:
     budget = task.output_budget
     async with httpx.AsyncClient(base_url=base, timeout=600) as http:
         sem = asyncio.Semaphore(concurrency)
 
         async def one(text: Any) -> Any:
             async with sem:
-                route, body = task_request(target, task, text, budget)
+                route, body = task_request(target, task, text, budget, label_tokens)
                 r = await http.post(route, json=body)
                 r.raise_for_status()
                 return _answer(target, task, r.json())
@@ -297,11 +289,15 @@ def main(argv: list[str] | None = None) -> None:
     from edgedistill.spec import load_spec, resolve_path
 
     gguf = resolve_path(args.gguf, Path("."))
-    art_model, task, task_rows = None, None, []
+    art_model, task, task_rows, label_tokens = None, None, [], None
     if "task" in args.workloads:
         if args.artifact is None or not (args.spec or args.data):
             raise SystemExit("the task workload needs --artifact and --spec or --data (or drop it: --workloads chat)")
         art_model, task = load_gguf_artifact(args.artifact)
+        if task.type == "classification" and task.labels:  # llama-server gets our label constraint, token for token
+            from edgedistill.runtimes.llama import answer_token_ids
+
+            label_tokens = answer_token_ids(art_model, list(task.labels))
         if args.spec:
             task_rows = [{"input": e.input, "output": e.output} for e in load_spec(args.spec).load_test_set()]
         else:
@@ -327,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
                                 if wl == "chat":
                                     res = asyncio.run(chat_load(base, c, args.per_client, args.max_tokens, st))
                                 else:
-                                    res = asyncio.run(task_load(base, target, task, task_rows, c))
+                                    res = asyncio.run(task_load(base, target, task, task_rows, c, label_tokens))
                                     answers[target] = res.pop("answers")
                                 name = f"chat{'-stream' if st else ''}" if wl == "chat" else "task"
                                 row = {"workload": name, "target": target, "round": rnd, "concurrency": c, **res}

@@ -17,58 +17,12 @@ constraint as its default grammar), ``system_prompt.txt`` and a README.
 from __future__ import annotations
 
 import json
-import re
 import shlex
 
+from edgedistill.runtimes.gbnf import labels_gbnf, schema_gbnf
 from edgedistill.serve.export import Bundle, Source
 
 SLOTS = 4  # parallel sequences, as serve's default n_slots: -c is their total context
-
-
-def gbnf_literal(text: str) -> str:
-    """``text`` as a GBNF string literal (llama.cpp's grammar parser: ``\\"``, ``\\\\``, ``\\xHH``;
-    any other character, UTF-8 included, as itself)."""
-    out = []
-    for ch in text:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\x{ord(ch):02X}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
-
-
-def labels_gbnf(labels: list[str], tokens: list[list[int]] | None = None) -> str:
-    """Exactly one of ``labels``; the end of generation follows (llama.cpp allows only end tokens
-    once the grammar is complete). With ``tokens`` (each label's token ids), each label in exactly
-    that tokenization (GBNF's ``<[id]>`` token references): the constraint our server decodes under,
-    token for token. Without, the labels' texts, in any tokenization."""
-    if tokens is None:
-        alternatives = [gbnf_literal(lab) for lab in labels]
-        head = f"# exactly one of the task's {len(labels)} labels (edgedistill export)\n"
-    else:
-        alternatives = [" ".join(f"<[{t}]>" for t in ids) for ids in tokens]
-        head = (
-            f"# exactly one of the task's {len(labels)} labels, each as the tokenizer spells it (edgedistill export):\n"
-            + "".join(f"#   {alt}  =  {gbnf_literal(lab)}\n" for lab, alt in zip(labels, alternatives, strict=True))
-        )
-    return head + "root ::=\n    " + " |\n    ".join(alternatives) + "\n"
-
-
-def schema_gbnf(schema: dict) -> str | None:
-    """The answer's JSON schema as GBNF: llama.cpp's json-schema-to-grammar (llama-cpp-python's
-    port, ``json_schema_to_gbnf``), its free whitespace pinned to ``json.dumps``'s spelling (``", "``
-    between items, ``": "`` after a key, nothing else) -- the spelling serve decodes under
-    (``runtimes.constrain.json_schema_grammar``, compact). None without llama-cpp-python."""
-    try:
-        from llama_cpp.llama_grammar import json_schema_to_gbnf
-    except ImportError:
-        return None
-    gbnf = json_schema_to_gbnf(json.dumps(schema))
-    gbnf = re.sub(r'"([,:])" space\b', r'"\1 "', gbnf)
-    gbnf = re.sub(r"^space ::= .*$", 'space ::= ""', gbnf, flags=re.MULTILINE)
-    return "# the answer's JSON schema (schema.json), spelled as json.dumps spells it (edgedistill export)\n" + gbnf
 
 
 def write(src: Source) -> Bundle:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from edgedistill.bench import vs_llama_server as vs
 from edgedistill.bench.ceiling import request_ceiling
 from edgedistill.runtimes.constrain import LabelSet
-from edgedistill.serve.export_llama_server import labels_gbnf
+from edgedistill.runtimes.gbnf import labels_gbnf
 
 from edgedistill.task import Task
 from tests.serve_fakes import FakeRunner
@@ -38,9 +38,15 @@ def test_task_requests_carry_the_same_messages_and_constraint():
 
 def test_the_labels_grammar_is_the_exported_one():
     labels = ["card_arrival", 'say "hi"', "back\\slash", "tab\there", "café"]
-    exported = [line.strip().rstrip(" |") for line in labels_gbnf(labels).splitlines()[2:]]  # after the comment and "root ::="
-    assert vs.labels_gbnf(labels).strip().removeprefix("root ::= ").split(" | ") == exported
-    assert exported[1] == '"say \\"hi\\""' and exported[3] == '"tab\\x09here"'
+    cls = Task(type="classification", instructions="Classify.", labels=labels)
+    text = vs.task_request(vs.LLAMA_SERVER, cls, "x", 16)[1]["grammar"]
+    assert text == labels_gbnf(labels)  # what the export writes without a tokenizer
+    alternatives = [line.strip().rstrip(" |") for line in text.splitlines() if line.startswith("    ")]
+    assert alternatives[1] == '"say \\"hi\\""' and alternatives[3] == '"tab\\x09here"'
+    tokens = [[1, 2], [3], [4, 5, 6], [7], [8]]  # the artifact's tokenization: the export's token form
+    token_form = vs.task_request(vs.LLAMA_SERVER, cls, "x", 16, tokens)[1]["grammar"]
+    assert token_form == labels_gbnf(labels, tokens)
+    assert [line.strip().rstrip(" |") for line in token_form.splitlines() if line.startswith("    ")][:2] == ["<[1]> <[2]>", "<[3]>"]
 
 
 def test_summary_best_median_and_ratios():

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 from edgedistill.runtimes.chat import compile_template, raise_exception
 from edgedistill.runtimes.constrain import Grammar, lark_grammar
+from edgedistill.runtimes.gbnf import gbnf_literal, labels_gbnf
 from edgedistill.serve import export as export_mod
 from edgedistill.serve.export import chatml, export_bundle
-from edgedistill.serve.export_llama_server import gbnf_literal, labels_gbnf
 from edgedistill.serve.export_ollama import CHATML_GO
 
 from edgedistill.errors import UserError
