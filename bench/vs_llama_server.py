@@ -40,7 +40,7 @@ from typing import Any
 
 import httpx
 from edgedistill.bench.serve_speed import ROOT, TOPICS, _port
-from edgedistill.runtimes.gbnf import labels_gbnf
+from edgedistill.runtimes import gbnf
 
 LLAMA_SERVER = "llama-server"
 OURS = {"ours": [], "ours-nojf": ["--no-jump-forward"]}  # target -> extra `edgedistill serve` flags
@@ -139,7 +139,7 @@ def task_request(
         return "/v1/predict", {"input": text, "fallback": False}
     body: dict[str, Any] = {"model": "m", "messages": task.student_messages(text), "temperature": 0, "max_tokens": budget}
     if task.type == "classification" and task.labels:
-        body["grammar"] = labels_gbnf(task.labels, label_tokens)
+        body["grammar"] = gbnf.labels_gbnf(task.labels, label_tokens)
     elif (schema := task.answer_schema()) is not None:
         body["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
     return "/v1/chat/completions", body
@@ -294,10 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.artifact is None or not (args.spec or args.data):
             raise SystemExit("the task workload needs --artifact and --spec or --data (or drop it: --workloads chat)")
         art_model, task = load_gguf_artifact(args.artifact)
-        if task.type == "classification" and task.labels:  # llama-server gets our label constraint, token for token
-            from edgedistill.runtimes.llama import answer_token_ids
-
-            label_tokens = answer_token_ids(art_model, list(task.labels))
+        label_tokens = gbnf.label_tokens(task, art_model)  # llama-server gets our label constraint, token for token
         if args.spec:
             task_rows = [{"input": e.input, "output": e.output} for e in load_spec(args.spec).load_test_set()]
         else:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
+from typing import Any
 
 
 def gbnf_literal(text: str) -> str:
@@ -25,6 +27,19 @@ def gbnf_literal(text: str) -> str:
         else:
             out.append(ch)
     return '"' + "".join(out) + '"'
+
+
+def label_tokens(task: Any, gguf: Path) -> list[list[int]] | None:
+    """A classification task's labels as the token ids our server constrains its answer to
+    (``runtimes.constrain.LabelSet``: the GGUF tokenizer's own tokenization of each); None for
+    another type, or without llama-cpp-python (``labels_gbnf`` then writes the labels' texts)."""
+    if task is None or task.type != "classification" or not task.labels:
+        return None
+    try:
+        from edgedistill.runtimes.llama import answer_token_ids
+    except ImportError:
+        return None
+    return answer_token_ids(gguf, list(task.labels))
 
 
 def labels_gbnf(labels: list[str], tokens: list[list[int]] | None = None) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from edgedistill.runtimes.chat import CHATML, compile_template, raise_exception
+from edgedistill.runtimes.gbnf import label_tokens
 from edgedistill.runtimes.gguf_meta import GGUFInfo, read_metadata
 from edgedistill.runtimes.vocab import EOG_NAMES
 from edgedistill.serve.artifact import Artifact, load_artifact
@@ -96,17 +97,9 @@ class Source:
 
     @cached_property
     def label_tokens(self) -> list[list[int]] | None:
-        """The task's labels as the token ids our server constrains a classification answer to
-        (``runtimes.constrain.LabelSet``: the tokenizer's own tokenization of each), or None without
-        llama-cpp-python or labels."""
-        if self.task is None or self.task.type != "classification" or not self.task.labels:
-            return None
-        try:
-            from edgedistill.runtimes.llama import answer_token_ids
-
-            return answer_token_ids(self.artifact.model_path, list(self.task.labels))
-        except ImportError:
-            return None
+        """The labels in the token ids our server constrains a classification answer to (None: not
+        classification, or no llama-cpp-python)."""
+        return label_tokens(self.task, self.artifact.model_path)
 
     def chatml_faithful(self) -> tuple[bool, str]:
         """Whether ChatML renders every conversation our server sends (a system message first) exactly
