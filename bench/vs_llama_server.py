@@ -14,7 +14,10 @@ Workloads:
 Each server runs alone (started, measured at every concurrency, stopped); rounds are interleaved
 (odd rounds in reverse order); every figure is the best and the median over the rounds, ours as a
 ratio to llama-server's, then to the in-process ceiling of the same model (``bench.ceiling``:
-decode tokens/s for chat, the engine's requests/s without HTTP for the task). A benchmark, not a
+decode tokens/s for chat, the engine's requests/s without HTTP for the task), which is measured as
+one more target of every round, in this process while no server runs (a ceiling measured once,
+after the rounds, reads the machine at one moment: on a 2-core machine whose rounds spread 15-30 %
+it came out below both servers). A benchmark, not a
 test; llama-server comes from ``make llama-tools`` (or ``--llama-server-bin``), and without it
 nothing is measured.
 
@@ -43,6 +46,7 @@ from edgedistill.bench.serve_speed import ROOT, TOPICS, _port
 from edgedistill.runtimes import gbnf
 
 LLAMA_SERVER = "llama-server"
+CEILING = "ceiling"  # the in-process ceiling, measured as one more target of every round
 OURS = {"ours": [], "ours-nojf": ["--no-jump-forward"]}  # target -> extra `edgedistill serve` flags
 SLOTS = 4
 
@@ -209,6 +213,22 @@ def task_ceiling(
         runner.close()
 
 
+def ceiling_rows(
+    args: argparse.Namespace, gguf: Path, art_model: Path | None, task: Any, task_rows: list[dict[str, Any]], streams: list[bool], rnd: int
+) -> list[dict[str, Any]]:
+    """One round's ceilings, in this process (no server running): chat decode tokens/s of ``gguf``
+    (the same figure for the streamed workload) and the task's requests/s on the artifact's GGUF."""
+    out = []
+    if "chat" in args.workloads:
+        for c, v in chat_ceiling(gguf, args.threads, args.concurrency, args.max_tokens).items():
+            out += [{"workload": f"chat{'-stream' if st else ''}", "target": CEILING, "round": rnd, "concurrency": c,
+                     "value": round(v, 2), "unit": "tokens/s"} for st in streams]  # fmt: skip
+    if "task" in args.workloads:
+        for c, v in task_ceiling(art_model, task, args.threads, args.ctx, task_rows, args.concurrency).items():
+            out.append({"workload": "task", "target": CEILING, "round": rnd, "concurrency": c, "value": round(v, 2), "unit": "requests/s"})
+    return out
+
+
 def load_gguf_artifact(folder: Path) -> tuple[Path, Any]:
     """An artifact folder's GGUF and task (its manifest.json, as serve reads it)."""
     from edgedistill.task import Task
@@ -226,15 +246,16 @@ def load_gguf_artifact(folder: Path) -> tuple[Path, Any]:
 # ---- report -----------------------------------------------------------------------------------
 
 
-def summarize(rows: list[dict[str, Any]], ceilings: dict[tuple[str, int], float]) -> list[dict[str, Any]]:
-    """Best and median per (workload, target, concurrency); ours over llama-server's and over the ceiling."""
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Best and median per (workload, target, concurrency); each server over llama-server's and over
+    the ceiling (the ``ceiling`` target's rows, measured in the same interleaved rounds: its best)."""
     keys = list(dict.fromkeys((r["workload"], r["target"], r["concurrency"]) for r in rows))
     vals = {k: [r["value"] for r in rows if (r["workload"], r["target"], r["concurrency"]) == k] for k in keys}
     out = []
     for wl, target, c in keys:
         best, med = max(vals[(wl, target, c)]), statistics.median(vals[(wl, target, c)])
         ref = vals.get((wl, LLAMA_SERVER, c))
-        ceil = ceilings.get((wl, c))
+        ceil = max(vals[(wl, CEILING, c)]) if (wl, CEILING, c) in vals and target != CEILING else None
         out.append({
             "workload": wl, "target": target, "concurrency": c, "unit": "tokens/s" if wl.startswith("chat") else "requests/s",
             "best": best, "median": round(med, 2), "rounds": vals[(wl, target, c)],
@@ -305,8 +326,14 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     answers: dict[str, list[Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        order = [*args.targets, *([] if args.no_ceiling else [CEILING])]
         for rnd in range(args.rounds):
-            for target in args.targets if rnd % 2 == 0 else args.targets[::-1]:
+            for target in order if rnd % 2 == 0 else order[::-1]:
+                if target == CEILING:
+                    for row in ceiling_rows(args, gguf, art_model, task, task_rows, streams, rnd):
+                        print(json.dumps(row), flush=True)
+                        rows.append(row)
+                    continue
                 for wl in args.workloads:
                     model = gguf if wl == "chat" else art_model if target == LLAMA_SERVER else args.artifact
                     port = _port()
@@ -328,16 +355,7 @@ def main(argv: list[str] | None = None) -> None:
                                 rows.append(row)
                     finally:
                         stop(proc)
-    ceilings: dict[tuple[str, int], float] = {}
-    if not args.no_ceiling:
-        if "chat" in args.workloads:
-            for c, v in chat_ceiling(gguf, args.threads, args.concurrency, args.max_tokens).items():
-                for st in streams:
-                    ceilings[(f"chat{'-stream' if st else ''}", c)] = v
-        if "task" in args.workloads:
-            for c, v in task_ceiling(art_model, task, args.threads, args.ctx, task_rows, args.concurrency).items():
-                ceilings[("task", c)] = v
-    summary = summarize(rows, ceilings)
+    summary = summarize(rows)
     print("\n" + table(summary))
     agreement = None
     if LLAMA_SERVER in answers and "ours" in answers:

@@ -52,10 +52,12 @@ def test_the_labels_grammar_is_the_exported_one():
 def test_summary_best_median_and_ratios():
     rows = [
         {"workload": "chat", "target": t, "concurrency": 1, "value": v, "unit": "tokens/s"}
-        for t, v in [("llama-server", 80.0), ("ours", 66.0), ("llama-server", 90.0), ("ours", 70.0)]
+        for t, v in [("llama-server", 80.0), ("ours", 66.0), (vs.CEILING, 95.0), (vs.CEILING, 100.0), ("llama-server", 90.0), ("ours", 70.0)]
     ]
-    (ls, ours) = vs.summarize(rows, {("chat", 1): 100.0})
+    (ls, ours, ceiling) = vs.summarize(rows)
     assert (ls["best"], ls["median"], ls["vs_llama_server_best"]) == (90.0, 85.0, None)
+    assert ls["of_ceiling_best"] == 0.9 and ceiling["of_ceiling_best"] is None  # the ceiling's best round: 100
+    assert ceiling["vs_llama_server_best"] == 1.111 and ceiling["rounds"] == [95.0, 100.0]
     assert (ours["best"], ours["median"], ours["rounds"]) == (70.0, 68.0, [66.0, 70.0])
     assert ours["vs_llama_server_best"] == 0.778 and ours["vs_llama_server_median"] == 0.8  # 70/90, 68/85
     assert ours["of_ceiling_best"] == 0.7 and ours["unit"] == "tokens/s"
