@@ -138,14 +138,20 @@ def task_request(
 ) -> tuple[str, dict[str, Any]]:
     """The route and body one task input is sent as: ours /v1/predict; llama-server chat under the
     constraint -- the labels as ``edgedistill export`` writes them (in ``label_tokens``, their token
-    ids, when given), or the answer's JSON schema."""
+    ids, when given), or the answer's JSON schema (the export's ``answer.gbnf``; without
+    llama-cpp-python, as a json_schema response_format)."""
     if target != LLAMA_SERVER:
         return "/v1/predict", {"input": text, "fallback": False}
     body: dict[str, Any] = {"model": "m", "messages": task.student_messages(text), "temperature": 0, "max_tokens": budget}
     if task.type == "classification" and task.labels:
         body["grammar"] = gbnf.labels_gbnf(task.labels, label_tokens)
     elif (schema := task.answer_schema()) is not None:
-        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+        # the export's answer.gbnf: the JSON spelled as ours decodes it, so both servers do the same
+        # work (a json_schema response_format lets llama.cpp's grammar admit any whitespace)
+        if (grammar := gbnf.schema_gbnf(schema)) is not None:
+            body["grammar"] = grammar
+        else:
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
     return "/v1/chat/completions", body
 
 

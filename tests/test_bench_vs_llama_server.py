@@ -7,7 +7,7 @@ from __future__ import annotations
 from edgedistill.bench import vs_llama_server as vs
 from edgedistill.bench.ceiling import request_ceiling
 from edgedistill.runtimes.constrain import LabelSet
-from edgedistill.runtimes.gbnf import labels_gbnf
+from edgedistill.runtimes.gbnf import labels_gbnf, schema_gbnf
 
 from edgedistill.task import Task
 from tests.serve_fakes import FakeRunner
@@ -32,7 +32,8 @@ def test_task_requests_carry_the_same_messages_and_constraint():
     assert '"card_arrival"' in body["grammar"] and body["temperature"] == 0 and body["max_tokens"] == 16
     ext = Task(type="extraction", instructions="Extract.", output_schema=SCHEMA)
     _, body = vs.task_request(vs.LLAMA_SERVER, ext, "a table for two", 32)
-    assert body["response_format"]["json_schema"]["schema"] == ext.answer_schema()
+    assert body["grammar"] == schema_gbnf(ext.answer_schema())  # the export's answer.gbnf
+    assert body["messages"] == ext.student_messages("a table for two") and "response_format" not in body
     assert vs.task_request("ours", cls, "x", 16) == ("/v1/predict", {"input": "x", "fallback": False})
 
 
