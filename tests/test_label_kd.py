@@ -133,7 +133,9 @@ def test_compute_loss_blends_the_label_kl_and_ce(tiny_model_dir, tok, tmp_path):
         scores = torch.tensor([label_logprob(student, tok, ex["messages"], n) for n in names])
         s_logp = torch.log_softmax(scores / 2.0, -1)
         p = torch.tensor(probs)
-        kls.append(4.0 * (p * (p.log() - s_logp)).sum())
+        # per answer token, as the CE: the mean token count of the example's label rows
+        tokens = [sum(t != -100 for t in encode_example(tok, ex["messages"], n, 256)["labels"]) for n in names]
+        kls.append(4.0 * (p * (p.log() - s_logp)).sum() / (sum(tokens) / len(tokens)))
     want = 0.3 * torch.stack(kls).mean() + 0.7 * ce
     assert torch.allclose(loss, want, rtol=1e-4)
     trainer._logits_to_keep = False  # models without logits_to_keep: logits at every position
