@@ -167,7 +167,7 @@ def main() -> None:
                     | ({"soft_labels": r["soft_labels"]} if with_soft and r.get("soft_labels") else {}) for r in kept]  # fmt: skip
         out = args.out / ("student-soft" if with_soft else "student-hard")
         t0 = time.time()
-        res = train(base, out, examples, cfg, log=lambda d: print(f"  {name}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}), flush=True))
+        res = train(base, out, examples, cfg, log=lambda d, name=name: print(f"  {name}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}), flush=True))
         scores = evaluate(out, spec, dev)
         scores.update(train_s=round(time.time() - t0, 1), steps=res["steps"], final_loss=res["final_loss"], soft_label_rows=res["soft_label_rows"])
         results[name] = scores
