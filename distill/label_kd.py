@@ -105,5 +105,5 @@ def soft_label_kl(forward: Callable[[dict[str, torch.Tensor], torch.Tensor | Non
 def answer_tokens(target: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """(G,) the mean number of answer tokens of each group's label rows (``target``: IGNORE elsewhere)."""
     counts = (target != IGNORE).sum(-1).float()
-    n = int(groups.max()) + 1 if groups.numel() else 0
-    return torch.stack([counts[groups == g].mean().clamp(min=1.0) for g in range(n)]) if n else counts.new_ones(0)
+    sizes = torch.bincount(groups).float()
+    return (counts.new_zeros(sizes.shape).index_add_(0, groups, counts) / sizes).clamp(min=1.0)
