@@ -290,6 +290,23 @@ def _teacher_cost(cfg: BenchConfig, rows: list[dict[str, Any]]) -> float | None:
     return min(costs) if costs else None
 
 
+def _student_alone(
+    by_name: dict[str, Any], rows: list[dict[str, Any]], row: dict[str, Any], same_level: bool = True
+) -> list[dict[str, Any]]:
+    """The rows of endpoints that serve the same artifact as ``row``'s with no teacher behind them
+    (at the same load level, with ``same_level``): a cascade's student work per request, priced
+    without the time its requests spent waiting on the teacher, which the teacher's share prices."""
+    art = by_name[row["name"]].artifact
+    if not art:
+        return []
+    return [
+        x for x in rows
+        if x["name"] != row["name"] and by_name[x["name"]].artifact == art and by_name[x["name"]].has_teacher is not True
+        and not _teacher_calls(x) and x["own_cost_per_1k_usd"] is not None
+        and (not same_level or all(x[k] == row[k] for k in ("mode", "concurrency", "rate")))
+    ]  # fmt: skip
+
+
 def assemble(cfg: BenchConfig, m: Measured, test_rows, cal_rows, ceilings) -> dict[str, Any]:
     task = cfg.task
     golds = [r.output for r in test_rows]
@@ -326,11 +343,14 @@ def assemble(cfg: BenchConfig, m: Measured, test_rows, cal_rows, ceilings) -> di
         if ep.price is None:
             r["cost_per_1k_usd"], r["cost_basis"] = None, "no --price"
         elif r["name"] != cfg.teacher and _teacher_calls(r):
-            # every teacher call the cascade made at this load level is paid for: answered or failed
-            r["cost_per_1k_usd"] = sig(cascade_cost_per_1k(own, _teacher_calls(r), t_cost))
-            r["cost_basis"] = f"cascade: {ep.price.kind} + teacher calls x teacher" + (
-                "" if t_cost is not None else " (teacher cost unknown)"
-            )
+            # every teacher call the cascade made at this load level is paid for: answered or failed. The
+            # student's part is the same artifact served alone at this level where the bench has it: the
+            # cascade's own throughput also counts its waits on the teacher, which the teacher's share pays.
+            alone = _student_alone(by_name, rows, r)
+            student = alone[0]["own_cost_per_1k_usd"] if alone else own
+            r["cost_per_1k_usd"] = sig(cascade_cost_per_1k(student, _teacher_calls(r), t_cost))
+            part = f"student alone ({alone[0]['name']})" if alone else f"{ep.price.kind} (its own throughput)"
+            r["cost_basis"] = f"cascade: {part} + teacher calls x teacher" + ("" if t_cost is not None else " (teacher cost unknown)")
         else:
             r["cost_per_1k_usd"] = own
             r["cost_basis"] = ep.price.kind
@@ -379,6 +399,7 @@ def _sweeps(cfg, m: Measured, test_rows, cal_rows, answers, rows, t_cost, notes)
     if task is None:
         return {}
     cascades = [e for e in cfg.endpoints if e.edgedistill and e.name != cfg.teacher]
+    by_name = {e.name: e for e in cfg.endpoints}
     if cascades and cfg.teacher is None:
         notes.append("no --teacher: no cascade sweep (it needs the teacher's answer per test row)")
         return {}
@@ -406,7 +427,9 @@ def _sweeps(cfg, m: Measured, test_rows, cal_rows, answers, rows, t_cost, notes)
         s_ok = list(zip(golds, student.preds))
         full = (s_ok, student.confidences, t_ok)
         own = [r["own_cost_per_1k_usd"] for r in rows if r["name"] == ep.name and r["own_cost_per_1k_usd"] is not None]
-        s_cost = min(own) if own else None
+        mine = [r for r in rows if r["name"] == ep.name]
+        alone = [x["own_cost_per_1k_usd"] for x in _student_alone(by_name, rows, mine[0], same_level=False)] if mine else []
+        s_cost = min(alone or own) if (alone or own) else None
         if cal_rows and ep.name in m.cal_student:
             cal_golds = [r.output for r in cal_rows]
             cs = quality.Answers.from_samples(task, m.cal_student[ep.name], predict=ep.name in m.student_predict, own=True)

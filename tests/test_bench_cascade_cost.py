@@ -78,3 +78,32 @@ def test_cascade_load_rows_pay_for_the_teacher_calls(tmp_path, teacher_status):
     # the test set as served (/v1/predict, the sweep's route): exactly the hard quarter went to the teacher
     q = rep["quality"]["ours"]
     assert q["fallback_rate"] == pytest.approx(len(HARD) / N if teacher_status == 200 else 0.0, abs=1e-4)
+
+
+def test_cascade_student_part_is_priced_from_the_same_artifact_served_alone(tmp_path):
+    """A cascade's own throughput includes its requests' waits on the teacher, which the teacher's share
+    already pays for: where the bench also measures the same artifact with no teacher behind it, the
+    student's part of the cascade's cost is that one's, at the same load level."""
+    spec = write_spec(tmp_path)
+    with FakeTeacher(reply="card_linking") as api, FakeTeacher(reply="card_linking", delay_s=0.05) as behind:
+        cascade = make_app("student", script=script, task=task_view(), teacher_url=behind.url, teacher_model="big", threshold=0.95)
+        alone = make_app("student", script=script, task=task_view())
+        with live(cascade) as ours, live(alone) as solo:
+            cfg = build_config(
+                [f"teacher={api.url}#teacher", f"ours={ours}", f"solo={solo}"], out=tmp_path / "o", task=spec,
+                concurrency="1,4", requests=N, warmup=0, price=["teacher=0.15,0.60", "ours=0.10/h", "solo=0.10/h"],
+                teacher="teacher", progress=False,
+            )  # fmt: skip
+            for name in ("ours", "solo"):
+                cfg.endpoint(name).artifact = str(tmp_path / "artifacts" / "gguf-q4_k_m")  # as edgedistill run sets it
+            rep = run_bench(cfg)
+    t_cost = 1000 * (3 * API_PRICE[0] + 4 * API_PRICE[1]) / 1e6
+    rows = [r for r in rep["results"] if r["name"] == "ours"]
+    assert {r["concurrency"] for r in rows} == {1, 4}
+    for row in rows:
+        solo_row = next(r for r in rep["results"] if r["name"] == "solo" and r["concurrency"] == row["concurrency"])
+        assert solo_row["teacher_call_rate"] == 0 and solo_row["cost_per_1k_usd"] == solo_row["own_cost_per_1k_usd"]
+        share = row["teacher_call_rate"]
+        assert share > 0
+        assert row["cost_per_1k_usd"] == pytest.approx(solo_row["own_cost_per_1k_usd"] + share * t_cost, rel=1e-3)
+        assert row["cost_basis"].startswith("cascade: student alone (solo)")
