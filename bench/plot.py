@@ -51,14 +51,15 @@ def _intervals(rows: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
     return {r["name"]: tuple(r["accuracy_ci"]) for r in rows if isinstance(r.get("accuracy_ci"), list | tuple) and len(r["accuracy_ci"]) == 2}
 
 
-_OFFSETS = [(k * dx, k * dy) for k in (1, 2.2, 3.6) for dx, dy in ((6, 4), (6, -12), (-6, 4), (-6, -12), (0, 9), (0, -17))]
+_OFFSETS = [(k * dx, k * dy) for k in (1, 2.2, 3.6, 5.5) for dx, dy in ((6, 4), (6, -12), (-6, 4), (-6, -12), (0, 9), (0, -17))]
 
 
 def place_labels(ax, items: list[tuple[str, tuple[float, float]]], fontsize: float = 7.5) -> list[Any]:
     """Annotate each (text, data point) where the text overlaps no label placed before it and no
     other point, inside the axes: offsets are tried nearest first (right, left, above, below, then
-    farther out, with a leader line); a label that fits nowhere takes the nearest. Call once the
-    layout is final (the check is in display coordinates). Returns the annotations."""
+    farther out, with a leader line); a label that fits nowhere takes the offset with the fewest
+    conflicts (a label overlapped counts most, then leaving the axes, then a point covered). Call
+    once the layout is final (the check is in display coordinates). Returns the annotations."""
     renderer = ax.figure.canvas.get_renderer()
     ax.figure.canvas.draw()
     pts = [ax.transData.transform(xy) for _, xy in items]
@@ -66,20 +67,39 @@ def place_labels(ax, items: list[tuple[str, tuple[float, float]]], fontsize: flo
     out = []
     for i, (text, xy) in enumerate(items):
         others = [q for j, q in enumerate(pts) if j != i]
-        for k, (dx, dy) in enumerate([*_OFFSETS, _OFFSETS[0]]):
-            far = k >= 6 and k < len(_OFFSETS)
-            ann = ax.annotate(text, xy, textcoords="offset points", xytext=(dx, dy), fontsize=fontsize, zorder=7,
-                              ha="left" if dx > 0 else "right" if dx < 0 else "center",
-                              arrowprops={"arrowstyle": "-", "color": "gray", "lw": 0.5} if far else None)  # fmt: skip
-            box = ann.get_window_extent(renderer)
-            inside = ax.bbox.x0 <= box.x0 and box.x1 <= ax.bbox.x1 and ax.bbox.y0 <= box.y0 and box.y1 <= ax.bbox.y1
-            free = not any(box.padded(2).overlaps(t) for t in taken) and not any(box.padded(6).contains(*q) for q in others)
-            if (inside and free) or k == len(_OFFSETS):
-                break
+        best: tuple[tuple[int, int, int, int], tuple[float, float]] | None = None
+        for k, (dx, dy) in enumerate(_OFFSETS):
+            ann = _annotate(ax, text, xy, dx, dy, fontsize, leader=k >= 6)  # the farther rings: a leader line to the point
+            box = text_box(ann, renderer)
             ann.remove()
-        taken.append(box)
+            inside = ax.bbox.x0 <= box.x0 and box.x1 <= ax.bbox.x1 and ax.bbox.y0 <= box.y0 and box.y1 <= ax.bbox.y1
+            clash = sum(box.padded(2).overlaps(t) for t in taken)
+            covered = sum(bool(box.padded(6).contains(*q)) for q in others)
+            score = (clash, int(not inside), covered, k)
+            if best is None or score < best[0]:
+                best = (score, (dx, dy))
+            if score[:3] == (0, 0, 0):
+                break
+        assert best is not None
+        ann = _annotate(ax, text, xy, *best[1], fontsize, leader=_OFFSETS.index(best[1]) >= 6)
+        taken.append(text_box(ann, renderer))
         out.append(ann)
     return out
+
+
+def text_box(ann, renderer) -> Any:
+    """An annotation's text box in display coordinates, without its leader line (which crosses others)."""
+    from matplotlib.text import Text
+
+    ann.get_window_extent(renderer)  # places the text (update_positions) and its leader line
+    return Text.get_window_extent(ann, renderer)
+
+
+def _annotate(ax, text: str, xy: tuple[float, float], dx: float, dy: float, fontsize: float, leader: bool) -> Any:
+    """One label at offset (dx, dy) points from its point, with a gray leader line to it or not."""
+    return ax.annotate(text, xy, textcoords="offset points", xytext=(dx, dy), fontsize=fontsize, zorder=7,
+                       ha="left" if dx > 0 else "right" if dx < 0 else "center",
+                       arrowprops={"arrowstyle": "-", "color": "gray", "lw": 0.5} if leader else None)  # fmt: skip
 
 
 def log_ticks(axis, lo: float, hi: float) -> None:

@@ -259,6 +259,23 @@ def test_place_labels_moves_a_label_off_its_neighbours():
     assert len({a.get_position() if a.xyann is None else a.xyann for a in anns}) == 3  # three different offsets
 
 
+def test_place_labels_on_one_crowded_spot_overlap_no_text():
+    """More labels on one spot than the nearest ring holds: the farther rings (with a leader line) take
+    the rest. Their leader lines cross other labels; their texts must not (the cascade, its served star
+    and the teacher sat on one spot of the demo's cost panel, and two labels were printed on each other)."""
+    from matplotlib.text import Text
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.set_xlim(0, 10)
+    ax.set_ylim(0, 10)
+    items = [(f"endpoint number {i}", (5 + 0.01 * i, 5)) for i in range(8)]
+    anns = plot.place_labels(ax, items)
+    fig.canvas.draw()
+    boxes = [Text.get_window_extent(a) for a in anns]
+    assert [(i, j) for i in range(8) for j in range(i) if boxes[i].overlaps(boxes[j])] == []
+    assert any(a.arrow_patch is not None for a in anns)  # some went to a farther ring, with its leader line
+
+
 def test_log_ticks_on_a_narrow_range_are_few_and_distinct():
     fig, ax = plt.subplots()
     ax.set_xscale("log")
