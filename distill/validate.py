@@ -7,7 +7,10 @@ ran into the task's output budget) and
 ``source`` (``"seed"``, ``"pool"`` or ``"synthetic"``), and optionally ``consistency_output`` (the
 teacher's second, sampled answer when self-consistency is on; None when it did not parse). An
 input that is a conversation is checked as its canonical text (``conversation.input_text``: one
-``role: content`` line per message), so two conversations differ when any turn does.
+``role: content`` line per message), so two conversations differ when any turn does; against the
+test set, though, only by what the user and the tools said (``conversation.said_texts``), each
+message on its own: the assistant's turns are the system's own fixed words, which every test
+conversation asking the same question shares.
 
 Checks, in this order; a row gets the reason of the first one it fails:
 
@@ -44,7 +47,7 @@ from typing import Any
 
 from datasketch import MinHash, MinHashLSH
 
-from edgedistill.conversation import input_text
+from edgedistill.conversation import input_text, said_texts
 from edgedistill.metrics import normalize_text
 from edgedistill.task import TRUNCATED
 
@@ -121,20 +124,30 @@ def _minhashes(sets: list[set[str]]) -> list[MinHash]:
     return MinHash.bulk([[s.encode("utf-8") for s in sorted(sh)] for sh in sets], num_perm=NUM_PERM, seed=MINHASH_SEED)
 
 
+def said_shingles(value: Any) -> set[str]:
+    """The shingles of what an input says (its user and tool messages), one per line."""
+    return shingles("\n".join(said_texts(value)))
+
+
 # --- test-set contamination --------------------------------------------------------------------
 class _TestIndex:
     """Overlap with the held-out test set.
 
-    A row is contaminated when it shares a word n-gram (n = ``validation.contamination_ngram``)
-    with a test input, or is a MinHash near-duplicate of one. An input shorter than n words has one
-    "n-gram", the whole input: a row contains a short test input (or is contained in a test input,
-    when the row is the short one) as a contiguous word sequence. Under
-    :data:`MIN_CONTAINMENT_WORDS` words only an identical word sequence counts.
+    A row is contaminated when it is a test input (the same canonical text), when one of its
+    messages shares a word n-gram (n = ``validation.contamination_ngram``) with a test input's
+    message, or when what it says (its messages joined) is a MinHash near-duplicate of what a test
+    input says. The messages are a text input itself, or a conversation's user and tool turns
+    (:func:`~edgedistill.conversation.said_texts`); an n-gram never spans two messages. A message
+    shorter than n words has one "n-gram", the whole message: a row's message contains a short test
+    message (or is contained in a test message, when the row's is the short one) as a contiguous word
+    sequence. Under :data:`MIN_CONTAINMENT_WORDS` words only an identical word sequence counts.
     """
 
-    def __init__(self, test_inputs: list[str], n: int, threshold: float) -> None:
+    def __init__(self, test_inputs: list[Any], n: int, threshold: float) -> None:
         self.n = n
-        self.tokens = [tuple(words(t)) for t in test_inputs]
+        self.identical = {normalize_text(input_text(t)) for t in test_inputs}
+        said = [said_texts(t) for t in test_inputs]
+        self.tokens = [tuple(words(m)) for parts in said for m in parts]
         self.whole = set(self.tokens)
         # Whole short test inputs by length, for containment in a longer row.
         self.short: dict[int, set[tuple[str, ...]]] = {}
@@ -143,7 +156,7 @@ class _TestIndex:
                 self.short.setdefault(len(t), set()).add(t)
         self._grams: dict[int, set[tuple[str, ...]]] = {}
         self.near = _NearDupIndex(threshold)
-        sets = [shingles(t) for t in test_inputs]
+        sets = [said_shingles(t) for t in test_inputs]
         for i, (sh, mh) in enumerate(zip(sets, _minhashes(sets))):
             self.near.add(sh, mh, i)
 
@@ -153,9 +166,21 @@ class _TestIndex:
             self._grams[k] = {t[i : i + k] for t in self.tokens for i in range(len(t) - k + 1)}
         return self._grams[k]
 
-    def hit(self, text: str, sh: set[str], mh: MinHash) -> str | None:
-        """A short description of the overlap, or None."""
-        w = tuple(words(text))
+    def hit(self, value: Any, sh: set[str], mh: MinHash) -> str | None:
+        """A short description of ``value``'s (an input's) overlap, or None; ``sh``/``mh``: the
+        shingles and MinHash of what it says (:func:`said_shingles`)."""
+        if normalize_text(input_text(value)) in self.identical:
+            return "same as a test input"
+        for text in said_texts(value):
+            found = self._message_hit(tuple(words(text)))
+            if found:
+                return found
+        j = self.near.find(sh, mh)
+        if j is not None:
+            return f"near-duplicate of test input {j}"
+        return None
+
+    def _message_hit(self, w: tuple[str, ...]) -> str | None:
         m = len(w)
         if w in self.whole:
             return "same words as a test input"
@@ -167,9 +192,6 @@ class _TestIndex:
             for k, short in self.short.items():
                 if k <= m and any(w[i : i + k] in short for i in range(m - k + 1)):
                     return f"contains a whole {k}-word test input"
-        j = self.near.find(sh, mh)
-        if j is not None:
-            return f"near-duplicate of test input {j}"
         return None
 
 
@@ -238,10 +260,12 @@ def validate_rows(spec: Any, rows: list[dict], test_inputs: list[str]) -> tuple[
     mhs = dict(zip(live, _minhashes([sets[i] for i in live])))
 
     # 3: contamination.
-    tests = [input_text(getattr(t, "input", t)) for t in test_inputs]  # inputs, or spec.load_test_set()'s Examples
+    tests = [getattr(t, "input", t) for t in test_inputs]  # inputs, or spec.load_test_set()'s Examples
     test = _TestIndex(tests, v.contamination_ngram, v.near_dup_threshold)
+    said = {i: said_shingles(rows[i].get("input") or "") for i in live}
+    said_mh = dict(zip(live, _minhashes([said[i] for i in live])))
     for i in live:
-        hit = test.hit(texts[i], sets[i], mhs[i])
+        hit = test.hit(rows[i].get("input") or "", said[i], said_mh[i])
         if hit:
             reason[i], detail[i] = "contaminated", hit
 

@@ -10,7 +10,9 @@ The rules of an input live here once, for seeds, test sets, pools, ``/v1/predict
 
 * :func:`check_input` -- the shape, with a one-line error naming the message and field;
 * :func:`read_input` -- a data file's value (a CSV cell holding a conversation is its JSON text);
-* :func:`input_text` -- one canonical text of an input, for dedup, contamination and lengths;
+* :func:`input_text` -- one canonical text of an input, for dedup, lengths and identity;
+* :func:`said_texts` -- what the user and the tools said, message by message: what contamination
+  compares (the assistant's turns are the deployed system's own words);
 * :func:`last_user_text` -- the last user turn (what input generation varies);
 * :func:`render_history` -- the conversation as role/content strings for any chat template, its
   tool calls and tool answers in llama.cpp's generic format (as minja renders them), the one
@@ -121,6 +123,17 @@ def input_text(value: TaskInput) -> str:
             parts.append(f"{c['function']['name']}({_json_text(_arguments(c['function'].get('arguments', {})))})")
         lines.append(f"{m['role']}: " + " ".join(parts))
     return "\n".join(lines)
+
+
+def said_texts(value: TaskInput) -> list[str]:
+    """What the other side said, one text per message: a text itself; for a conversation, each user
+    and tool message's content. The assistant's turns are left out: they are the deployed system's own
+    words (restaurant8k's "How many people will be joining you?" opens a quarter of its test inputs), as
+    the system prompt is, and a test-set check on them rejects every conversation that asks the same
+    question, whatever the customer answered."""
+    if isinstance(value, str):
+        return [value]
+    return [m.get("content") or "" for m in value if m["role"] in ("user", "tool") and m.get("content")]
 
 
 def last_user_text(value: TaskInput) -> str:

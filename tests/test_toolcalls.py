@@ -164,6 +164,37 @@ def test_validation_dedups_and_decontaminates_conversations_by_their_canonical_t
     assert {r["id"]: r["reject_reason"] for r in rejected} == {"c": "exact_duplicate", "d": "contaminated"}
 
 
+def test_contamination_compares_what_the_customer_said_not_the_systems_fixed_question():
+    """restaurant8k's booking system asks the same 8-word question in a quarter of its test inputs: checked
+    on the canonical text, every training conversation after that question was "contaminated" (273 of 273
+    in the demo's pool), and the student never saw one. Only the user's and the tools' turns count; a
+    conversation identical to a test one, or whose answer shares the n-gram, is still caught."""
+    from edgedistill.distill.validate import validate_rows
+
+    from edgedistill.conversation import said_texts
+    from edgedistill.spec import TaskSpec
+
+    spec = TaskSpec(
+        name="booking", type="tool_call", instructions=INSTRUCTIONS, tools=TOOLS,
+        seeds=[Example(input=f"seed {i} table", output=CALL) for i in range(10)],
+        test_set={"path": "unused.jsonl"}, teacher={"kind": "local", "path": "u"}, student={"path": "u"},
+    )  # fmt: skip
+    q = {"role": "assistant", "content": "How many people will be joining you for dinner?"}  # 9 words, as in restaurant8k
+    test = [[q, {"role": "user", "content": "there will be four adults and two small children with us"}],
+            [q, {"role": "user", "content": "just me"}]]  # fmt: skip
+    rows = [
+        ("fresh", [q, {"role": "user", "content": "we are a party of six"}]),
+        ("same", [dict(m) for m in test[1]]),
+        ("shares", [q, {"role": "user", "content": "four adults and two small children with us and a dog"}]),
+        ("text", "there will be four adults and two small children with us tonight"),
+    ]
+    rows = [{"id": i, "input": x, "output": CALL, "raw_output": spec.task.format_answer(CALL), "source": "pool"} for i, x in rows]
+    kept, rejected, _ = validate_rows(spec, rows, [Example(input=t, output=CALL) for t in test])
+    assert [r["id"] for r in kept] == ["fresh"]
+    assert {r["id"]: r["reject_reason"] for r in rejected} == {"same": "contaminated", "shares": "contaminated", "text": "contaminated"}
+    assert said_texts(test[0]) == [test[0][1]["content"]] and said_texts("hi") == ["hi"]
+
+
 def test_generation_shows_a_conversation_seed_by_its_last_user_turn():
     from edgedistill.distill.generate import generation_requests
 
