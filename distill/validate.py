@@ -262,8 +262,10 @@ def validate_rows(spec: Any, rows: list[dict], test_inputs: list[str]) -> tuple[
     # 3: contamination.
     tests = [getattr(t, "input", t) for t in test_inputs]  # inputs, or spec.load_test_set()'s Examples
     test = _TestIndex(tests, v.contamination_ngram, v.near_dup_threshold)
-    said = {i: said_shingles(rows[i].get("input") or "") for i in live}
-    said_mh = dict(zip(live, _minhashes([said[i] for i in live])))
+    # what a text input says is the text itself: its shingles and MinHash are the ones above
+    convs = [i for i in live if not isinstance(rows[i].get("input") or "", str)]
+    said = sets | {i: said_shingles(rows[i]["input"]) for i in convs}
+    said_mh = mhs | dict(zip(convs, _minhashes([said[i] for i in convs])))
     for i in live:
         hit = test.hit(rows[i].get("input") or "", said[i], said_mh[i])
         if hit:
