@@ -28,6 +28,7 @@ generic format), so its student answers ``client.chat.completions.create(tools=.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Any, Literal
@@ -327,17 +328,26 @@ def _strict_ok(schema: Any) -> bool:
 def check_schema(value: Any, schema: dict[str, Any]) -> str | None:
     """Validate with jsonschema when installed; the error is a short reason code."""
     try:
-        import jsonschema
+        validator = _validator(json.dumps(schema, sort_keys=True))
     except ImportError:  # serve's slim install: keep the cheap structural check
         if not isinstance(value, dict):
             return "schema"
         missing = [k for k in schema.get("required", []) if k not in value]
         return "schema" if missing else None
-    try:
-        jsonschema.validate(value, schema)
-    except jsonschema.ValidationError:
-        return "schema"
-    return None
+    return None if validator.is_valid(value) else "schema"
+
+
+@functools.lru_cache(maxsize=64)
+def _validator(schema_json: str) -> Any:
+    """One checked validator per schema: ``jsonschema.validate`` checks the schema itself against
+    its metaschema on every call (measured: 45 % of the server's request-handling CPU for
+    restaurant8k's answers)."""
+    import jsonschema
+
+    schema = json.loads(schema_json)
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
 
 
 def metric_error(task_type: str, metric: str) -> str:
