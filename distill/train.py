@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from edgedistill.distill.label_kd import collate_soft, soft_label_kl, soft_label_rows
+from edgedistill.distill.teacher_cache import load_or_compute, teacher_hidden
 from edgedistill.runtimes.hf import render_chat
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
@@ -36,6 +37,7 @@ from edgedistill.spec import TrainingConfig
 IGNORE = -100
 CHECKPOINTS = "checkpoints"
 FINGERPRINT = "fingerprint.json"
+TEACHER_CACHE = "teacher_hidden.pt"  # beside the checkpoints: a resumed run reuses the teacher's pass
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -91,14 +93,18 @@ class Collator:
     """Right padding: input_ids with pad_id, attention_mask with 0, labels with -100. Examples with
     soft labels (``kd_rows``/``kd_probs``) add ``kd_input_ids``, ``kd_attention_mask``, ``kd_labels``
     (one row per compared label), ``kd_group`` (its example, 0.. among those with soft labels) and
-    ``kd_target`` (the teacher's probability)."""
+    ``kd_target`` (the teacher's probability). Examples with ``kd_hidden`` (the teacher's final
+    hidden states at their answer positions, ``distill.teacher_cache``) add them concatenated."""
 
     def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None):
         self.pad_id = pad_id
         self.multiple = pad_to_multiple_of
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return {**self._pad(features), **collate_soft(features, self._pad)}
+        out = {**self._pad(features), **collate_soft(features, self._pad)}
+        if "kd_hidden" in features[0]:  # the teacher's cached states, in the order of logits[sel]
+            out["kd_hidden"] = torch.cat([f["kd_hidden"] for f in features])
+        return out
 
     def _pad(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         n = max(len(f["input_ids"]) for f in features)
@@ -229,10 +235,13 @@ class DistillTrainer(Trainer):
         kd_tok = None
         if self.teacher is not None and self.kd_alpha > 0:
             with torch.no_grad():
-                t_logits = self._logits(self.teacher, inputs, keep)
-                if keep is None:
-                    t_logits = t_logits[:, :-1]
-                t_logits = t_logits[sel]
+                if "kd_hidden" in inputs:  # the teacher's pass was made once: only its output layer here
+                    t_logits = self.teacher.get_output_embeddings()(inputs["kd_hidden"])
+                else:
+                    t_logits = self._logits(self.teacher, inputs, keep)
+                    if keep is None:
+                        t_logits = t_logits[:, :-1]
+                    t_logits = t_logits[sel]
             kd_tok = kd_loss(student, t_logits, self.kd_temperature)
 
         if num_items_in_batch is not None:
@@ -456,11 +465,30 @@ def train(
         kd_alpha=cfg.logit_kd.alpha,
         label_kd=label_kd,
     )
+    t0 = time.perf_counter()  # the runtime counts the teacher's pass too
+    teacher_pass = None
+    if teacher is not None:
+        teacher_pass = "every_step"
+        if cfg.logit_kd.teacher_pass == "once":
+            def teacher_pass_once() -> list[torch.Tensor] | None:
+                return teacher_hidden(
+                    teacher,
+                    rows,
+                    pad_id=trainer.data_collator.pad_id,
+                    batch_size=2 * cfg.batch_size,
+                    autocast=trainer.autocast_smart_context_manager,
+                    device=args.device,
+                )
+
+            hidden = load_or_compute(ckpt_dir / TEACHER_CACHE, teacher_pass_once)
+            if hidden is not None:
+                for row, h in zip(rows, hidden, strict=True):
+                    row["kd_hidden"] = h
+                teacher_pass = "once"
     if not progress:
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # prints every log dict when tqdm is off
-    t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     runtime = time.perf_counter() - t0
 
@@ -489,5 +517,6 @@ def train(
         "params": params,
         "trainable_params": trainable,
         "precision": "bf16" if bf16 else "float32",
+        "kd_teacher_pass": teacher_pass,
         "kd_teacher_dtype": str(next(teacher.parameters()).dtype).removeprefix("torch.") if teacher is not None else None,
     }
