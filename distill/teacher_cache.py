@@ -7,7 +7,7 @@ the whole teacher for that at every step of every epoch was about half of a trai
 so its output for a row never changes: its last hidden state at each answer position (after the
 final norm) is computed once, and each step applies only its output layer to it -- the exact
 distribution, not a top-k approximation (at T=2 the tail beyond the teacher's top 64 tokens held
-13 % of the mass on restaurant8k), for ``hidden_size`` numbers per answer token (1.4 KB here).
+13 % of the mass on restaurant8k), for ``hidden_size`` numbers per answer token (576 in bfloat16 here: 1.2 KB).
 
 A model whose logits are more than its output layer applied to the last hidden state (a final
 soft-cap or a logit scale) fails the check on the first batch and keeps the per-step teacher pass.
