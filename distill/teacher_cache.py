@@ -66,7 +66,7 @@ def teacher_hidden(
     a row's states independent of the padding after it)."""
     teacher.eval()
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
-    out: list[torch.Tensor | None] = [None] * len(rows)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(rows)
     body = teacher.base_model
     checked = False
     for start in range(0, len(order), batch_size):
@@ -81,7 +81,7 @@ def teacher_hidden(
                 checked = True
         for b, i in enumerate(idx):
             out[i] = hidden[b, answer_positions(rows[i]["labels"])].detach().cpu()
-    return [h for h in out if h is not None] if all(h is not None for h in out) else None
+    return out
 
 
 def load_or_compute(path: Path, compute: Callable[[], list[torch.Tensor] | None]) -> list[torch.Tensor] | None:
