@@ -83,3 +83,13 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     d = tmp_path_factory.mktemp("tiny_llama")
     build_tiny_llama(d, AutoTokenizer.from_pretrained(tiny_tokenizer_dir))
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A second tiny Llama (4 layers, other random weights, the same tokenizer): a KD teacher."""
+    from transformers import AutoTokenizer
+
+    d = tmp_path_factory.mktemp("tiny_teacher")
+    build_tiny_llama(d, AutoTokenizer.from_pretrained(tiny_model_dir), num_layers=4, seed=1)
+    return d

@@ -18,19 +18,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from edgedistill.spec import LogitKDConfig, TrainingConfig
 
-
-def _conftest():
-    # tests/ is not a package and pytest may run in importlib mode: load the helpers by path.
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_tiny_models", Path(__file__).with_name("conftest.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-build_tiny_llama = _conftest().build_tiny_llama
-
 SYSTEM = "You extract booking details as JSON."
 DATA = [
     ("A table for 4 at 8pm please.", '{"people": "4", "time": "8pm"}'),
@@ -51,10 +38,8 @@ def tok(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, tok) -> Path:
-    d = tmp_path_factory.mktemp("cache_teacher")
-    build_tiny_llama(d, tok, num_layers=3, seed=7)
-    return d
+def teacher_dir(tiny_teacher_dir) -> Path:
+    return tiny_teacher_dir
 
 
 def load(path: Path):

@@ -49,11 +49,8 @@ def tok(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, tok) -> Path:
-    """A second tiny Llama (different random weights, same tokenizer): the teacher."""
-    d = tmp_path_factory.mktemp("tiny_teacher")
-    build_tiny_llama(d, tok, num_layers=4, seed=1)
-    return d
+def teacher_dir(tiny_teacher_dir) -> Path:
+    return tiny_teacher_dir
 
 
 def load(path: Path):
