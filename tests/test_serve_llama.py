@@ -180,3 +180,24 @@ def test_predict_on_a_manifest_artifact(gguf, tmp_path):
     assert body["answered_by"] == "student" and 0.0 <= body["confidence"] <= 1.0
     if body["error"] is None:  # a label (the untuned 135M model often answers with a sentence instead)
         assert body["output"] in ("positive", "negative") and body["confidence"] > 0.0
+
+
+def test_slots_decoded_together_get_the_logits_each_gets_alone(gguf):
+    """Continuous batching must not change an answer: two slots' prompts in one decode call give each
+    the logits it gets alone. This is why the runner keeps one KV stream per slot: with llama.cpp's
+    unified cache (``kv_unified``) the same tokens in two slots of one call differ by up to ~3 logits
+    here (ggml-org/llama.cpp#24962), far beyond rounding."""
+    import numpy as np
+    from edgedistill.runtimes.llama import LlamaRunner
+
+    r = LlamaRunner(gguf, n_slots=2, ctx_per_slot=256, n_batch=256, n_threads=2)
+    try:
+        a = r.tokenize(r.render_chat([{"role": "user", "content": "How do I change the PIN on my card?"}]), special=True, add_bos=True)
+        b = r.tokenize(r.render_chat([{"role": "user", "content": "My card never arrived."}]), special=True, add_bos=True)
+        alone = np.array(r.decode(a, list(range(len(a))), [0] * len(a), [True] * len(a)))
+        r.seq_rm(0, 0)
+        both = np.array(r.decode(b + a, [*range(len(b)), *range(len(a))], [0] * len(b) + [1] * len(a), [True] * (len(a) + len(b))))
+    finally:
+        r.close()
+    assert len(a) >= 32  # past the size where the unified cache goes wrong
+    np.testing.assert_allclose(both[len(b) :], alone, atol=0.05)
