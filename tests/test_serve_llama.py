@@ -192,11 +192,15 @@ def test_slots_decoded_together_get_the_logits_each_gets_alone(gguf):
 
     r = LlamaRunner(gguf, n_slots=2, ctx_per_slot=256, n_batch=256, n_threads=2)
     try:
-        a = r.tokenize(r.render_chat([{"role": "user", "content": "How do I change the PIN on my card?"}]), special=True, add_bos=True)
+        a = r.tokenize(
+            r.render_chat([{"role": "user", "content": "How do I change the PIN on my card?"}]), special=True, add_bos=True
+        )
         b = r.tokenize(r.render_chat([{"role": "user", "content": "My card never arrived."}]), special=True, add_bos=True)
         alone = np.array(r.decode(a, list(range(len(a))), [0] * len(a), [True] * len(a)))
         r.seq_rm(0, 0)
-        both = np.array(r.decode(b + a, [*range(len(b)), *range(len(a))], [0] * len(b) + [1] * len(a), [True] * (len(a) + len(b))))
+        both = np.array(
+            r.decode(b + a, [*range(len(b)), *range(len(a))], [0] * len(b) + [1] * len(a), [True] * (len(a) + len(b)))
+        )
     finally:
         r.close()
     assert len(a) >= 32  # past the size where the unified cache goes wrong
