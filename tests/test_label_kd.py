@@ -12,8 +12,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from edgedistill.distill.encode import Collator, encode_example
 from edgedistill.distill.label_kd import SOFT_LABEL_MIN_PROB, compared_labels, label_kl, soft_label_rows
-from edgedistill.distill.train import Collator, DistillTrainer, encode_example, train
+from edgedistill.distill.train import DistillTrainer, train
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from edgedistill.errors import UserError

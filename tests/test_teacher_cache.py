@@ -11,8 +11,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import edgedistill.distill.train as train_mod
+from edgedistill.distill.encode import Collator, encode_example
 from edgedistill.distill.teacher_cache import answer_positions, teacher_hidden
-from edgedistill.distill.train import Collator, DistillTrainer, encode_example, train
+from edgedistill.distill.train import DistillTrainer, train
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 

@@ -11,8 +11,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from edgedistill.distill.encode import Collator, encode_example
 from edgedistill.distill.models import count_params, ensure_hf_checkpoint, gguf_to_hf, init_from_layers
-from edgedistill.distill.train import Collator, DistillTrainer, encode_example, kd_loss, train
+from edgedistill.distill.train import DistillTrainer, kd_loss, train
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from edgedistill.errors import UserError

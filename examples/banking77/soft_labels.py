@@ -38,10 +38,11 @@ from pathlib import Path
 import httpx
 import torch
 from edgedistill.distill.cache import ResponseCache
+from edgedistill.distill.encode import encode_example
 from edgedistill.distill.generate import attach_labels, label_requests
 from edgedistill.distill.label_kd import label_scores
 from edgedistill.distill.teacher_api import OpenAITeacher
-from edgedistill.distill.train import encode_example, train
+from edgedistill.distill.train import train
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from edgedistill.metrics import expected_calibration_error, wilson_interval
