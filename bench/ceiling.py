@@ -168,8 +168,8 @@ def request_ceiling(
 
 def gguf_runner(path: str, n_slots: int, threads: int, ctx_per_slot: int = 1024) -> Any:
     """A llama.cpp runner for a GGUF (``pypi:<package>/<file>`` paths work as in task specs)."""
+    from edgedistill.datafiles import resolve_path
     from edgedistill.errors import UserError
-    from edgedistill.spec import resolve_path
 
     p = resolve_path(path, Path("."))
     if not p.is_file():

@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
-    from edgedistill.spec import resolve_path
+    from edgedistill.datafiles import resolve_path
 
     gguf = resolve_path(args.gguf, Path("."))
     rows = []

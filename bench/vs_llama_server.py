@@ -313,7 +313,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"vs_llama_server: skipped, nothing measured: no llama-server at {where}; build it with `make llama-tools` "
               "(~30 min on 2 cores) or pass --llama-server-bin", file=sys.stderr)  # fmt: skip
         return
-    from edgedistill.spec import load_spec, resolve_path
+    from edgedistill.datafiles import resolve_path
+    from edgedistill.spec import load_spec
 
     gguf = resolve_path(args.gguf, Path("."))
     art_model, task, task_rows, label_tokens = None, None, [], None

@@ -14,9 +14,10 @@ from typing import Any
 
 from edgedistill.runtimes.hf import render_chat
 
+from edgedistill.datafiles import read_rows
 from edgedistill.errors import UserError
 from edgedistill.manifest import MANIFEST, read_manifest, sha256_json
-from edgedistill.spec import TaskSpec, read_rows
+from edgedistill.spec import TaskSpec
 
 
 @dataclass

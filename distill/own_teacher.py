@@ -15,8 +15,9 @@ from typing import Any
 from edgedistill.distill.models import count_params, ensure_hf_checkpoint
 from edgedistill.distill.train import train
 
+from edgedistill.datafiles import resolve_path
 from edgedistill.manifest import hash_files, sha256_file, sha256_json, write_manifest
-from edgedistill.spec import TaskSpec, TrainingConfig, resolve_path
+from edgedistill.spec import TaskSpec, TrainingConfig
 
 
 def finetune_teacher(

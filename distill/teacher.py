@@ -28,8 +28,9 @@ from typing import Any
 
 from edgedistill.distill.cache import ResponseCache, cache_key
 
+from edgedistill.datafiles import resolve_path
 from edgedistill.errors import UserError
-from edgedistill.spec import TeacherConfig, resolve_path
+from edgedistill.spec import TeacherConfig
 from edgedistill.task import Task
 
 CACHE_VERSION = 1

@@ -33,9 +33,9 @@ from typing import Any
 from edgedistill.serve.cascade import StudentAnswer
 from edgedistill.serve.state import State
 
+from edgedistill.datafiles import read_rows
 from edgedistill.errors import UserError
 from edgedistill.manifest import MANIFEST, read_manifest, sha256_file, write_json_atomic
-from edgedistill.spec import read_rows
 from edgedistill.thresholds import RECOMMENDED_TARGET, TARGETS, target_thresholds, threshold_curve
 
 

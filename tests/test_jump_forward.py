@@ -13,8 +13,8 @@ import pytest
 from edgedistill.runtimes.constrain import Grammar, LabelSet
 from edgedistill.serve.engine import Engine, GenParams
 
+from edgedistill.datafiles import resolve_path
 from edgedistill.errors import UserError
-from edgedistill.spec import resolve_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama]
 

@@ -14,8 +14,8 @@ from typing import Self
 import httpx
 import pytest
 
+from edgedistill.datafiles import resolve_path
 from edgedistill.errors import UserError
-from edgedistill.spec import resolve_path
 from tests.serve_fakes import FakeTeacher, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama]

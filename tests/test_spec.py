@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from edgedistill.datafiles import resolve_path
 from edgedistill.errors import UserError
-from edgedistill.spec import TaskSpec, load_spec, resolve_path
+from edgedistill.spec import TaskSpec, load_spec
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -23,8 +23,9 @@ from edgedistill.distill.teacher import ChatRequest, gather_fail_fast, make_teac
 from edgedistill.distill.teacher_api import OpenAITeacher
 from edgedistill.distill.teacher_local import LocalGGUFTeacher, LocalHFTeacher
 
+from edgedistill.datafiles import resolve_path
 from edgedistill.errors import UserError
-from edgedistill.spec import Prices, TeacherConfig, resolve_path
+from edgedistill.spec import Prices, TeacherConfig
 from tests.serve_fakes import LocalHTTPServer
 
 SECRET = "sk-test-SECRET-do-not-leak-0123456789"

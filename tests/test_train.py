@@ -16,8 +16,9 @@ from edgedistill.distill.models import count_params, ensure_hf_checkpoint, gguf_
 from edgedistill.distill.train import DistillTrainer, kd_loss, train
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
+from edgedistill.datafiles import resolve_path
 from edgedistill.errors import UserError
-from edgedistill.spec import LogitKDConfig, TrainingConfig, resolve_path
+from edgedistill.spec import LogitKDConfig, TrainingConfig
 
 
 def _conftest():

