@@ -278,12 +278,22 @@ class RecordingTeacher:
 
     def __init__(self, delay_s: float = 0.03):
         self.requests: list[str] = []
+        self.active = 0  # connections being handled
         self.lock = threading.Lock()
         fake = self
 
         class H(BaseHTTPRequestHandler):
             def log_message(self, *a):
                 pass
+
+            def handle(self):
+                with fake.lock:
+                    fake.active += 1
+                try:
+                    super().handle()
+                finally:
+                    with fake.lock:
+                        fake.active -= 1
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -310,6 +320,21 @@ class RecordingTeacher:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def settle(self, quiet_s: float = 0.5, timeout_s: float = 30) -> None:
+        """Wait until no connection is being handled and no request has arrived for ``quiet_s``: a
+        killed client's last requests may still sit in the socket backlog or a handler thread, and
+        must be recorded as the killed run's before :meth:`taken` splits the runs."""
+        deadline, last, since = time.time() + timeout_s, -1, time.time()
+        while time.time() < deadline:
+            with self.lock:
+                n, busy = len(self.requests), self.active
+            if n != last or busy:
+                last, since = n, time.time()
+            elif time.time() - since >= quiet_s:
+                return
+            time.sleep(0.02)
+        raise AssertionError("the teacher did not settle")
 
     def taken(self) -> list[str]:
         with self.lock:
@@ -385,6 +410,7 @@ def generate(spec: Path, out: Path, kill_after: int | None = None, teacher: Reco
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
+    teacher.settle()  # what the killed run sent is the killed run's, however late the server reads it
     return None
 
 
