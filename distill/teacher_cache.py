@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from edgedistill.distill.encode import IGNORE
 from torch import nn
-
-IGNORE = -100
 
 
 def answer_positions(labels: list[int]) -> list[int]:
