@@ -84,6 +84,11 @@ class TeacherConfig(_Model):
     max_retries: int = Field(5, ge=0, le=20)
     batch_size: int = Field(16, ge=1, description="Local teacher: prompts generated together.")
     list_labels: bool = Field(True, description="Classification: list the allowed labels in the labelling prompt.")
+    show_schema: bool = Field(
+        True,
+        description="Extraction (and tool_call without tools): append output_schema to the labelling prompt. false for a teacher "
+        "fine-tuned on the task's own prompt (it answers in the schema already, decoded under it): a shorter prompt, the one it learnt.",
+    )
     prices: Prices = Field(default_factory=Prices)
     gate: GateConfig = Field(default_factory=GateConfig)
 
@@ -332,6 +337,7 @@ class TaskSpec(_Model):
             labels=self.labels,
             output_schema=self.output_schema,
             list_labels=self.teacher.list_labels,
+            show_schema=self.teacher.show_schema,
             label_max_tokens=self.generation.label_max_tokens,
             metric=self.metric or "",
             tools=self.tools,

@@ -60,6 +60,7 @@ class Task(BaseModel):
     labels: list[str] | None = None
     output_schema: dict[str, Any] | None = None
     list_labels: bool = Field(True, description="The teacher's prompt lists the labels (the spec's teacher.list_labels).")
+    show_schema: bool = Field(True, description="The teacher's prompt shows output_schema (the spec's teacher.show_schema).")
     label_max_tokens: int | None = Field(
         None, ge=1, description="The spec's output budget (generation.label_max_tokens); None: derived, see output_budget."
     )
@@ -120,6 +121,7 @@ class Task(BaseModel):
                 labels=list(d["labels"]) if d.get("labels") else None,
                 output_schema=d.get("output_schema"),
                 list_labels=bool(teacher.get("list_labels", True)),
+                show_schema=bool(teacher.get("show_schema", True)),
                 label_max_tokens=None if gen.get("label_max_tokens") is None else int(gen["label_max_tokens"]),
                 metric=str(d.get("metric") or ""),
                 tools=d.get("tools"),
@@ -177,7 +179,7 @@ class Task(BaseModel):
         system = self.instructions.strip()
         if self.type == CLASSIFICATION and self.list_labels:
             system += "\nAnswer with exactly one label from this list and nothing else: " + ", ".join(self.labels or [])
-        elif self.structured and self.output_schema:
+        elif self.structured and self.output_schema and self.show_schema:
             system += "\nAnswer with one JSON object matching this JSON schema and nothing else:\n" + json.dumps(self.output_schema)
         return [{"role": "system", "content": system}, *_conversation(text)]
 

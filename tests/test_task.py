@@ -28,6 +28,24 @@ def test_spec_and_manifest_give_the_same_task(tmp_path):
     assert "a, b" in task.model_copy(update={"list_labels": True}).teacher_messages("hi")[0]["content"]
 
 
+def test_show_schema_off_gives_the_teacher_the_students_prompt(tmp_path):
+    """A teacher fine-tuned on the task's own prompt (teacher.show_schema: false) is asked with that
+    prompt, in distill and in serve's fallback (the manifest carries the setting)."""
+    raw = base_spec(tmp_path)
+    raw.pop("labels")
+    raw.update(type="extraction", instructions="Extract.", output_schema=SCHEMA)
+    shown = load_spec(write(tmp_path, raw)).task
+    assert "JSON schema" in shown.teacher_messages("hi")[0]["content"]
+    raw["teacher"]["show_schema"] = False
+    spec = load_spec(write(tmp_path, raw))
+    task = spec.task
+    assert task.teacher_messages("hi") == task.student_messages("hi") == [
+        {"role": "system", "content": "Extract."}, {"role": "user", "content": "hi"}
+    ]
+    assert Task.from_manifest(spec.model_dump(mode="json")) == task
+    assert task.response_format()["json_schema"]["schema"]["properties"].keys() == SCHEMA["properties"].keys()  # an API still gets it
+
+
 @pytest.mark.parametrize(
     "bad, words",
     [
