@@ -11,11 +11,15 @@ and speed are measured unconstrained (they describe the model, not the task).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
+from edgedistill.compress.calibration import prompt_ids
+from edgedistill.compress.formats import Score
 from edgedistill.runtimes.base import Runtime
 from edgedistill.runtimes.constrain import Constraint
 
+from edgedistill.datafiles import read_rows
 from edgedistill.errors import UserError
 
 SPEED_TOKENS = 64
@@ -48,6 +52,26 @@ def answer_test_set(
     return [
         tokenizer.decode(strip_special(rt.generate(p, max_tokens, constraint=constraint), special), skip_special_tokens=True) for p in prompts
     ]
+
+
+def calibration_scorer(spec: Any, tokenizer: Any, split: Path, constraint: Constraint | None = None) -> Score | None:
+    """A :data:`~edgedistill.compress.formats.Score` over the calibration split (``data/calibration.jsonl``:
+    teacher-labelled, held out of training and of the test set): the task's primary metric of a
+    runtime's greedy answers under ``constraint``, against the teacher's labels. None without the split."""
+    if not split.is_file():
+        return None
+    rows = read_rows(split, "the calibration split", ["input", "output"], None)
+    if not rows:
+        return None
+    prompts = [prompt_ids(tokenizer, spec.task.student_messages(r["input"])) for r in rows]
+    golds = [r["output"] for r in rows]
+    metric = spec.task.metric
+
+    def score(rt: Runtime) -> dict[str, Any]:
+        raw = answer_test_set(rt, tokenizer, spec, prompts, spec.task.output_budget, constraint)
+        return {"metric": metric, "value": round(float(spec.task.score_answers(golds, raw)[1][metric]), 4), "n": len(rows)}
+
+    return score
 
 
 def greedy_tokens(rt: Runtime, prompts: list[list[int]], n: int, special: set[int]) -> list[list[int]]:

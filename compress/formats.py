@@ -6,6 +6,8 @@ A format module exposes two functions:
   files inside the (empty) folder ``out``; ``calib`` holds the task's calibration texts (chat-rendered
   prompt + answer) for methods that need data (importance matrix, GPTQ); ``work`` is a scratch folder
   shared by the formats of one run (e.g. the F16 GGUF both GGUF variants are quantized from).
+  A build that chooses between candidate files takes ``score`` too (a :data:`Score`; GGUF: with or
+  without the importance matrix); compress passes it where the signature has it.
 - ``load(folder, manifest) -> Runtime``: open the artifact with its own runtime (``edgedistill.runtimes``:
   llama.cpp, ONNX Runtime, transformers) for the quality gate and the speed check.
 
@@ -14,6 +16,7 @@ Which module builds which family, and the bits of each variant, come from ``edge
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +24,10 @@ from edgedistill.runtimes.registry import FORMATS
 
 from edgedistill.errors import UserError
 from edgedistill.spec import DEFAULT_FORMATS
+
+# An opened runtime -> {"metric", "value", "n"}: the task's primary metric of its greedy answers on
+# held-out teacher-labelled rows (``compress.evaluate.calibration_scorer``); higher is better.
+Score = Callable[[Any], dict[str, Any]]
 
 # family -> variant -> bits: the formats compress builds
 KNOWN: dict[str, dict[str, int]] = {name: dict(f.variants) for name, f in FORMATS.items() if f.builder}

@@ -25,6 +25,7 @@ Layout of OUT (default: ``<checkpoint>/../artifacts``)::
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 import time
@@ -33,7 +34,7 @@ from typing import Any
 
 from edgedistill.compress.calibrate import calibrate, calibration_cells, calibration_note, calibration_split, summary_of
 from edgedistill.compress.calibration import load_calibration, prompt_ids
-from edgedistill.compress.evaluate import measure, task_constraint
+from edgedistill.compress.evaluate import calibration_scorer, measure, task_constraint
 from edgedistill.compress.formats import Built, FormatSpec, parse_formats
 from edgedistill.runtimes.registry import builder
 from rich.console import Console
@@ -41,7 +42,7 @@ from rich.table import Table
 
 from edgedistill.errors import UserError
 from edgedistill.intervals import ALPHA, fmt_ci, fmt_p
-from edgedistill.manifest import MANIFEST, hash_files, read_manifest, sha256_json, write_json_atomic, write_manifest
+from edgedistill.manifest import MANIFEST, hash_files, read_manifest, sha256_file, sha256_json, write_json_atomic, write_manifest
 from edgedistill.spec import TaskSpec, load_spec, spec_from_manifest
 
 console = Console(stderr=True)
@@ -123,6 +124,7 @@ def run_compress(
     agree_prompts = calib.prompts(spec, tokenizer, spec.compress.agreement_prompts)
     split, test_rows = calibration_split(calibration, ckpt), [{"input": r.input, "output": r.output} for r in test]
     constraint = task_constraint(spec.task, tokenizer, _logits_width(ckpt, tokenizer))
+    scorer = calibration_scorer(spec, tokenizer, split, constraint)  # for builds that choose between candidates
     console.print(
         f"[bold]compress[/] {ckpt} -> {out}: {', '.join(map(str, fmts))}; {len(calib.rows)} calibration rows from {calib.path}, "
         f"{len(test)} test rows, max drop {max_drop:g}"
@@ -142,7 +144,7 @@ def run_compress(
     for fmt in fmts:
         t0 = time.time()
         try:
-            folder, manifest, reused = _build(fmt, ckpt, out, work, spec, calib_texts, calib, source_hash, ck_manifest)
+            folder, manifest, reused = _build(fmt, ckpt, out, work, spec, calib_texts, calib, source_hash, ck_manifest, scorer, split)
             quality = manifest.get("quality")
             if not (reused and quality and quality.get("reference") == ref_key and (quality.get("drop_test") or {}).get("metric") == metric):
                 quality = _measure(fmt, folder, manifest, tokenizer, spec, test_prompts, golds, agree_prompts, ref, ref_key, constraint)
@@ -256,13 +258,17 @@ def _module(fmt: FormatSpec):
     return builder(fmt.family)
 
 
-def _build(fmt, ckpt, out, work, spec: TaskSpec, calib_texts, calib, source_hash, ck_manifest) -> tuple[Path, dict, bool]:
+def _build(fmt, ckpt, out, work, spec: TaskSpec, calib_texts, calib, source_hash, ck_manifest, scorer=None, split=None) -> tuple[Path, dict, bool]:
     folder = out / fmt.name
     inputs = {"checkpoint": source_hash, "calibration": calib.data_hash}
     settings = {"format": str(fmt), "calibration_samples": len(calib_texts)}
     key_fn = getattr(_module(fmt), "build_key", None)  # e.g. tool versions that change the bytes
     if key_fn is not None:
         settings["build"] = key_fn(fmt)
+    extra = {}
+    if scorer is not None and "score" in inspect.signature(_module(fmt).build).parameters:
+        extra["score"] = scorer  # the build chooses between candidates on the calibration split
+        inputs["chosen_on"] = sha256_file(split)
     for candidate in (folder, out / "rejected" / fmt.name):
         if (candidate / MANIFEST).exists():
             try:
@@ -281,7 +287,7 @@ def _build(fmt, ckpt, out, work, spec: TaskSpec, calib_texts, calib, source_hash
     partial.mkdir(parents=True)
     console.print(f"building {fmt} ...")
     t = time.time()
-    built: Built = _module(fmt).build(ckpt, fmt, partial, calib_texts, work)
+    built: Built = _module(fmt).build(ckpt, fmt, partial, calib_texts, work, **extra)
     build_s = time.time() - t
     manifest = write_manifest(
         partial,

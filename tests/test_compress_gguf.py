@@ -7,6 +7,7 @@ students): llama.cpp's converter only accepts BPE tokenizers whose pre-tokenizer
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import shutil
@@ -166,6 +167,34 @@ def test_imatrix_from_calibration_texts(src, artifacts, work):
     assert q4.settings["calibration_texts"] == len(CALIB) and q4.settings["imatrix_tokens"] > 0
     assert "llama-quantize" in q4.tools and "llama-imatrix" in q4.tools
     assert list((work / "gguf").glob("imatrix-*.gguf"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("with_score, without_score, kept", [(0.2, 0.5, "without"), (0.5, 0.5, "with"), (0.6, 0.1, "with")])
+def test_with_a_score_the_better_of_with_and_without_the_importance_matrix_is_kept(src, work, tmp_path, with_score, without_score, kept):
+    """Both quantizations are scored (with the matrix first) and the artifact is the better one's
+    bytes; a tie keeps the matrix. The manifest says which, with both scores."""
+    if not gguf.find_tools(gguf.runtime_version())[0]:
+        pytest.skip("llama.cpp tools not built (make llama-tools)")
+    seen: list[str] = []
+    values = iter([with_score, without_score])
+
+    def score(rt) -> dict:
+        assert len(rt.generate([1, 2, 3], 2, ignore_eos=True)) == 2  # an opened, working runtime
+        seen.append(hashlib.sha256(Path(rt.model.path_model).read_bytes()).hexdigest())
+        return {"metric": "slot_f1", "value": next(values), "n": 7}
+
+    out = tmp_path / "q4"
+    out.mkdir()
+    built = gguf.build(src, FormatSpec("gguf", "q4_k_m"), out, CALIB, work, score=score)
+    assert len(seen) == 2 and seen[0] != seen[1]  # the matrix changed the bytes
+    assert hashlib.sha256((out / built.model_file).read_bytes()).hexdigest() == seen[0 if kept == "with" else 1]
+    assert [p.name for p in out.iterdir()] == [built.model_file]  # the losing candidate is not left behind
+    assert not list((work / "gguf").glob("*without-imatrix.gguf"))
+    assert built.settings["imatrix_choice"] == {"metric": "slot_f1", "n": 7, "with": with_score, "without": without_score, "kept": kept}
+    assert built.settings["imatrix"] is (kept == "with")
+    assert built.method.endswith("with importance matrix") is (kept == "with")
+    assert any("without the importance matrix" in n for n in built.notes) is (kept == "without")
 
 
 @pytest.mark.slow

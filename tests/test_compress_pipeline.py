@@ -195,3 +195,36 @@ def test_a_cached_reference_without_the_tasks_metric_is_rescored(tmp_path):
     got = pipeline._reference(None, None, spec, [], golds, [], tmp_path / "reference.json", "k")
     assert got["scores"]["token_f1"] == pytest.approx((2 / 3 + 1) / 2) and got["scores"]["exact_match"] == 0.5
     assert got["scores"]["exact_match_ci"] == [0.0945, 0.9055] and len(got["scores"]["token_f1_ci"]) == 2  # Wilson 1 of 2
+
+
+def test_a_build_that_chooses_gets_a_score_on_the_calibration_split(student, monkeypatch):
+    """A format whose build takes ``score`` (GGUF: with or without the importance matrix) gets the
+    task's primary metric of a runtime on the calibration split (teacher labels, not the test set);
+    the split's hash joins the artifact's inputs, so a new split rebuilds it."""
+    ck, data, spec = student
+    split = ck.parent / "data" / "calibration.jsonl"
+    split.parent.mkdir()
+    rows = [{"input": f"{q} (held out)", "output": lab} for q, lab in TEST[:3]] * 2
+    split.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ck)
+    scored: list[dict] = []
+    family = fake_family(ck, {}, [])
+
+    def build(src, fmt, out, calib, work, score=None):
+        scored.append(score(Oracle(tok)))  # right on every row
+        scored.append(score(Oracle(tok, wrong_every=2)))  # wrong on every second
+        return family.build(src, fmt, out, calib, work)
+
+    monkeypatch.setattr("edgedistill.runtimes.hf.HFRuntime", lambda folder: Oracle(AutoTokenizer.from_pretrained(folder)))
+    monkeypatch.setattr(pipeline, "_module", lambda fmt: types.SimpleNamespace(build=build, load=family.load))
+    summary = pipeline.run_compress(ck, formats="gguf:q4_k_m", calibration=data, task=spec)
+    assert scored == [{"metric": "accuracy", "value": 1.0, "n": 6}, {"metric": "accuracy", "value": 0.5, "n": 6}]
+    m = read_manifest(Path(summary["artifacts"][0]["path"]), verify=True)
+    assert m["inputs"]["chosen_on"] and m["inputs"]["calibration"]
+
+    split.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))  # another split: built again
+    scored.clear()
+    pipeline.run_compress(ck, formats="gguf:q4_k_m", calibration=data, task=spec)
+    assert [s["n"] for s in scored] == [3, 3]
