@@ -363,7 +363,6 @@ def train(
         remove_unused_columns=False,
         use_cpu=not cuda,
         bf16=bf16,
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         seed=cfg.seed,
         data_seed=cfg.seed,
         disable_tqdm=not progress,

@@ -190,12 +190,6 @@ class TrainingConfig(_Model):
         description="Training precision. bf16: mixed precision (bfloat16 autocast, float32 master weights). auto: bf16 where "
         "the hardware has native bf16 (a bf16 GPU, or a CPU with AVX512-BF16/AMX or Arm BF16), else float32.",
     )
-    group_by_length: bool = Field(
-        False,
-        description="Batch examples of similar length together (transformers' LengthGroupedSampler: random megabatches of 50 "
-        "batches, each sorted by length), so a batch carries less padding (restaurant8k: 97 % of its tokens real, 74 % in random "
-        "order; about that much less compute per epoch). Off by default, as in transformers.",
-    )
     seed: int = 0
     logit_kd: LogitKDConfig = Field(default_factory=LogitKDConfig)
 

@@ -203,35 +203,6 @@ def test_full_sft_loss_falls_and_every_weight_changes(tiny_model_dir, tmp_path):
     assert not unchanged
 
 
-def test_group_by_length_batches_examples_of_similar_length(tiny_model_dir, tmp_path, monkeypatch):
-    """training.group_by_length: transformers' LengthGroupedSampler orders the batches, so short and
-    long examples are not padded together. It sorts megabatches of (here) 8 batches, so at most one
-    batch per megabatch mixes the two; random order mixes about half of them."""
-    import edgedistill.distill.train as train_mod
-
-    batches: list[list[int]] = []
-
-    class Recording(Collator):
-        def __call__(self, features):
-            batches.append([len(f["input_ids"]) for f in features])
-            return super().__call__(features)
-
-    monkeypatch.setattr(train_mod, "Collator", Recording)
-    short = [{"messages": [{"role": "user", "content": f"q{i}"}], "answer": "a"} for i in range(32)]
-    long = [{"messages": [{"role": "user", "content": f"q{i} " + "word " * 40}], "answer": "a"} for i in range(32)]
-    base = {"method": "full", "epochs": 1, "batch_size": 2, "max_length": 256, "warmup_ratio": 0.0, "save_steps": 1000, "precision": "float32"}
-    mixed = {}
-    for grouped in (False, True):
-        batches.clear()
-        train(tiny_model_dir, tmp_path / str(grouped), short + long, TrainingConfig(group_by_length=grouped, **base))
-        assert len(batches) == 32 and sorted(n for b in batches for n in b) == sorted(
-            len(encode_example(AutoTokenizer.from_pretrained(tiny_model_dir), e["messages"], e["answer"], 256)["input_ids"])
-            for e in short + long
-        )
-        mixed[grouped] = sum(max(b) - min(b) > 20 for b in batches)
-    assert mixed[True] <= 4 < mixed[False]
-
-
 def test_lora_sft_loss_falls_and_merged_checkpoint_loads(tiny_model_dir, tmp_path):
     cfg = TrainingConfig(
         method="lora", epochs=8, batch_size=2, learning_rate=5e-2, lora_r=8, lora_alpha=16, warmup_ratio=0.0, save_steps=1000
