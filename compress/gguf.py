@@ -9,7 +9,9 @@ the GGUF they read and write:
   file hashes, so every variant of one run converts once;
 - ``llama-quantize`` / ``llama-imatrix`` (``make llama-tools``) quantize with an importance matrix
   computed from the task's own calibration texts; without them ``llama_cpp.llama_model_quantize``
-  (in llama-cpp-python, no importance matrix) quantizes and the artifact says so.
+  (in llama-cpp-python, no importance matrix) quantizes and the artifact says so. Given compress's
+  ``score``, a variant quantized with the matrix is quantized without it too and the better on the
+  calibration split is kept (``build``).
 
 Option: ``gguf:q4_k_m:imatrix_chunks=N`` caps the importance matrix at N chunks of (up to) 512 tokens.
 Build logs go to ``work/gguf/`` (converter: ``f16-<key>/convert.log``; quantizer: ``gguf-<variant>.log``).
