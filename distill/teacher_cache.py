@@ -11,6 +11,7 @@ distribution, not a top-k approximation (at T=2 the tail beyond the teacher's to
 
 A model whose logits are more than its output layer applied to the last hidden state (a final
 soft-cap or a logit scale) fails the check on the first batch and keeps the per-step teacher pass.
+After that first batch, each batch's common prefix (the system turn) runs once (``distill.shared_prefix``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from edgedistill.distill import shared_prefix
 from edgedistill.distill.encode import IGNORE
 from torch import nn
 
@@ -72,14 +74,21 @@ def teacher_hidden(
         idx = order[start : start + batch_size]
         ids, mask = _batch([rows[i] for i in idx], pad_id)
         ids, mask = ids.to(device), mask.to(device)
+        positions = [answer_positions(rows[i]["labels"]) for i in idx]
+        # After the first batch (the check needs the full pass), the rows' common prefix runs once.
+        n = shared_prefix.prefix_len(ids, mask, min(p[0] for p in positions if p) if any(positions) else 0) if checked else 0
         with autocast():
-            hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            run = shared_prefix.forward(body, ids, mask, n) if n else None
+            if run is None:
+                n = 0
+                run = body(input_ids=ids, attention_mask=mask, use_cache=False)
+            hidden = run.last_hidden_state  # positions n.. of each row
             if not checked:
                 if not _head_reproduces_logits(teacher, ids, mask, hidden):
                     return None
                 checked = True
         for b, i in enumerate(idx):
-            out[i] = hidden[b, answer_positions(rows[i]["labels"])].detach().cpu()
+            out[i] = hidden[b, [t - n for t in positions[b]]].detach().cpu()
     return out
 
 

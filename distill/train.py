@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from edgedistill.distill import shared_prefix
 from edgedistill.distill.encode import IGNORE, Collator, ListDataset, encode_example
 from edgedistill.distill.label_kd import soft_label_kl, soft_label_rows
 from edgedistill.distill.teacher_cache import load_or_compute, teacher_hidden
@@ -117,14 +118,22 @@ class DistillTrainer(Trainer):
         # Make Trainer count the answer tokens of the accumulated batch (num_items_in_batch).
         self.model_accepts_loss_kwargs = True
         self._logits_to_keep = _accepts_logits_to_keep(self.model) and (teacher is None or _accepts_logits_to_keep(teacher))
+        self._share_prefix = self._logits_to_keep  # the shared-prefix pass needs logits_to_keep
+        self._shared_tokens = 0  # prefix tokens not computed again, for the run's stats
         self._sums: dict[str, torch.Tensor] = {}
 
     def _logits(self, model: nn.Module, inputs: dict[str, torch.Tensor], keep: torch.Tensor | None) -> torch.Tensor:
-        kwargs: dict[str, Any] = {
-            "input_ids": inputs["input_ids"],
-            "attention_mask": inputs["attention_mask"],
-            "use_cache": False,
-        }
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        if keep is not None and keep.numel() and self._share_prefix:
+            # The rows' common prefix (the system turn) once, not once per row: distill.shared_prefix.
+            n = shared_prefix.prefix_len(ids, mask, int(keep.min()))
+            if n:
+                out = shared_prefix.forward(model, ids, mask, n, logits_to_keep=keep - n)
+                if out is not None:
+                    self._shared_tokens += n * (ids.shape[0] - 1)
+                    return out.logits
+                self._share_prefix = False
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
         if keep is not None:
             kwargs["logits_to_keep"] = keep
         return model(**kwargs).logits
@@ -432,6 +441,7 @@ def train(
         "params": params,
         "trainable_params": trainable,
         "precision": "bf16" if bf16 else "float32",
+        "shared_prefix_tokens": trainer._shared_tokens,  # row tokens the shared-prefix pass did not recompute
         "kd_teacher_pass": teacher_pass,
         "kd_teacher_dtype": str(next(teacher.parameters()).dtype).removeprefix("torch.") if teacher is not None else None,
     }
