@@ -119,3 +119,29 @@ def test_a_sliding_window_model_is_not_shared(tok):
     keep = keep_positions(b)
     n = shared_prefix.prefix_len(b["input_ids"], b["attention_mask"], int(keep.min()))
     assert n and shared_prefix.forward(model, b["input_ids"], b["attention_mask"], n, logits_to_keep=keep - n) is None
+
+
+def test_the_step_benchmark_times_both_passes_on_a_tasks_rows(tiny_model_dir, tmp_path):
+    import json
+
+    import yaml
+    from edgedistill.bench import train_step
+
+    spec = {
+        "name": "tiny-tools",
+        "type": "extraction",
+        "instructions": SYSTEM,
+        "output_schema": {"type": "object", "properties": {"people": {"type": "string"}}, "additionalProperties": False},
+        "seeds": [{"input": f"{q} ({i})", "output": {"people": "4"}} for i in range(2) for q, _ in DATA],
+        "test_set": {"path": "test.jsonl"},
+        "teacher": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"},
+        "student": {"path": str(tiny_model_dir)},
+    }
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump(spec))
+    data = "".join(json.dumps({"input": q, "output": {"people": str(i)}}) + "\n" for i, (q, _) in enumerate(DATA))
+    (tmp_path / "test.jsonl").write_text(data)
+    out = train_step.main(["--spec", str(tmp_path / "task.yaml"), "--model", str(tiny_model_dir), "--data",
+                           str(tmp_path / "test.jsonl"), "--rounds", "1", "--precision", "float32"])  # fmt: skip
+    assert out["rows"] == len(DATA) and out["common_prefix_tokens"] >= shared_prefix.MIN_PREFIX
+    assert out["shared_s"]["best"] > 0 and out["full_s"]["best"] > 0
+    assert out["loss"]["shared"] == pytest.approx(out["loss"]["full"], rel=1e-4)
