@@ -12,7 +12,8 @@ it). The loss and its gradients are the full pass's up to float rounding (a test
 
 Used where the result is the same: models whose cache is plain per-layer keys and values
 (``DynamicLayer``; not recurrent or sliding-window layers), a prefix of at least ``MIN_PREFIX``
-tokens, and every needed position after it. Anything else runs the plain full pass. One difference
+tokens, every needed position after it, and one process (the trainer does not share under DDP or
+DeepSpeed, untested there). Anything else runs the plain full pass. One difference
 in training: attention dropout (off in the models we ship) would draw one mask for the shared
 prefix instead of one per row.
 """

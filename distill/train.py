@@ -118,7 +118,9 @@ class DistillTrainer(Trainer):
         # Make Trainer count the answer tokens of the accumulated batch (num_items_in_batch).
         self.model_accepts_loss_kwargs = True
         self._logits_to_keep = _accepts_logits_to_keep(self.model) and (teacher is None or _accepts_logits_to_keep(teacher))
-        self._share_prefix = self._logits_to_keep  # the shared-prefix pass needs logits_to_keep
+        # The shared-prefix pass needs logits_to_keep; with several processes (DDP/DeepSpeed: two forward
+        # calls before one backward) it is untested, so the plain pass is kept there.
+        self._share_prefix = self._logits_to_keep and self.args.world_size == 1
         self._shared_tokens = 0  # prefix tokens not computed again, for the run's stats
         self._sums: dict[str, torch.Tensor] = {}
 
