@@ -125,7 +125,7 @@ def test_the_step_benchmark_times_both_passes_on_a_tasks_rows(tiny_model_dir, tm
     import json
 
     import yaml
-    from edgedistill.bench import train_step
+    from edgedistill.distill import step_benchmark
 
     spec = {
         "name": "tiny-tools",
@@ -140,7 +140,7 @@ def test_the_step_benchmark_times_both_passes_on_a_tasks_rows(tiny_model_dir, tm
     (tmp_path / "task.yaml").write_text(yaml.safe_dump(spec))
     data = "".join(json.dumps({"input": q, "output": {"people": str(i)}}) + "\n" for i, (q, _) in enumerate(DATA))
     (tmp_path / "test.jsonl").write_text(data)
-    out = train_step.main(["--spec", str(tmp_path / "task.yaml"), "--model", str(tiny_model_dir), "--data",
+    out = step_benchmark.main(["--spec", str(tmp_path / "task.yaml"), "--model", str(tiny_model_dir), "--data",
                            str(tmp_path / "test.jsonl"), "--rounds", "1", "--precision", "float32"])  # fmt: skip
     assert out["rows"] == len(DATA) and out["common_prefix_tokens"] >= shared_prefix.MIN_PREFIX
     assert out["shared_s"]["best"] > 0 and out["full_s"]["best"] > 0

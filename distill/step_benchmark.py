@@ -5,9 +5,10 @@ A batch of a task's rows (``--data`` JSONL ``{input, output}``, rendered as trai
 and its backward pass, once with the rows' common prefix (the system turn) run once and once as the
 plain full pass; the two alternate for ``--rounds`` rounds (the first of each is a warm-up and not
 counted); every figure is the best and the median. The losses are printed too: they agree up to
-float rounding. A benchmark, not a test.
+float rounding. A benchmark, not a test; it lives in distill because it times distill's own trainer
+(bench measures served endpoints and imports no stage's internals).
 
-    python -m edgedistill.bench.train_step --spec examples/restaurant8k-tools/task.yaml \\
+    python -m edgedistill.distill.step_benchmark --spec examples/restaurant8k-tools/task.yaml \\
         --model runs/restaurant8k-tools/student --data runs/restaurant8k-tools/data/train.jsonl
 """
 
