@@ -70,16 +70,19 @@ def teacher_hidden(
     out: list[torch.Tensor] = [torch.empty(0)] * len(rows)
     body = teacher.base_model
     checked = False
+    share = True
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         ids, mask = _batch([rows[i] for i in idx], pad_id)
         ids, mask = ids.to(device), mask.to(device)
         positions = [answer_positions(rows[i]["labels"]) for i in idx]
         # After the first batch (the check needs the full pass), the rows' common prefix runs once.
-        n = shared_prefix.prefix_len(ids, mask, min(p[0] for p in positions if p) if any(positions) else 0) if checked else 0
+        first = min((p[0] for p in positions if p), default=0)
+        n = shared_prefix.prefix_len(ids, mask, first) if checked and share else 0
         with autocast():
             run = shared_prefix.forward(body, ids, mask, n) if n else None
             if run is None:
+                share = share and not n  # a model whose cache cannot be shared: stop trying
                 n = 0
                 run = body(input_ids=ids, attention_mask=mask, use_cache=False)
             hidden = run.last_hidden_state  # positions n.. of each row
