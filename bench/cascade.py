@@ -21,7 +21,7 @@ import numpy as np
 from edgedistill.bench.cost import cascade_cost_per_1k, sig
 
 from edgedistill.intervals import proportion_ci
-from edgedistill.thresholds import Score, candidate_thresholds, choose_threshold, mean_ok, mixed_answers
+from edgedistill.thresholds import THRESHOLD_RULE, Score, candidate_thresholds, choose_threshold, mean_ok, mixed_answers
 
 __all__ = ["GRID", "candidate_thresholds", "choose_threshold", "point", "sweep"]  # the threshold rule lives in edgedistill.thresholds
 
@@ -113,6 +113,7 @@ def sweep(
         "metric": metric,
         "target_accuracy": round(goal, 4),
         "target_basis": "absolute" if target is not None else f"{target_relative:g} x teacher {metric} on the calibration split",
+        "threshold_rule": THRESHOLD_RULE,
         "teacher_accuracy_calibration": teacher_cal_acc,
         "teacher_accuracy_test": of(rep[2]),
         "teacher_accuracy_test_ci": ci(list(rep[2])) if ci else None,

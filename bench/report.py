@@ -90,6 +90,7 @@ def cascade_section(name: str, sw: dict[str, Any]) -> list[str]:
     ch = sw["chosen"]
     m = sw.get("metric", "accuracy")
     met = "reached" if ch["target_met_on_calibration"] else "NOT reached (the most accurate threshold is shown)"
+    met += f"; rule: {sw['threshold_rule']}" if sw.get("threshold_rule") else ""
     lines = [
         f"### Cascade sweep: {name}",
         "",

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edgedistill.manifest import sha256_file, sha256_json
+from edgedistill.thresholds import THRESHOLD_RULE, rows_needed
 
 CALIBRATION_FILE = "calibration.jsonl"  # the split in distill's data folder (its manifest records the hash)
 
@@ -50,7 +51,7 @@ def calibrate(
         return None
     inputs = calibration_inputs(split, test_rows, manifest)
     old = manifest.get("calibration") or {}
-    if old.get("inputs") == inputs and old.get("thresholds") and old.get("test") and "curve" in old:
+    if old.get("inputs") == inputs and old.get("threshold_rule") == THRESHOLD_RULE and old.get("test") and "curve" in old:
         console.print(f"{name}: calibration unchanged, reusing it (recommended threshold {old['recommended']['threshold']})")
         return old
     console.print(f"calibrating {name} on {split} ...")
@@ -73,7 +74,18 @@ def calibrate(
         f"  {name}: temperature {cal['temperature']}, test ECE {test['ece_before']} -> {test['ece_after']}, "
         f"recommended threshold {rec['threshold']} (target {rec['target']:g} of the teacher on {cal['n']} rows)"
     )
+    if rec.get("met") is False:
+        console.print(f"[yellow]  {name}: {unmet_note(rec, cal['n'])}[/]")
     return cal
+
+
+def unmet_note(rec: dict[str, Any], n: int) -> str:
+    """Why the recommended threshold is what it is when its target was not met on the split."""
+    need = rows_needed(float(rec["target"]))
+    why = f"at least {need} rows are needed to show it" if n < need else "no threshold reaches it there"
+    return (f"{n} calibration rows cannot show the {rec['target']:g} target ({why}), so the recommended threshold is "
+            f"{rec['threshold']}, the most accurate one; a larger split (the spec's calibration.min_rows) or a lower "
+            "target (`edgedistill serve --target 0.95`) lets the student answer more")  # fmt: skip
 
 
 def run_calibration(cmd: list[str]) -> tuple[int, str]:
@@ -112,5 +124,6 @@ def calibration_note(summary: dict[str, Any]) -> str:
         return ""
     return (
         "\nECE: calibration error of /v1/predict's confidence on the test split, uncalibrated → with the temperature fitted on "
-        "the calibration split; threshold (99 %): the cheapest reaching 99 % of the teacher there, what serve uses by default.\n"
+        "the calibration split; threshold (99 %): the cheapest reaching 99 % of the teacher there, its n rows counted as n/(n+1) "
+        "of what they measure (so a small split cannot meet a high target by luck), what serve uses by default.\n"
     )

@@ -14,6 +14,7 @@ from edgedistill.run.prediction import predicted_cascade, prediction_check, pred
 
 from edgedistill.intervals import ALPHA, fmt_ci, fmt_difference, fmt_p
 from edgedistill.spec import TaskSpec
+from edgedistill.thresholds import RECOMMENDED_TARGET, rows_needed
 
 MODEL_KEYS = ("teacher", "student", "undistilled student")
 
@@ -85,6 +86,8 @@ def build_report(spec: TaskSpec, out: Path, state: dict[str, Any]) -> dict[str, 
             "artifact": served_row["name"] if served_row else spec.bench.cascade_artifact,
             "threshold": threshold,
             "threshold_source": source,
+            # False: the recommended target was out of reach on the calibration split (edgedistill.thresholds' rule)
+            "target_met": (((served_row or {}).get("calibration") or {}).get("recommended") or {}).get("met") if source.startswith("recommended") else None,
             "accuracy": q.get(metric),
             "accuracy_ci": q.get(f"{metric}_ci"),
             "n": q.get("n"),
@@ -237,6 +240,10 @@ def report_markdown(rep: dict[str, Any]) -> str:
                   f"{fmt_ci(c.get('accuracy'), c.get('accuracy_ci'))}, fallback rate {fmt_ci(c.get('fallback_rate'), c.get('fallback_rate_ci'))}"
                   f"{on_rows}, ${_f(c.get('cost_per_1k_usd'), '.4f')} per 1k requests, "
                   f"p50 latency {_f(c.get('latency_ms_p50'), '.0f')} ms.")]
+        if c.get("target_met") is False:
+            lines.append(f"\nIts recommended target was out of reach on the calibration split (the rule counts n rows as n/(n+1) of what "
+                         f"they measure: {rows_needed(RECOMMENDED_TARGET)} rows are the fewest that can show {RECOMMENDED_TARGET:g}), so the "
+                         "threshold is the most accurate one there; a larger split (the spec's calibration.min_rows) lets the student answer more.")
         lines += prediction_markdown(c, metric)
         r = c.get("recommended")
         if r:

@@ -36,7 +36,7 @@ from edgedistill.serve.state import State
 from edgedistill.datafiles import read_rows
 from edgedistill.errors import UserError
 from edgedistill.manifest import MANIFEST, read_manifest, sha256_file, write_json_atomic
-from edgedistill.thresholds import RECOMMENDED_TARGET, TARGETS, target_thresholds, threshold_curve
+from edgedistill.thresholds import RECOMMENDED_TARGET, TARGETS, THRESHOLD_RULE, target_thresholds, threshold_curve
 
 
 async def student_answers(st: State, rows: list[dict[str, Any]]) -> list[StudentAnswer]:
@@ -92,9 +92,7 @@ def fit_calibration(st: State, rows: list[dict[str, Any]], test_rows: list[dict[
     def score(pairs: list[tuple[Any, Any]]) -> float:  # the task's primary metric, the teacher's answers as the reference
         return task.score([g for g, _ in pairs], [p for _, p in pairs])
 
-    thresholds = [
-        {k: v for k, v in th.items() if k != "met"} for th in target_thresholds(student, served, teacher, TARGETS, score)
-    ]
+    thresholds = target_thresholds(student, served, teacher, TARGETS, score)
     recommended = next(th for th in thresholds if th["target"] == RECOMMENDED_TARGET)
     # what the cascade does on these rows at any threshold: the prediction for a threshold set by hand
     curve = threshold_curve(student, served, teacher, score, keep=[th["threshold"] for th in thresholds])
@@ -109,8 +107,9 @@ def fit_calibration(st: State, rows: list[dict[str, Any]], test_rows: list[dict[
         "ece_before": round(expected_calibration_error([a.confidence for _, a in parsed], correct), 4),
         "ece_after": round(expected_calibration_error(after, correct), 4),
         "confidence_histogram": confidence_histogram(served),
+        "threshold_rule": THRESHOLD_RULE,
         "thresholds": thresholds,
-        "recommended": {"target": recommended["target"], "threshold": recommended["threshold"]},
+        "recommended": {"target": recommended["target"], "threshold": recommended["threshold"], "met": recommended["met"]},
         "curve": curve,
         "confidence_quantile": st.settings.confidence_quantile if kind == "generation" else None,
         "fitted_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),

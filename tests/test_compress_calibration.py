@@ -20,9 +20,10 @@ from edgedistill.thresholds import CURVE_POINTS, curve_point_at, threshold_curve
 from tests.serve_fakes import FakeRunner
 from tests.test_compress_pipeline import TEST, Oracle, student  # noqa: F401 -- the fixture
 
-# the calibration split: the student agrees with the teacher's label on 30 rows (sure), and is wrong
-# on 2 rows fairly sure and on 8 rows unsure. 95 % agreement lets the 2 through; 98 % and 99 % need all 10 sent to the teacher.
-SURE, FAIRLY, UNSURE = 30, 2, 8
+# the calibration split: the student agrees with the teacher's label on 120 rows (sure), and is wrong
+# on 2 rows fairly sure and on 8 rows unsure. 95 % agreement lets the 2 through (128/130 counts 128/131
+# = 0.977); 98 % and 99 % need all 10 sent to the teacher (130/131 = 0.992).
+SURE, FAIRLY, UNSURE = 120, 2, 8
 CALIB = ([(f"sure {i} where is my card", "card_arrival", "card_arrival", 20.0) for i in range(SURE)]
          + [(f"fairly {i} new pin", "change_pin", "exchange_rate", 4.0) for i in range(FAIRLY)]
          + [(f"unsure {i} euro rate", "exchange_rate", "change_pin", 0.3) for i in range(UNSURE)])  # fmt: skip
@@ -98,7 +99,7 @@ def test_every_measured_artifact_gets_its_calibration_block(student, monkeypatch
     n = SURE + FAIRLY + UNSURE
     assert cal["split"] == "calibration" and cal["n"] == n and cal["method"] == "temperature_scaling"
     assert cal["temperature"] > 0 and cal["classification"]["temperature"] == cal["temperature"]
-    assert 0 <= cal["ece_after"] <= 1 and 0 <= cal["ece_before"] <= 1 and cal["accuracy"] == pytest.approx(SURE / n)
+    assert 0 <= cal["ece_after"] <= 1 and 0 <= cal["ece_before"] <= 1 and cal["accuracy"] == round(SURE / n, 4)
     hist = cal["confidence_histogram"]
     assert hist["edges"] == [i / 10 for i in range(11)] and len(hist["counts"]) == 10 and sum(hist["counts"]) == n
 
@@ -106,14 +107,15 @@ def test_every_measured_artifact_gets_its_calibration_block(student, monkeypatch
     assert [t["target"] for t in th] == [0.95, 0.98, 0.99]
     assert [t["threshold"] for t in th] == sorted(t["threshold"] for t in th)  # a higher target never a lower threshold
     # 95 %: only the unsure rows go to the teacher; 98 and 99 %: the fairly sure wrong ones too (all the wrong answers)
-    assert (th[0]["fallback_rate"], th[0]["agreement"]) == (UNSURE / n, (n - FAIRLY) / n)
-    assert all((t["fallback_rate"], t["agreement"]) == ((FAIRLY + UNSURE) / n, 1.0) for t in th[1:])
+    assert (th[0]["fallback_rate"], th[0]["agreement"]) == (round(UNSURE / n, 4), round((n - FAIRLY) / n, 4))
+    assert all((t["fallback_rate"], t["agreement"]) == (round((FAIRLY + UNSURE) / n, 4), 1.0) for t in th[1:])
     assert th[0]["threshold"] < th[1]["threshold"]
-    assert cal["recommended"] == {"target": 0.99, "threshold": th[2]["threshold"]}
+    assert all(t["met"] and t["agreement_counted"] == round(n * t["agreement"] / (n + 1), 4) for t in th)
+    assert cal["recommended"] == {"target": 0.99, "threshold": th[2]["threshold"], "met": True} and "n/(n+1)" in cal["threshold_rule"]
     # the curve: the cascade on the split at the candidate thresholds, each target's read back exactly
     curve = cal["curve"]
     assert [p["threshold"] for p in curve] == sorted({p["threshold"] for p in curve}) and curve[0]["threshold"] == 0.0
-    assert (curve[0]["fallback_rate"], curve[0]["agreement"]) == (0.0, SURE / n) and curve[-1] == {"threshold": 1.0, "fallback_rate": 1.0, "agreement": 1.0}
+    assert (curve[0]["fallback_rate"], curve[0]["agreement"]) == (0.0, round(SURE / n, 4)) and curve[-1] == {"threshold": 1.0, "fallback_rate": 1.0, "agreement": 1.0}
     for t in th:
         assert curve_point_at(curve, t["threshold"]) == {k: t[k] for k in ("threshold", "fallback_rate", "agreement")}
     rates = [p["fallback_rate"] for p in curve]

@@ -222,6 +222,13 @@ def test_the_cascades_prediction_at_the_served_threshold_from_the_curve(run_dir)
     assert c["prediction_ok"] is True and c["prediction_error"] == {"fallback_rate": -0.01, "accuracy": -0.0001}
     assert c["prediction_in_interval"] == {"fallback_rate": True, "accuracy": True}
 
+    assert c["target_met"] is None and "out of reach" not in report_markdown(build_report(spec, out, {}))  # an older manifest: unknown
+    with_calibration(out, curve=CURVE, recommended={"target": 0.99, "threshold": 1.0, "met": False})
+    c = build_report(spec, out, {})["cascade"]
+    assert c["threshold"] == 1.0 and c["target_met"] is False
+    assert "recommended target was out of reach" in report_markdown(build_report(spec, out, {}))
+    with_calibration(out, curve=CURVE)
+
     spec.bench.cascade_threshold = 0.9  # set by hand: between two curve points, the lower one stands for it
     c = build_report(spec, out, {})["cascade"]
     assert (c["predicted"]["threshold"], c["predicted"]["target"], c["predicted"]["fallback_rate"], c["prediction_ok"]) == (0.9, None, 0.11, True)

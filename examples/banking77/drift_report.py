@@ -146,7 +146,7 @@ def same_rows(after: dict[str, Any], old: dict[str, Any], same: Callable[[Any, A
     teacher_ok = [a.get("teacher") is not None and same(a["teacher"], a["label"]) for a in new_a]
     n = len(new_a)
     new, prev = _side(new_a, teacher_ok, float(after["threshold"]), same), _side(old_a, teacher_ok, float(old["threshold"]), same)
-    th, met = choose_threshold(prev["ok"], prev["conf"], teacher_ok, new["served"]["accuracy"])
+    th, met = choose_threshold(prev["ok"], prev["conf"], teacher_ok, new["served"]["accuracy"], finite_sample=False)
     acc, rate = quality_and_rate(th, prev["ok"], prev["conf"], teacher_ok)
     fb_new = fallback_mask(new["served"]["threshold"], new["conf"], n)
     fb_old = fallback_mask(th, prev["conf"], n)
