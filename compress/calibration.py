@@ -8,7 +8,7 @@ set), rendered exactly as the student sees them in training and serving (chat te
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,22 @@ from edgedistill.errors import UserError
 from edgedistill.manifest import MANIFEST, read_manifest, sha256_json
 from edgedistill.spec import TaskSpec
 
+CHOICE_ROWS = 100  # rows on which a build chooses between its candidates (``choice_rows``)
+
 
 @dataclass
 class Calibration:
-    rows: list[dict[str, Any]]  # {"input", "output"}
+    rows: list[dict[str, Any]]  # {"input", "output"}: the quantizers' sample
     path: Path
     data_hash: str  # of the rows actually used
+    rest: list[dict[str, Any]] = field(default_factory=list)  # the file's other rows (same shuffle)
+
+    def choice_rows(self, n: int = CHOICE_ROWS) -> list[dict[str, Any]]:
+        """The rows a build that chooses between candidates (GGUF: with or without the importance
+        matrix) scores them on: the file's rows outside the quantizers' sample first, topped up from
+        it. Never the calibration split, whose rows fit the cascade's thresholds: a build picked for
+        scoring best on them would make its thresholds look better than they are."""
+        return (self.rest + self.rows)[:n]
 
     def texts(self, spec: TaskSpec, tokenizer: Any) -> list[str]:
         """Prompt + answer, as the student was trained on it (what quantizers should see)."""
@@ -50,8 +60,7 @@ def load_calibration(path: Path, samples: int, seed: int = 0) -> Calibration:
     if not rows:
         raise UserError(f"--calibration {file} has no rows")
     random.Random(seed).shuffle(rows)
-    rows = rows[:samples]
-    return Calibration(rows=rows, path=file, data_hash=sha256_json(rows))
+    return Calibration(rows=rows[:samples], path=file, data_hash=sha256_json(rows[:samples]), rest=rows[samples:])
 
 
 def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:

@@ -11,7 +11,6 @@ and speed are measured unconstrained (they describe the model, not the task).
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from edgedistill.compress.calibration import prompt_ids
@@ -19,7 +18,6 @@ from edgedistill.compress.formats import Score
 from edgedistill.runtimes.base import Runtime
 from edgedistill.runtimes.constrain import Constraint
 
-from edgedistill.datafiles import read_rows
 from edgedistill.errors import UserError
 
 SPEED_TOKENS = 64
@@ -54,13 +52,11 @@ def answer_test_set(
     ]
 
 
-def calibration_scorer(spec: Any, tokenizer: Any, split: Path, constraint: Constraint | None = None) -> Score | None:
-    """A :data:`~edgedistill.compress.formats.Score` over the calibration split (``data/calibration.jsonl``:
-    teacher-labelled, held out of training and of the test set): the task's primary metric of a
-    runtime's greedy answers under ``constraint``, against the teacher's labels. None without the split."""
-    if not split.is_file():
-        return None
-    rows = read_rows(split, "the calibration split", ["input", "output"], None)
+def choice_scorer(spec: Any, tokenizer: Any, rows: list[dict[str, Any]], constraint: Constraint | None = None) -> Score | None:
+    """A :data:`~edgedistill.compress.formats.Score` over ``rows`` (``Calibration.choice_rows``:
+    teacher-labelled distillation rows, neither the calibration split nor the test set): the task's
+    primary metric of a runtime's greedy answers under ``constraint``, against the teacher's labels.
+    None without rows."""
     if not rows:
         return None
     prompts = [prompt_ids(tokenizer, spec.task.student_messages(r["input"])) for r in rows]

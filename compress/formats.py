@@ -26,7 +26,7 @@ from edgedistill.errors import UserError
 from edgedistill.spec import DEFAULT_FORMATS
 
 # An opened runtime -> {"metric", "value", "n"}: the task's primary metric of its greedy answers on
-# held-out teacher-labelled rows (``compress.evaluate.calibration_scorer``); higher is better.
+# teacher-labelled rows outside the calibration split (``compress.evaluate.choice_scorer``); higher is better.
 Score = Callable[[Any], dict[str, Any]]
 
 # family -> variant -> bits: the formats compress builds

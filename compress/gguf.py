@@ -164,8 +164,8 @@ def tool_version(binary: Path) -> str:
 def build(src: Path, fmt: FormatSpec, out: Path, calib: list[str], work: Path, score: Score | None = None) -> Built:
     """Convert ``src`` to GGUF (cached F16 in ``work``) and quantize it to ``fmt.variant`` in ``out``.
 
-    With an importance matrix and ``score`` (the task's primary metric of an opened runtime on held-out
-    teacher-labelled rows, ``compress.evaluate.calibration_scorer``), the variant is quantized with and
+    With an importance matrix and ``score`` (the task's primary metric of an opened runtime on
+    teacher-labelled rows outside the calibration split, ``compress.evaluate.choice_scorer``), the variant is quantized with and
     without the matrix and the better scoring file is kept (the matrix on a tie): on models whose
     widths are not multiples of 256 llama.cpp falls back from K-quants to legacy types, and there a
     matrix can hurt badly (the restaurant8k student: Q5_1 0.079 slot F1 with it, 0.667 without)."""
@@ -238,7 +238,7 @@ def build(src: Path, fmt: FormatSpec, out: Path, calib: list[str], work: Path, s
         settings["timings_s"]["imatrix_choice"] = round(time.perf_counter() - t0, 2)
         if keep:
             notes.append(f"quantized without the importance matrix: {w['metric']} {wo['value']:.3f} without it vs {w['value']:.3f} "
-                         f"with it on {w['n']} held-out calibration rows")
+                         f"with it on {w['n']} distillation rows (not the calibration split)")
     settings["imatrix"] = imatrix is not None
     method = f"llama.cpp quantize {FTYPES[fmt.variant]}" + (" with importance matrix" if imatrix else "")
     return Built(model_file, method, tools, settings, notes)

@@ -34,7 +34,7 @@ from typing import Any
 
 from edgedistill.compress.calibrate import calibrate, calibration_cells, calibration_note, calibration_split, summary_of
 from edgedistill.compress.calibration import load_calibration, prompt_ids
-from edgedistill.compress.evaluate import calibration_scorer, measure, task_constraint
+from edgedistill.compress.evaluate import choice_scorer, measure, task_constraint
 from edgedistill.compress.formats import Built, FormatSpec, parse_formats
 from edgedistill.runtimes.registry import builder
 from rich.console import Console
@@ -42,7 +42,7 @@ from rich.table import Table
 
 from edgedistill.errors import UserError
 from edgedistill.intervals import ALPHA, fmt_ci, fmt_p
-from edgedistill.manifest import MANIFEST, hash_files, read_manifest, sha256_file, sha256_json, write_json_atomic, write_manifest
+from edgedistill.manifest import MANIFEST, hash_files, read_manifest, sha256_json, write_json_atomic, write_manifest
 from edgedistill.spec import TaskSpec, load_spec, spec_from_manifest
 
 console = Console(stderr=True)
@@ -124,7 +124,8 @@ def run_compress(
     agree_prompts = calib.prompts(spec, tokenizer, spec.compress.agreement_prompts)
     split, test_rows = calibration_split(calibration, ckpt), [{"input": r.input, "output": r.output} for r in test]
     constraint = task_constraint(spec.task, tokenizer, _logits_width(ckpt, tokenizer))
-    scorer = calibration_scorer(spec, tokenizer, split, constraint)  # for builds that choose between candidates
+    choice = calib.choice_rows()
+    scorer = choice_scorer(spec, tokenizer, choice, constraint)  # for builds that choose between candidates
     console.print(
         f"[bold]compress[/] {ckpt} -> {out}: {', '.join(map(str, fmts))}; {len(calib.rows)} calibration rows from {calib.path}, "
         f"{len(test)} test rows, max drop {max_drop:g}"
@@ -144,7 +145,7 @@ def run_compress(
     for fmt in fmts:
         t0 = time.time()
         try:
-            folder, manifest, reused = _build(fmt, ckpt, out, work, spec, calib_texts, calib, source_hash, ck_manifest, scorer, split)
+            folder, manifest, reused = _build(fmt, ckpt, out, work, spec, calib_texts, calib, source_hash, ck_manifest, scorer, choice)
             quality = manifest.get("quality")
             if not (reused and quality and quality.get("reference") == ref_key and (quality.get("drop_test") or {}).get("metric") == metric):
                 quality = _measure(fmt, folder, manifest, tokenizer, spec, test_prompts, golds, agree_prompts, ref, ref_key, constraint)
@@ -258,7 +259,7 @@ def _module(fmt: FormatSpec):
     return builder(fmt.family)
 
 
-def _build(fmt, ckpt, out, work, spec: TaskSpec, calib_texts, calib, source_hash, ck_manifest, scorer=None, split=None) -> tuple[Path, dict, bool]:
+def _build(fmt, ckpt, out, work, spec: TaskSpec, calib_texts, calib, source_hash, ck_manifest, scorer=None, choice=None) -> tuple[Path, dict, bool]:
     folder = out / fmt.name
     inputs = {"checkpoint": source_hash, "calibration": calib.data_hash}
     settings = {"format": str(fmt), "calibration_samples": len(calib_texts)}
@@ -267,8 +268,8 @@ def _build(fmt, ckpt, out, work, spec: TaskSpec, calib_texts, calib, source_hash
         settings["build"] = key_fn(fmt)
     extra = {}
     if scorer is not None and "score" in inspect.signature(_module(fmt).build).parameters:
-        extra["score"] = scorer  # the build chooses between candidates on the calibration split
-        inputs["chosen_on"] = sha256_file(split)
+        extra["score"] = scorer  # the build chooses between candidates on the choice rows (not the calibration split)
+        inputs["chosen_on"] = sha256_json(choice)
     for candidate in (folder, out / "rejected" / fmt.name):
         if (candidate / MANIFEST).exists():
             try:

@@ -12,6 +12,7 @@ from typing import ClassVar
 import pytest
 import yaml
 from edgedistill.compress import pipeline
+from edgedistill.compress.calibration import load_calibration
 from edgedistill.compress.formats import Built, parse_formats
 
 from edgedistill.errors import UserError
@@ -197,10 +198,11 @@ def test_a_cached_reference_without_the_tasks_metric_is_rescored(tmp_path):
     assert got["scores"]["exact_match_ci"] == [0.0945, 0.9055] and len(got["scores"]["token_f1_ci"]) == 2  # Wilson 1 of 2
 
 
-def test_a_build_that_chooses_gets_a_score_on_the_calibration_split(student, monkeypatch):
+def test_a_build_that_chooses_scores_on_distillation_rows_not_the_calibration_split(student, monkeypatch):
     """A format whose build takes ``score`` (GGUF: with or without the importance matrix) gets the
-    task's primary metric of a runtime on the calibration split (teacher labels, not the test set);
-    the split's hash joins the artifact's inputs, so a new split rebuilds it."""
+    task's primary metric of a runtime on distillation rows (teacher labels), never on the calibration
+    split: the cascade's thresholds are fitted there, and a build picked for scoring best on it would
+    make them look better than they are. The rows' hash joins the artifact's inputs."""
     ck, data, spec = student
     split = ck.parent / "data" / "calibration.jsonl"
     split.parent.mkdir()
@@ -210,21 +212,37 @@ def test_a_build_that_chooses_gets_a_score_on_the_calibration_split(student, mon
 
     tok = AutoTokenizer.from_pretrained(ck)
     scored: list[dict] = []
+    asked: list[str] = []
     family = fake_family(ck, {}, [])
 
+    class Recording(Oracle):
+        def generate(self, prompt_ids, max_new_tokens, **kw):
+            asked.append(self.tok.decode(prompt_ids))
+            return super().generate(prompt_ids, max_new_tokens, **kw)
+
     def build(src, fmt, out, calib, work, score=None):
-        scored.append(score(Oracle(tok)))  # right on every row
+        scored.append(score(Recording(tok)))  # right on every row
         scored.append(score(Oracle(tok, wrong_every=2)))  # wrong on every second
         return family.build(src, fmt, out, calib, work)
 
     monkeypatch.setattr("edgedistill.runtimes.hf.HFRuntime", lambda folder: Oracle(AutoTokenizer.from_pretrained(folder)))
     monkeypatch.setattr(pipeline, "_module", lambda fmt: types.SimpleNamespace(build=build, load=family.load))
     summary = pipeline.run_compress(ck, formats="gguf:q4_k_m", calibration=data, task=spec)
-    assert scored == [{"metric": "accuracy", "value": 1.0, "n": 6}, {"metric": "accuracy", "value": 0.5, "n": 6}]
+    n = len(TEST) * 2  # the data file's rows (fewer than CHOICE_ROWS)
+    assert scored == [{"metric": "accuracy", "value": 1.0, "n": n}, {"metric": "accuracy", "value": 0.5, "n": n}]
+    assert len(asked) == n and not any("held out" in a for a in asked)
     m = read_manifest(Path(summary["artifacts"][0]["path"]), verify=True)
     assert m["inputs"]["chosen_on"] and m["inputs"]["calibration"]
 
-    split.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))  # another split: built again
+    split.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))  # another split: the build is reused
     scored.clear()
     pipeline.run_compress(ck, formats="gguf:q4_k_m", calibration=data, task=spec)
-    assert [s["n"] for s in scored] == [3, 3]
+    assert scored == []
+
+
+def test_choice_rows_come_from_outside_the_quantizers_sample_first(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"input": f"q{i}", "output": "a"}) + "\n" for i in range(10)))
+    cal = load_calibration(data, samples=4)
+    assert len(cal.rows) == 4 and len(cal.rest) == 6 and not {r["input"] for r in cal.rows} & {r["input"] for r in cal.rest}
+    assert cal.choice_rows(8) == cal.rest + cal.rows[:2] and cal.choice_rows(3) == cal.rest[:3]
