@@ -36,6 +36,28 @@ def _teacher_calls(row: dict[str, Any]) -> float | None:
     return row.get("fallback_rate") if rate is None else rate
 
 
+def _served_call_rates(m: Measured) -> dict[str, tuple[float, int]]:
+    """Per endpoint, the share of the test set's rows, asked once each as served, for which the
+    server asked its teacher (answered or failed), and how many rows were routed: the teacher-call
+    rate a cascade's cost uses, from every test row rather than the load levels' few requests."""
+    out = {}
+    for name, samples in m.served.items():
+        routed = [s for s in samples if s.ok and s.answered_by is not None]
+        if routed:
+            out[name] = (round(sum(s.teacher_called for s in routed) / len(routed), 4), len(routed))
+    return out
+
+
+def _cost_call_rate(row: dict[str, Any], served: dict[str, tuple[float, int]]) -> tuple[float | None, str]:
+    """The teacher-call rate a row's cost uses, and where it came from: the as-served pass over the
+    test set when it routed more rows than the load level sent, else the load level's own."""
+    load = _teacher_calls(row)
+    if row["name"] in served and served[row["name"]][1] > (row.get("requests") or 0):
+        rate, n = served[row["name"]]
+        return rate, f"teacher calls on the test set as served (n={n})"
+    return load, f"teacher calls at this load level (n={row.get('requests')})"
+
+
 def _teacher_cost(cfg: BenchConfig, rows: list[dict[str, Any]]) -> float | None:
     """The teacher's cost per 1k requests at its cheapest measured load level."""
     if cfg.teacher is None:
@@ -91,20 +113,24 @@ def assemble(cfg: BenchConfig, m: Measured, test_rows, cal_rows, ceilings) -> di
     for r in rows:
         r["own_cost_per_1k_usd"] = sig(own_cost_per_1k(by_name[r["name"]].price, r))
     t_cost = _teacher_cost(cfg, rows)
+    served_calls = _served_call_rates(m)
     for r in rows:
         ep = by_name[r["name"]]
         own = r["own_cost_per_1k_usd"]
+        calls, calls_basis = _cost_call_rate(r, served_calls)
         if ep.price is None:
             r["cost_per_1k_usd"], r["cost_basis"] = None, "no --price"
-        elif r["name"] != cfg.teacher and _teacher_calls(r):
+        elif r["name"] != cfg.teacher and calls:
             # every teacher call the cascade made at this load level is paid for: answered or failed. The
             # student's part is the same artifact served alone at this level where the bench has it: the
             # cascade's own throughput also counts its waits on the teacher, which the teacher's share pays.
             alone = _student_alone(by_name, rows, r)
             student = alone[0]["own_cost_per_1k_usd"] if alone else own
-            r["cost_per_1k_usd"] = sig(cascade_cost_per_1k(student, _teacher_calls(r), t_cost))
+            r["cost_per_1k_usd"] = sig(cascade_cost_per_1k(student, calls, t_cost))
+            r["cost_teacher_call_rate"] = calls
             part = f"student alone ({alone[0]['name']})" if alone else f"{ep.price.kind} (its own throughput)"
-            r["cost_basis"] = f"cascade: {part} + teacher calls x teacher" + ("" if t_cost is not None else " (teacher cost unknown)")
+            r["cost_basis"] = (f"cascade: {part} + {calls_basis} x teacher"
+                               + ("" if t_cost is not None else " (teacher cost unknown)"))  # fmt: skip
         else:
             r["cost_per_1k_usd"] = own
             r["cost_basis"] = ep.price.kind

@@ -279,7 +279,9 @@ def test_task_cascade_quality_sweep_and_plots(tmp_path):
     for r in (r for r in rows if r["name"] == "ours"):
         own = 0.10 / 3600 / r["requests_per_s"] * 1000
         assert r["own_cost_per_1k_usd"] == pytest.approx(own, rel=1e-4)
-        assert r["cost_per_1k_usd"] == pytest.approx(own + r["fallback_rate"] * t_cost, rel=1e-4)
+        # the teacher's share: from all 24 test rows as served, not this level's 6 requests
+        assert r["cost_per_1k_usd"] == pytest.approx(own + q["ours"]["fallback_rate"] * t_cost, rel=1e-4)
+        assert r["cost_teacher_call_rate"] == q["ours"]["fallback_rate"] and f"test set as served (n={N_TEST})" in r["cost_basis"]
         assert r["accuracy"] == 1.0 and r["agreement_with_teacher"] == 1.0
         assert r["accuracy_ci"] == proportion_ci(N_TEST, N_TEST) and r["n"] == N_TEST
         # the cascade holds its stream until it has decided: the answer arrives in one chunk, so no ITL
