@@ -53,6 +53,8 @@ def calibrate(
     old = manifest.get("calibration") or {}
     if old.get("inputs") == inputs and old.get("threshold_rule") == THRESHOLD_RULE and old.get("test") and "curve" in old:
         console.print(f"{name}: calibration unchanged, reusing it (recommended threshold {old['recommended']['threshold']})")
+        if old["recommended"].get("met") is False:
+            console.print(f"[yellow]  {name}: {unmet_note(old['recommended'], old['n'])}[/]")
         return old
     console.print(f"calibrating {name} on {split} ...")
     test_file, fit_file = work / f"calibration-{name}-test.jsonl", work / f"calibration-{name}.json"

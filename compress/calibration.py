@@ -7,6 +7,7 @@ set), rendered exactly as the student sees them in training and serving (chat te
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,12 @@ from edgedistill.manifest import MANIFEST, read_manifest, sha256_json
 from edgedistill.spec import TaskSpec
 
 CHOICE_ROWS = 100  # rows on which a build chooses between its candidates (``choice_rows``)
+MIN_CHOICE_ROWS = 20  # fewer left outside the quantizers' sample: no choice (the build's default)
+
+
+def input_key(value: Any) -> str:
+    """An input (text or conversation) as a comparable string."""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
 @dataclass
@@ -29,12 +36,15 @@ class Calibration:
     data_hash: str  # of the rows actually used
     rest: list[dict[str, Any]] = field(default_factory=list)  # the file's other rows (same shuffle)
 
-    def choice_rows(self, n: int = CHOICE_ROWS) -> list[dict[str, Any]]:
+    def choice_rows(self, exclude: set[str] = frozenset(), n: int = CHOICE_ROWS) -> list[dict[str, Any]]:
         """The rows a build that chooses between candidates (GGUF: with or without the importance
-        matrix) scores them on: the file's rows outside the quantizers' sample first, topped up from
-        it. Never the calibration split, whose rows fit the cascade's thresholds: a build picked for
-        scoring best on them would make its thresholds look better than they are."""
-        return (self.rest + self.rows)[:n]
+        matrix) scores them on: up to ``n`` of the file's rows outside the quantizers' sample (rows the
+        student was trained on: the choice is between two quantizations of the same weights), none
+        whose input is in ``exclude`` (the calibration split's). Never the calibration split, whose
+        rows fit the cascade's thresholds: a build picked for scoring best on them would make its
+        thresholds look better than they are. Fewer than ``MIN_CHOICE_ROWS``: none (no choice)."""
+        rows = [r for r in self.rest if input_key(r["input"]) not in exclude][:n]
+        return rows if len(rows) >= MIN_CHOICE_ROWS else []
 
     def texts(self, spec: TaskSpec, tokenizer: Any) -> list[str]:
         """Prompt + answer, as the student was trained on it (what quantizers should see)."""

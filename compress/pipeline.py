@@ -33,18 +33,21 @@ from pathlib import Path
 from typing import Any
 
 from edgedistill.compress.calibrate import calibrate, calibration_cells, calibration_note, calibration_split, summary_of
-from edgedistill.compress.calibration import load_calibration, prompt_ids
+from edgedistill.compress.calibration import MIN_CHOICE_ROWS, input_key, load_calibration, prompt_ids
 from edgedistill.compress.evaluate import choice_scorer, measure, task_constraint
 from edgedistill.compress.formats import Built, FormatSpec, parse_formats
 from edgedistill.runtimes.registry import builder
 from rich.console import Console
 from rich.table import Table
 
+from edgedistill.datafiles import read_rows
 from edgedistill.errors import UserError
 from edgedistill.intervals import ALPHA, fmt_ci, fmt_p
 from edgedistill.manifest import MANIFEST, hash_files, read_manifest, sha256_json, write_json_atomic, write_manifest
 from edgedistill.spec import TaskSpec, load_spec, spec_from_manifest
 
+# what a build that chooses between candidates scores them on (``Calibration.choice_rows``); run's stage key holds it
+BUILD_CHOICE = "task metric on up to 100 distillation rows outside the quantizers' sample and the calibration split"
 console = Console(stderr=True)
 AGREE_TOKENS = 16
 
@@ -124,8 +127,12 @@ def run_compress(
     agree_prompts = calib.prompts(spec, tokenizer, spec.compress.agreement_prompts)
     split, test_rows = calibration_split(calibration, ckpt), [{"input": r.input, "output": r.output} for r in test]
     constraint = task_constraint(spec.task, tokenizer, _logits_width(ckpt, tokenizer))
-    choice = calib.choice_rows()
+    held = read_rows(split, "the calibration split", ["input", "output"], None) if split.is_file() else []
+    choice = calib.choice_rows(exclude={input_key(r["input"]) for r in held})
     scorer = choice_scorer(spec, tokenizer, choice, constraint)  # for builds that choose between candidates
+    if not choice and any(f.family == "gguf" for f in fmts):
+        console.print(f"[yellow]fewer than {MIN_CHOICE_ROWS} distillation rows outside the quantizers' sample: GGUF keeps the "
+                      "importance matrix without comparing (lower compress.calibration_samples for a choice)[/]")  # fmt: skip
     console.print(
         f"[bold]compress[/] {ckpt} -> {out}: {', '.join(map(str, fmts))}; {len(calib.rows)} calibration rows from {calib.path}, "
         f"{len(test)} test rows, max drop {max_drop:g}"

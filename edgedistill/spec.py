@@ -202,7 +202,14 @@ class CalibrationConfig(_Model):
     share: float = Field(
         0.1, ge=0.0, lt=1.0, description="Share of the teacher-labelled rows held out (0: no split; seeds are never held out)."
     )
-    min_rows: int = Field(40, ge=0, description="Hold out at least this many rows (but never more than half of them).")
+    min_rows: int = Field(
+        100,
+        ge=0,
+        description=(
+            "Hold out at least this many rows (but never more than half of them): 99 rows are the fewest that can show the "
+            "recommended 99 % target (edgedistill.thresholds)."
+        ),
+    )
     max_rows: int = Field(300, ge=1, description="Hold out at most this many rows.")
     seed: int = Field(0, description="Seed of the (label-stratified, for classification) selection.")
     prefer_sources: list[str] = Field(

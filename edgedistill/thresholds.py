@@ -60,16 +60,21 @@ def mixed_answers(
     return [t if fb else s for s, t, fb in zip(student, teacher, fallback)], fallback
 
 
+def _quality_and_rate(
+    threshold: float, student: Sequence[Any], conf: Sequence[float | None], teacher: Sequence[Any], score: Score | None = None
+) -> tuple[float, float]:
+    mixed, fallback = mixed_answers(threshold, student, conf, teacher)
+    n = len(mixed)
+    return (float((score or mean_ok)(mixed)) if n else 0.0), (sum(fallback) / n if n else 0.0)
+
+
 def quality_and_rate(
     threshold: float, student: Sequence[Any], conf: Sequence[float | None], teacher: Sequence[Any], score: Score | None = None
 ) -> tuple[float, float]:
     """The cascade's quality and fallback rate at ``threshold``, each rounded to 4 decimals (so
     that ties between thresholds do not depend on float noise)."""
-    mixed, fallback = mixed_answers(threshold, student, conf, teacher)
-    n = len(mixed)
-    acc = (score or mean_ok)(mixed) if n else 0.0
-    rate = sum(fallback) / n if n else 0.0
-    return round(float(acc), 4), round(float(rate), 4)
+    acc, rate = _quality_and_rate(threshold, student, conf, teacher, score)
+    return round(acc, 4), round(rate, 4)
 
 
 def bounded_quality(quality: float, n: int) -> float:
@@ -106,12 +111,16 @@ def choose_threshold(
     ties go to the lower threshold. When none reaches it, the most accurate one, falling back most
     on a tie (``met`` is False)."""
     n = len(student)
+    if n == 0:
+        return 1.0, False  # nothing shows anything: the teacher
     best: tuple[float, float] | None = None
     most: tuple[float, float, float] | None = None
     for th in candidate_thresholds(conf):
-        acc, rate = quality_and_rate(th, student, conf, teacher, score)
-        counted = bounded_quality(acc, n) if finite_sample else acc
-        if counted >= target - 1e-12 and (best is None or rate < best[1]):
+        raw, raw_rate = _quality_and_rate(th, student, conf, teacher, score)
+        acc, rate = round(raw, 4), round(raw_rate, 4)
+        # the correction on the unrounded quality; as measured, the rounded one (as reports give it)
+        counted = bounded_quality(raw, n) if finite_sample else acc
+        if counted >= target - 1e-9 and (best is None or rate < best[1]):
             best = (th, rate)
         key = (acc, rate, th)
         if most is None or key > most:

@@ -101,7 +101,9 @@ def run_all(spec_path: Path, out: Path | None = None, *, skip_gate: bool = False
         console.print(f"[yellow]preparing compress's tools in the background failed ({e}); compress tries again")
 
     # 2. compress: every format, gated
-    from edgedistill.compress.pipeline import passed_artifacts, run_compress
+    from edgedistill.compress.pipeline import BUILD_CHOICE, passed_artifacts, run_compress
+
+    from edgedistill.thresholds import THRESHOLD_RULE
 
     passed: list[dict[str, Any]] = []
     teacher_fmt = quantized_teacher_format(spec)
@@ -123,7 +125,7 @@ def run_all(spec_path: Path, out: Path | None = None, *, skip_gate: bool = False
     stage(
         "compress",
         {"student": state["stages"]["distill"]["outputs"], "compress": spec.compress.model_dump(mode="json"), "task": _task_core(spec),
-         "quantized_teacher": teacher_fmt},
+         "quantized_teacher": teacher_fmt, "rules": {"threshold": THRESHOLD_RULE, "build_choice": BUILD_CHOICE}},
         compress_outputs,
         do_compress,
     )

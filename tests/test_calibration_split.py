@@ -18,10 +18,10 @@ def rows(counts: dict[str, int], seeds: int = 0) -> list[dict]:
 
 
 def test_size_rule():
-    cfg = CalibrationConfig()  # share 0.1, min 40, max 300
+    cfg = CalibrationConfig()  # share 0.1, min 100, max 300
     assert calibration_size(cfg, 1300) == 130  # BANKING77's demo: a tenth
-    assert calibration_size(cfg, 200) == 40  # at least min_rows
-    assert calibration_size(cfg, 50) == 25  # never more than half
+    assert calibration_size(cfg, 400) == 100  # at least min_rows (99 rows can show the recommended 99 % target)
+    assert calibration_size(cfg, 150) == 75  # never more than half
     assert calibration_size(cfg, 10_000) == 300  # at most max_rows
     assert calibration_size(CalibrationConfig(share=0), 1000) == 0
     with pytest.raises(ValueError, match="min_rows"):
@@ -67,13 +67,17 @@ def test_prefer_sources_holds_out_pool_rows_like_traffic():
 
 
 def test_too_few_preferred_rows_fall_back_to_all_non_seed_rows():
+    cfg = CalibrationConfig(min_rows=40)
     # 50 pool rows could give at most 25 (half stays in training): under min_rows 40, so all rows are drawn from
-    _, calib = split_calibration(CalibrationConfig(), mixed(pool=50, synthetic=500), stratify=True)
+    _, calib = split_calibration(cfg, mixed(pool=50, synthetic=500), stratify=True)
     assert len(calib) == 55 and {r["source"] for r in calib} == {"pool", "synthetic"}
     # 90 pool rows give 45 >= min_rows: the split is those 45 (smaller than the 55 a mix would give, all real text)
-    _, calib = split_calibration(CalibrationConfig(), mixed(pool=90, synthetic=500), stratify=True)
+    _, calib = split_calibration(cfg, mixed(pool=90, synthetic=500), stratify=True)
     assert len(calib) == 45 and {r["source"] for r in calib} == {"pool"}
-    _, calib = split_calibration(CalibrationConfig(), mixed(pool=0, synthetic=500), stratify=False)
+    _, calib = split_calibration(cfg, mixed(pool=0, synthetic=500), stratify=False)
     assert len(calib) == 50 and {r["source"] for r in calib} == {"synthetic"}
+    # the default (min_rows 100): 90 pool rows cannot give 100, so the split mixes in generated rows
+    _, calib = split_calibration(CalibrationConfig(), mixed(pool=90, synthetic=500), stratify=True)
+    assert len(calib) == 100 and {r["source"] for r in calib} == {"pool", "synthetic"}
     with pytest.raises(ValueError, match="seeds are never held out"):
         CalibrationConfig(prefer_sources=["seed"])

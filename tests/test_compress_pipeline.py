@@ -204,9 +204,13 @@ def test_a_build_that_chooses_scores_on_distillation_rows_not_the_calibration_sp
     split: the cascade's thresholds are fitted there, and a build picked for scoring best on it would
     make them look better than they are. The rows' hash joins the artifact's inputs."""
     ck, data, spec = student
+    doc = yaml.safe_load(spec.read_text())
+    doc.setdefault("compress", {})["calibration_samples"] = 2  # the importance matrix's rows: 2 of the 24
+    spec.write_text(yaml.safe_dump(doc))
     split = ck.parent / "data" / "calibration.jsonl"
     split.parent.mkdir()
-    rows = [{"input": f"{q} (held out)", "output": lab} for q, lab in TEST[:3]] * 2
+    in_both = json.loads(data.read_text().splitlines()[5])  # a --calibration file may share rows with the split
+    rows = [{"input": f"{q} (held out)", "output": lab} for q, lab in TEST[:3]] * 2 + [in_both]
     split.write_text("".join(json.dumps(r) + "\n" for r in rows))
     from transformers import AutoTokenizer
 
@@ -228,13 +232,13 @@ def test_a_build_that_chooses_scores_on_distillation_rows_not_the_calibration_sp
     monkeypatch.setattr("edgedistill.runtimes.hf.HFRuntime", lambda folder: Oracle(AutoTokenizer.from_pretrained(folder)))
     monkeypatch.setattr(pipeline, "_module", lambda fmt: types.SimpleNamespace(build=build, load=family.load))
     summary = pipeline.run_compress(ck, formats="gguf:q4_k_m", calibration=data, task=spec)
-    n = len(TEST) * 2  # the data file's rows (fewer than CHOICE_ROWS)
-    assert scored == [{"metric": "accuracy", "value": 1.0, "n": n}, {"metric": "accuracy", "value": 0.5, "n": n}]
-    assert len(asked) == n and not any("held out" in a for a in asked)
+    n = len(TEST) * 2 - 2 - 1  # the data file's rows, less the matrix's 2 and the one in the split
+    assert scored == [{"metric": "accuracy", "value": 1.0, "n": n}, {"metric": "accuracy", "value": round(11 / 21, 4), "n": n}]
+    assert len(asked) == n and not any("held out" in a or in_both["input"] in a for a in asked)
     m = read_manifest(Path(summary["artifacts"][0]["path"]), verify=True)
     assert m["inputs"]["chosen_on"] and m["inputs"]["calibration"]
 
-    split.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))  # another split: the build is reused
+    split.write_text("".join(json.dumps(r) + "\n" for r in [*rows[:3], in_both]))  # another split, same choice rows: reused
     scored.clear()
     pipeline.run_compress(ck, formats="gguf:q4_k_m", calibration=data, task=spec)
     assert scored == []
@@ -242,7 +246,9 @@ def test_a_build_that_chooses_scores_on_distillation_rows_not_the_calibration_sp
 
 def test_choice_rows_come_from_outside_the_quantizers_sample_first(tmp_path):
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"input": f"q{i}", "output": "a"}) + "\n" for i in range(10)))
+    data.write_text("".join(json.dumps({"input": f"q{i}", "output": "a"}) + "\n" for i in range(30)))
     cal = load_calibration(data, samples=4)
-    assert len(cal.rows) == 4 and len(cal.rest) == 6 and not {r["input"] for r in cal.rows} & {r["input"] for r in cal.rest}
-    assert cal.choice_rows(8) == cal.rest + cal.rows[:2] and cal.choice_rows(3) == cal.rest[:3]
+    assert len(cal.rows) == 4 and len(cal.rest) == 26 and not {r["input"] for r in cal.rows} & {r["input"] for r in cal.rest}
+    assert cal.choice_rows() == cal.rest and cal.choice_rows(n=21) == cal.rest[:21]  # never the matrix's own rows
+    assert cal.choice_rows(exclude={cal.rest[0]["input"]}) == cal.rest[1:]  # nor a row of the calibration split
+    assert cal.choice_rows(n=19) == []  # too few to choose on: no choice

@@ -143,6 +143,6 @@ def test_the_retrain_calibrates_on_the_old_split_and_held_out_traffic(tmp_path, 
     cal = [json.loads(x) for x in (tmp_path / "new" / "calibration.jsonl").read_text().splitlines()]
     train = [json.loads(x)["input"] for x in (tmp_path / "new" / "train.jsonl").read_text().splitlines()]
     held = [r for r in cal if r["source"] == "traffic"]
-    assert cal[0] == old_cal and len(held) == 3 and report["calibration_rows"] == 4  # half of 6, the cap (min_rows 40 > 6)
+    assert cal[0] == old_cal and len(held) == 3 and report["calibration_rows"] == 4  # half of 6, the cap (min_rows > 6)
     assert not {r["input"] for r in held} & set(train) and len(train) == 1 + 6 - 3 == len(kept)
     assert all(r["output"] == dict(zip(texts, labels))[r["input"]] for r in held)  # the teacher's answers are the reference

@@ -42,6 +42,14 @@ def test_a_split_too_small_for_the_target_sends_everything_to_the_teacher():
     assert all(t["threshold"] == 1.0 and t["fallback_rate"] == 1.0 for t in th[1:])  # the most accurate: always the teacher
 
 
+def test_boundary_cases_are_judged_on_the_unrounded_quality():
+    ok, conf = rows(297, [0.5, 0.6])  # 297/299 counts exactly 297/300 = 0.99
+    assert choose_threshold(ok, conf, [True] * 299, 0.99) == (0.0, True)
+    ok, conf = rows(296, [0.5, 0.6, 0.7])  # 296/299 counts 0.9867: the least sure wrong row goes to the teacher
+    assert choose_threshold(ok, conf, [True] * 299, 0.99) == (0.55, True)
+    assert choose_threshold([], [], [], 0.0) == (1.0, False)  # no rows show anything
+
+
 def test_the_chosen_threshold_keeps_its_target_on_new_rows_on_average():
     """Simulated traffic whose true quality at every threshold is known: over many calibration
     splits of 118 rows, the rule's thresholds keep the expected quality on new rows at or above 99 %;
