@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from edgedistill.serve.settings import Settings
+from edgedistill.serve.settings import Settings, threshold_note
 
 from edgedistill.errors import UserError
 
@@ -51,6 +51,9 @@ def serve_command(artifact: str, config: Path | None = None, **flags: Any) -> No
         f"serving {st.model_id} ({st.artifact.backend if st.artifact else '?'}) on http://{settings.host}:{settings.port}/v1 -- {teacher}",
         file=sys.stderr,
     )
+    note = threshold_note(st.threshold_source, st.artifact.calibration if st.artifact else None) if st.teacher else None
+    if note:
+        print(note, file=sys.stderr)
     serve_app(app, settings)  # SIGTERM/SIGINT: drain within --shutdown-grace-s, then exit 0
 
 

@@ -209,6 +209,17 @@ def resolve_threshold(threshold: float | None, target: float | None, calibration
     return DEFAULT_THRESHOLD, "default"
 
 
+def threshold_note(source: str, calibration: dict[str, Any] | None) -> str | None:
+    """A warning for the threshold in force when it is the artifact's recommended one and its target
+    was out of reach on the calibration split (``calibration.recommended.met`` false), else None."""
+    rec = (calibration or {}).get("recommended") or {}
+    if not source.startswith("recommended") or rec.get("met") is not False:
+        return None
+    return (f"note: the artifact's calibration split ({(calibration or {}).get('n', '?')} rows) could not show its "
+            f"{float(rec.get('target', 0)):g} target, so the recommended threshold is {rec.get('threshold')}, the most "
+            "accurate there; --target 0.95 (or --threshold) lets the student answer more")  # fmt: skip
+
+
 def _read_env_key(var: str | None, what: str) -> str | None:
     if not var:
         return None

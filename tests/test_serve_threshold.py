@@ -9,7 +9,7 @@ from edgedistill.serve.app import create_app
 from edgedistill.serve.artifact import load_artifact
 from edgedistill.serve.cli import main
 from edgedistill.serve.engine import Engine
-from edgedistill.serve.settings import Settings, resolve_threshold
+from edgedistill.serve.settings import Settings, resolve_threshold, threshold_note
 from fastapi.testclient import TestClient
 
 from edgedistill.errors import UserError
@@ -89,3 +89,11 @@ def test_unknown_target_is_one_line_before_loading(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert e.value.code != 0 and err.count("\n") == 0
     assert err.startswith("error: target 0.9:") and "0.95, 0.98, 0.99" in err and "Traceback" not in err
+
+
+def test_a_recommended_threshold_whose_target_was_out_of_reach_is_said_at_start():
+    unmet = {"n": 40, "recommended": {"target": 0.99, "threshold": 1.0, "met": False}}
+    note = threshold_note("recommended (target 0.99)", unmet)
+    assert note and "40 rows" in note and "0.99 target" in note and "--target 0.95" in note
+    assert threshold_note("threshold", unmet) is None  # set by hand: the user chose it
+    assert threshold_note("recommended (target 0.99)", CALIBRATION) is None  # met, or an older manifest without `met`
