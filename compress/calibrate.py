@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edgedistill.manifest import sha256_file, sha256_json
-from edgedistill.thresholds import THRESHOLD_RULE, rows_needed
+from edgedistill.thresholds import THRESHOLD_RULE, unmet_note
 
 CALIBRATION_FILE = "calibration.jsonl"  # the split in distill's data folder (its manifest records the hash)
 
@@ -79,15 +79,6 @@ def calibrate(
     if rec.get("met") is False:
         console.print(f"[yellow]  {name}: {unmet_note(rec, cal['n'])}[/]")
     return cal
-
-
-def unmet_note(rec: dict[str, Any], n: int) -> str:
-    """Why the recommended threshold is what it is when its target was not met on the split."""
-    need = rows_needed(float(rec["target"]))
-    why = f"at least {need} rows are needed to show it" if n < need else "no threshold reaches it there"
-    return (f"{n} calibration rows cannot show the {rec['target']:g} target ({why}), so the recommended threshold is "
-            f"{rec['threshold']}, the most accurate one; a larger split (the spec's calibration.min_rows) or a lower "
-            "target (`edgedistill serve --target 0.95`) lets the student answer more")  # fmt: skip
 
 
 def run_calibration(cmd: list[str]) -> tuple[int, str]:

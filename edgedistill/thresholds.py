@@ -88,6 +88,18 @@ def rows_needed(target: float) -> int:
     return math.ceil(target / (1.0 - target) - 1e-9)
 
 
+def unmet_note(recommended: dict[str, Any], n: int | None) -> str:
+    """Why the recommended threshold is what it is when its target was not met on ``n`` rows (what
+    compress, serve's startup and run's report say)."""
+    target = float(recommended.get("target", RECOMMENDED_TARGET))
+    need = rows_needed(target)
+    why = f"at least {need} rows are needed to show it" if n is None or n < need else "no threshold reaches it there"
+    return (f"the recommended target was out of reach: {n if n is not None else '?'} rows of the calibration split cannot "
+            f"show the {target:g} target ({why}), so the recommended threshold is {recommended.get('threshold')}, the most "
+            "accurate one there; a larger split (the spec's calibration.min_rows) or a lower target "
+            "(`edgedistill serve --target 0.95`) lets the student answer more")  # fmt: skip
+
+
 def candidate_thresholds(conf: Sequence[float | None]) -> list[float]:
     """One threshold per distinct outcome: 0 (nothing falls back), the midpoint between each two
     neighbouring confidences (a threshold on a row's own confidence would sit on the edge), and 1

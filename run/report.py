@@ -14,7 +14,6 @@ from edgedistill.run.prediction import predicted_cascade, prediction_check, pred
 
 from edgedistill.intervals import ALPHA, fmt_ci, fmt_difference, fmt_p
 from edgedistill.spec import TaskSpec
-from edgedistill.thresholds import RECOMMENDED_TARGET, rows_needed
 
 MODEL_KEYS = ("teacher", "student", "undistilled student")
 
@@ -78,16 +77,20 @@ def build_report(spec: TaskSpec, out: Path, state: dict[str, Any]) -> dict[str, 
     sweep = (bench.get("cascade") or {}).get("cascade")
     if cas is not None or sweep:
         from edgedistill.run.servers import cascade_row, cascade_threshold
+        from edgedistill.serve.settings import threshold_note
 
         q = quality.get("cascade") or {}
         served_row = cascade_row(spec, [a for a in compress.get("artifacts", []) if a.get("passed")])
         threshold, source = cascade_threshold(spec, served_row)
+        cal = (served_row or {}).get("calibration") or {}
+        note = threshold_note(source, cal)
         rep["cascade"] = {
             "artifact": served_row["name"] if served_row else spec.bench.cascade_artifact,
             "threshold": threshold,
             "threshold_source": source,
             # False: the recommended target was out of reach on the calibration split (edgedistill.thresholds' rule)
-            "target_met": (((served_row or {}).get("calibration") or {}).get("recommended") or {}).get("met") if source.startswith("recommended") else None,
+            "target_met": (cal.get("recommended") or {}).get("met") if source.startswith("recommended") else None,
+            "threshold_note": note,
             "accuracy": q.get(metric),
             "accuracy_ci": q.get(f"{metric}_ci"),
             "n": q.get("n"),
@@ -240,10 +243,8 @@ def report_markdown(rep: dict[str, Any]) -> str:
                   f"{fmt_ci(c.get('accuracy'), c.get('accuracy_ci'))}, fallback rate {fmt_ci(c.get('fallback_rate'), c.get('fallback_rate_ci'))}"
                   f"{on_rows}, ${_f(c.get('cost_per_1k_usd'), '.4f')} per 1k requests, "
                   f"p50 latency {_f(c.get('latency_ms_p50'), '.0f')} ms.")]
-        if c.get("target_met") is False:
-            lines.append(f"\nIts recommended target was out of reach on the calibration split (the rule counts n rows as n/(n+1) of what "
-                         f"they measure: {rows_needed(RECOMMENDED_TARGET)} rows are the fewest that can show {RECOMMENDED_TARGET:g}), so the "
-                         "threshold is the most accurate one there; a larger split (the spec's calibration.min_rows) lets the student answer more.")
+        if c.get("threshold_note"):
+            lines.append(f"\n{c['threshold_note'][0].upper()}{c['threshold_note'][1:]}.")
         lines += prediction_markdown(c, metric)
         r = c.get("recommended")
         if r:

@@ -21,6 +21,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from edgedistill.errors import UserError
+from edgedistill.thresholds import unmet_note
 
 
 class _FileSource(PydanticBaseSettingsSource):
@@ -215,9 +216,7 @@ def threshold_note(source: str, calibration: dict[str, Any] | None) -> str | Non
     rec = (calibration or {}).get("recommended") or {}
     if not source.startswith("recommended") or rec.get("met") is not False:
         return None
-    return (f"note: the artifact's calibration split ({(calibration or {}).get('n', '?')} rows) could not show its "
-            f"{float(rec.get('target', 0)):g} target, so the recommended threshold is {rec.get('threshold')}, the most "
-            "accurate there; --target 0.95 (or --threshold) lets the student answer more")  # fmt: skip
+    return "note: " + unmet_note(rec, (calibration or {}).get("n"))
 
 
 def _read_env_key(var: str | None, what: str) -> str | None:
