@@ -30,16 +30,21 @@ def answer_text(tokenizer: Any, messages: list[dict], answer: str) -> tuple[str,
     return prompt, tail
 
 
-def encode_example(tokenizer: Any, messages: list[dict], answer: str, max_length: int) -> dict[str, list[int]]:
+def encode_example(
+    tokenizer: Any, messages: list[dict], answer: str, max_length: int, cut: list[int] | None = None
+) -> dict[str, list[int]]:
     """Token ids of one training example with labels only on the answer (and end-of-turn) tokens.
 
     Prompt and answer part are tokenized separately and concatenated, so the label boundary is
-    exact; a too-long prompt is cut from the left (the answer is kept).
+    exact; a too-long prompt is cut from the left (the answer is kept), which also cuts the start
+    of the system turn: ``cut`` (if given) gets the example's full length appended when it is cut.
     """
     prompt, tail = answer_text(tokenizer, messages, answer)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
     if len(prompt_ids) + len(answer_ids) > max_length:
+        if cut is not None:
+            cut.append(len(prompt_ids) + len(answer_ids))
         if len(answer_ids) >= max_length:
             answer_ids = answer_ids[: max_length - 1]
         prompt_ids = prompt_ids[len(prompt_ids) - (max_length - len(answer_ids)) :]

@@ -38,10 +38,14 @@ def finetune_teacher(
     source = resolve_path(base_model, Path("."))
     base = ensure_hf_checkpoint(source, work_dir)
     print(f"teacher: fine-tuning {source.name} ({count_params(base) / 1e6:.1f}M) on {len(examples)} train rows, {settings.epochs:g} epoch(s)")
+    def log(entry: dict) -> None:
+        if "warning" in entry:
+            print(f"teacher: warning: {entry['warning']}", flush=True)
+        if "loss" in entry:
+            print(f"  step {entry.get('step')}: loss {entry['loss']:.4f}", flush=True)
+
     t = time.time()
-    result = train(
-        base, out, examples, settings, log=lambda e: print(f"  step {e.get('step')}: loss {e['loss']:.4f}", flush=True) if "loss" in e else None
-    )
+    result = train(base, out, examples, settings, log=log)
     print(f"teacher: trained in {time.time() - t:.0f}s, final loss {result['train_loss']:.4f}")
     write_manifest(
         out,

@@ -243,6 +243,8 @@ def train_student(
     )
 
     def log(entry: dict) -> None:
+        if "warning" in entry:
+            console.print(f"[yellow]warning:[/] {entry['warning']}")
         if "loss" in entry:
             console.print(f"  step {entry.get('step', '?')}: " + "  ".join(f"{k} {v:.4f}" for k, v in entry.items() if isinstance(v, float)))
 

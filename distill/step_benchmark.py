@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from edgedistill.distill.encode import Collator, encode_example
     from edgedistill.distill.shared_prefix import common_prefix_len
-    from edgedistill.distill.train import DistillTrainer, native_bf16
+    from edgedistill.distill.train import DistillTrainer, fast_bf16
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
     from edgedistill.spec import load_spec
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()][: args.rows]
     enc = [encode_example(tok, spec.task.student_messages(r["input"]), spec.task.format_answer(r["output"]), args.max_length) for r in rows]
     batch = Collator(tok.pad_token_id)(enc)
-    bf16 = native_bf16() if args.precision == "auto" else args.precision == "bf16"
+    bf16 = fast_bf16() if args.precision == "auto" else args.precision == "bf16"
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).train()
     trainer = DistillTrainer(model=model, args=TrainingArguments(output_dir="/tmp/edgedistill-train-step", use_cpu=True, report_to="none"))
     times: dict[str, list[float]] = {"shared": [], "full": []}

@@ -179,6 +179,8 @@ class LocalHFTeacher(Teacher):
             d.pop("seed")
             groups.setdefault(json.dumps(d, sort_keys=True), []).append((key, req))
         for items in groups.values():
+            # Batches of similar prompt length: left padding to a batch's longest prompt is computed too.
+            items.sort(key=lambda item: len(self.prompt_text(item[1].messages)))
             for s in range(0, len(items), self.batch_size):
                 batch = items[s : s + self.batch_size]
                 answers = await asyncio.to_thread(self._generate_batch, batch)

@@ -58,8 +58,9 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
 
 
 def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether bfloat16 matmuls run natively here: a bf16 GPU, or a CPU with AVX512-BF16 / AMX-BF16
-    (x86) or BF16 (Arm) instructions. Without them bf16 is emulated and slower than float32."""
+    """Whether the hardware has bfloat16 instructions: a bf16 GPU, or a CPU with AVX512-BF16 /
+    AMX-BF16 (x86) or BF16 (Arm) instructions. Without them bf16 is emulated and slower than float32;
+    with them it may still be (see :func:`fast_bf16`)."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     try:
@@ -73,11 +74,51 @@ def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+BF16_MIN_SPEEDUP = 1.25  # bf16 must beat float32 by this much on the probe to be chosen
+
+
+def bf16_speedup(hidden: int = 1024, inner: int = 4096, rows: int = 256, reps: int = 5) -> float:
+    """float32 time / bf16-autocast time of a transformer MLP block's forward and backward on this
+    CPU (median of ``reps`` interleaved rounds after two warm-ups; ~0.5 s). The CPU flags do not
+    settle it: a 2-core AVX512-BF16 sandbox without AMX ran bf16 1.6-1.9x slower than float32 at
+    every size tried, another (the README's) 1.9x faster."""
+    import statistics
+    from contextlib import nullcontext
+
+    gen = torch.Generator().manual_seed(0)
+    up, down = nn.Linear(hidden, inner), nn.Linear(inner, hidden)
+    x = torch.randn(rows, hidden, generator=gen)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(2 + reps):
+        for bf16 in (False, True):
+            t = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
+                y = down(F.silu(up(x)))
+            y.float().sum().backward()
+            if i >= 2:
+                times[bf16].append(time.perf_counter() - t)
+    return statistics.median(times[False]) / statistics.median(times[True])
+
+
+_FAST_BF16: bool | None = None
+
+
+def fast_bf16() -> bool:
+    """Whether bf16 is the faster precision here (``auto``): a bf16 GPU; on a CPU, bf16 instructions
+    and :func:`bf16_speedup` >= ``BF16_MIN_SPEEDUP`` (probed once per process)."""
+    global _FAST_BF16
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    if _FAST_BF16 is None:
+        _FAST_BF16 = native_bf16() and bf16_speedup() >= BF16_MIN_SPEEDUP
+    return _FAST_BF16
+
+
 def teacher_dtype(setting: str) -> torch.dtype:
     """The frozen KD teacher's dtype: its forward pass is most of a distillation step on a CPU, and
     the KL is computed in float32 from its logits either way."""
     if setting == "auto":
-        return torch.bfloat16 if native_bf16() else torch.float32
+        return torch.bfloat16 if fast_bf16() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[setting]
 
 
@@ -219,6 +260,17 @@ class DistillTrainer(Trainer):
         super().log(logs, start_time)
 
 
+def _length_grouping(on: bool) -> dict[str, Any]:
+    """TrainingArguments for batches of similar length (transformers' LengthGroupedSampler: random
+    mega-batches of 50 batches, each sorted by length), under either version's name."""
+    import inspect
+
+    params = inspect.signature(TrainingArguments).parameters
+    if "train_sampling_strategy" in params:  # transformers >= 5.x
+        return {"train_sampling_strategy": "group_by_length" if on else "random"}
+    return {"group_by_length": on}
+
+
 class _LogCallback(TrainerCallback):
     def __init__(self, log: Callable[[dict], None]):
         self.fn = log
@@ -306,17 +358,21 @@ def train(
 
     tokenizer = _load_tokenizer(base_dir)
     rows = []
+    cut: list[int] = []  # full lengths of the examples cut to max_length
     for i, ex in enumerate(examples):
         if not isinstance(ex.get("messages"), list) or not isinstance(ex.get("answer"), str):
             raise UserError(f"training example {i} needs 'messages' (a list) and 'answer' (a string)")
-        row: dict[str, Any] = encode_example(tokenizer, ex["messages"], ex["answer"], cfg.max_length)
+        row: dict[str, Any] = encode_example(tokenizer, ex["messages"], ex["answer"], cfg.max_length, cut)
         if label_kd and ex.get("soft_labels"):
             row.update(soft_label_rows(lambda answer, m=ex["messages"]: encode_example(tokenizer, m, answer, cfg.max_length), ex, i, kd.temperature))
         rows.append(row)
 
+    if cut and log:
+        log({"warning": f"{len(cut)} of {len(rows)} training examples are longer than training.max_length "
+             f"({cfg.max_length} tokens, longest {max(cut)}) and lose the start of their prompt; raise it to keep them whole"})
     set_seed(cfg.seed)
     cuda = torch.cuda.is_available()
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16())
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and fast_bf16())
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model.config.use_cache = False
     params = sum(p.numel() for p in model.parameters())
@@ -374,6 +430,7 @@ def train(
         remove_unused_columns=False,
         use_cpu=not cuda,
         bf16=bf16,
+        **_length_grouping(cfg.group_by_length),
         seed=cfg.seed,
         data_seed=cfg.seed,
         disable_tqdm=not progress,
@@ -443,6 +500,8 @@ def train(
         "params": params,
         "trainable_params": trainable,
         "precision": "bf16" if bf16 else "float32",
+        "truncated_examples": len(cut),
+        "group_by_length": cfg.group_by_length,
         "shared_prefix_tokens": trainer._shared_tokens,  # row tokens the shared-prefix pass did not recompute
         "kd_teacher_pass": teacher_pass,
         "kd_teacher_dtype": str(next(teacher.parameters()).dtype).removeprefix("torch.") if teacher is not None else None,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import unittest.mock as um
 from pathlib import Path
 
 import pytest
@@ -95,7 +97,9 @@ def test_long_prompt_is_cut_from_the_left(tok):
     ex = examples()[0]
     ex["messages"][1]["content"] = " ".join([ex["messages"][1]["content"]] * 30)
     full = encode_example(tok, ex["messages"], ex["answer"], max_length=4096)
-    enc = encode_example(tok, ex["messages"], ex["answer"], max_length=40)
+    cut: list[int] = []
+    enc = encode_example(tok, ex["messages"], ex["answer"], max_length=40, cut=cut)
+    assert cut == [len(full["input_ids"])]  # counted, with its full length
     assert len(enc["input_ids"]) == 40
     assert enc["input_ids"] == full["input_ids"][-40:]  # the answer kept, the prompt's start dropped
     assert tok.decode([t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != -100]) == "card_arrival<|im_end|>"
@@ -270,6 +274,59 @@ def test_native_bf16_reads_cpu_flags(tmp_path, monkeypatch, cpuinfo, native):
     assert native_bf16(tmp_path / "cpuinfo") is native
     assert native_bf16(tmp_path / "missing") is False
     assert teacher_dtype("float32") is torch.float32 and teacher_dtype("bfloat16") is torch.bfloat16
+
+
+@pytest.mark.parametrize(("native", "speedup", "chosen"), [(False, 3.0, False), (True, 0.6, False), (True, 1.1, False), (True, 1.9, True)])
+def test_auto_precision_is_bf16_only_where_the_probe_finds_it_faster(monkeypatch, native, speedup, chosen):
+    import edgedistill.distill.train as T
+
+    probes = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(T, "_FAST_BF16", None)
+    monkeypatch.setattr(T, "native_bf16", lambda: native)
+    monkeypatch.setattr(T, "bf16_speedup", lambda: probes.append(1) or speedup)
+    assert T.fast_bf16() is chosen and T.fast_bf16() is chosen
+    assert len(probes) == (1 if native else 0)  # probed once per process, never without bf16 instructions
+    assert T.teacher_dtype("auto") is (torch.bfloat16 if chosen else torch.float32)
+
+
+def test_bf16_probe_times_both_precisions():
+    from edgedistill.distill.train import bf16_speedup
+
+    ratio = bf16_speedup(hidden=64, inner=128, rows=16, reps=1)
+    assert math.isfinite(ratio) and ratio > 0
+
+
+def test_length_grouped_batches_and_cut_examples_are_reported(tiny_model_dir, tok, tmp_path):
+    """Batches of similar length (less padding) by default; an example cut to max_length is
+    counted and logged, not silently trained on without the start of its prompt."""
+    exs = examples() * 4
+    long = dict(exs[0], messages=[exs[0]["messages"][0], {"role": "user", "content": "my card " * 40}])
+    exs.append(long)
+    lengths = [len(encode_example(tok, e["messages"], e["answer"], 4096)["input_ids"]) for e in exs]
+    seen: list[int] = []  # padded tokens of each batch
+    orig = Collator.__call__
+
+    def spy(self, features):
+        seen.append(max(len(f["input_ids"]) for f in features) * len(features))
+        return orig(self, features)
+
+    logs: list[dict] = []
+    cfg = TrainingConfig(method="full", epochs=1, batch_size=2, learning_rate=1e-3, warmup_ratio=0.0, save_steps=1000, precision="float32", max_length=64)
+    with um.patch.object(Collator, "__call__", spy):
+        grouped = train(tiny_model_dir, tmp_path / "g", exs, cfg, log=logs.append)
+    padded_grouped = sum(seen)
+    seen.clear()
+    with um.patch.object(Collator, "__call__", spy):
+        plain = train(tiny_model_dir, tmp_path / "r", exs, cfg.model_copy(update={"group_by_length": False}), log=lambda e: None)
+    padded_random = sum(seen)
+    assert grouped["group_by_length"] is True and plain["group_by_length"] is False
+    assert grouped["truncated_examples"] == plain["truncated_examples"] == sum(n > 64 for n in lengths) == 1
+    assert [e["warning"] for e in logs if "warning" in e] == [
+        (f"1 of {len(exs)} training examples are longer than training.max_length (64 tokens, longest {max(lengths)}) "
+        "and lose the start of their prompt; raise it to keep them whole")
+    ]
+    assert padded_grouped < padded_random  # the same rows, less padding
 
 
 def test_logit_kd_refuses_a_different_tokenizer(tiny_model_dir, tmp_path):
