@@ -146,8 +146,9 @@ class DistillTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, teacher: nn.Module | None = None, kd_temperature: float = 2.0, kd_alpha: float = 0.5,
-                 label_kd: bool = False, **kwargs: Any):  # fmt: skip
+                 label_kd: bool = False, group_by_length: bool = False, **kwargs: Any):  # fmt: skip
         super().__init__(*args, **kwargs)
+        self.group_by_length = group_by_length
         self.teacher = teacher
         self.kd_temperature = kd_temperature
         self.kd_alpha = kd_alpha if teacher is not None else 0.0
@@ -164,6 +165,12 @@ class DistillTrainer(Trainer):
         self._share_prefix = self._logits_to_keep and self.args.world_size == 1
         self._shared_tokens = 0  # prefix tokens not computed again, for the run's stats
         self._sums: dict[str, torch.Tensor] = {}
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.group_by_length and isinstance(dataset, ListDataset):
+            return LengthGroupedBatches([len(r["input_ids"]) for r in dataset.rows], self.args.train_batch_size)
+        return super()._get_train_sampler(train_dataset)
 
     def _logits(self, model: nn.Module, inputs: dict[str, torch.Tensor], keep: torch.Tensor | None) -> torch.Tensor:
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
@@ -260,15 +267,37 @@ class DistillTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def _length_grouping(on: bool) -> dict[str, Any]:
-    """TrainingArguments for batches of similar length (transformers' LengthGroupedSampler: random
-    mega-batches of 50 batches, each sorted by length), under either version's name."""
-    import inspect
+class LengthGroupedBatches(torch.utils.data.Sampler):
+    """Example indices in batches of similar length, the batches in random order.
 
-    params = inspect.signature(TrainingArguments).parameters
-    if "train_sampling_strategy" in params:  # transformers >= 5.x
-        return {"train_sampling_strategy": "group_by_length" if on else "random"}
-    return {"group_by_length": on}
+    The rows are shuffled, cut into mega-batches of ``mega`` batches, each sorted by length and cut
+    into batches (transformers' ``LengthGroupedSampler`` up to here), and then the batches of the
+    whole epoch are shuffled. transformers keeps each mega-batch's batches longest first, a
+    curriculum within every 50 steps: on restaurant8k's 2400 teacher rows (150 steps) every
+    mega-batch ended on batches of short utterances, most of them booking nothing (``{}``), and the
+    teacher fine-tuned that way scored 0.704 slot F1 on dev against 0.893. Draws from torch's global
+    generator, as the Trainer's samplers do, so ``set_seed`` and a resumed run's restored RNG state
+    give the same order."""
+
+    def __init__(self, lengths: list[int], batch_size: int, mega: int = 50):
+        self.lengths, self.batch_size, self.mega = list(lengths), max(1, batch_size), max(1, mega)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths)).tolist()
+        size = self.batch_size * self.mega
+        batches = []
+        for s in range(0, len(order), size):
+            block = sorted(order[s : s + size], key=lambda i: self.lengths[i], reverse=True)
+            batches += [block[b : b + self.batch_size] for b in range(0, len(block), self.batch_size)]
+        # The DataLoader cuts this stream into batches again: the one short batch (the last mega-batch's
+        # remainder) goes last, or every batch after it would be cut across two of ours.
+        tail = batches.pop() if batches and len(batches[-1]) < self.batch_size else []
+        for b in torch.randperm(len(batches)).tolist():
+            yield from batches[b]
+        yield from tail
 
 
 class _LogCallback(TrainerCallback):
@@ -430,7 +459,6 @@ def train(
         remove_unused_columns=False,
         use_cpu=not cuda,
         bf16=bf16,
-        **_length_grouping(cfg.group_by_length),
         seed=cfg.seed,
         data_seed=cfg.seed,
         disable_tqdm=not progress,
@@ -447,6 +475,7 @@ def train(
         kd_temperature=cfg.logit_kd.temperature,
         kd_alpha=cfg.logit_kd.alpha,
         label_kd=label_kd,
+        group_by_length=cfg.group_by_length,
     )
     t0 = time.perf_counter()  # the runtime counts the teacher's pass too
     teacher_pass = None

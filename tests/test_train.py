@@ -304,20 +304,20 @@ def test_length_grouped_batches_and_cut_examples_are_reported(tiny_model_dir, to
     long = dict(exs[0], messages=[exs[0]["messages"][0], {"role": "user", "content": "my card " * 40}])
     exs.append(long)
     lengths = [len(encode_example(tok, e["messages"], e["answer"], 4096)["input_ids"]) for e in exs]
-    seen: list[int] = []  # padded tokens of each batch
-    orig = Collator.__call__
+    seen: list[int] = []  # tokens (padding included) of each batch trained on
+    orig = DistillTrainer.compute_loss
 
-    def spy(self, features):
-        seen.append(max(len(f["input_ids"]) for f in features) * len(features))
-        return orig(self, features)
+    def spy(self, model, inputs, *a, **k):
+        seen.append(inputs["input_ids"].numel())
+        return orig(self, model, inputs, *a, **k)
 
     logs: list[dict] = []
     cfg = TrainingConfig(method="full", epochs=1, batch_size=2, learning_rate=1e-3, warmup_ratio=0.0, save_steps=1000, precision="float32", max_length=64)
-    with um.patch.object(Collator, "__call__", spy):
+    with um.patch.object(DistillTrainer, "compute_loss", spy):
         grouped = train(tiny_model_dir, tmp_path / "g", exs, cfg, log=logs.append)
     padded_grouped = sum(seen)
     seen.clear()
-    with um.patch.object(Collator, "__call__", spy):
+    with um.patch.object(DistillTrainer, "compute_loss", spy):
         plain = train(tiny_model_dir, tmp_path / "r", exs, cfg.model_copy(update={"group_by_length": False}), log=lambda e: None)
     padded_random = sum(seen)
     assert grouped["group_by_length"] is True and plain["group_by_length"] is False
@@ -326,6 +326,8 @@ def test_length_grouped_batches_and_cut_examples_are_reported(tiny_model_dir, to
         (f"1 of {len(exs)} training examples are longer than training.max_length (64 tokens, longest {max(lengths)}) "
         "and lose the start of their prompt; raise it to keep them whole")
     ]
+    ranked = sorted((min(n, 64) for n in lengths), reverse=True)
+    assert padded_grouped == sum(max(ranked[k : k + 2]) * len(ranked[k : k + 2]) for k in range(0, len(ranked), 2))  # neighbours
     assert padded_grouped < padded_random  # the same rows, less padding
 
 
@@ -505,3 +507,29 @@ def test_own_teacher_is_finetuned_on_the_student_prompt_and_gets_a_manifest(tiny
     after = AutoModelForCausalLM.from_pretrained(out).state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # it was trained
     assert result["steps"] > 0
+
+
+def test_length_grouped_batches_are_similar_in_length_and_in_random_order():
+    """Each batch holds neighbours in length (within its mega-batch); the batches come in random
+    order, not longest first within every mega-batch as transformers' sampler has them (which ended
+    every 50 steps on the shortest rows)."""
+    from edgedistill.distill.train import LengthGroupedBatches
+
+    lengths = [(7 * i) % 64 + 1 for i in range(64)]
+    sampler = LengthGroupedBatches(lengths, batch_size=4, mega=4)
+    torch.manual_seed(1)
+    uneven = list(LengthGroupedBatches(lengths[:62], batch_size=4, mega=4))
+    assert len(uneven) == 62 and sorted(uneven) == list(range(62))  # the short batch last: a DataLoader cuts the same batches
+    torch.manual_seed(0)
+    decreasing = 0
+    for _ in range(50):
+        order = list(sampler)
+        assert sorted(order) == list(range(64)) and len(sampler) == 64
+        batches = [[lengths[i] for i in order[k : k + 4]] for k in range(0, 64, 4)]
+        spread = sum(max(b) - min(b) for b in batches)
+        assert spread <= 16 * 15  # neighbours within a 16-row mega-batch: at most its range per 4 rows
+        heads = [max(b) for b in batches[:4]]
+        decreasing += heads == sorted(heads, reverse=True)
+    random_spread = sum(max(lengths[k : k + 4]) - min(lengths[k : k + 4]) for k in range(0, 64, 4))
+    assert spread < random_spread
+    assert decreasing < 10  # 1 in 24 by chance; transformers' order: every time
