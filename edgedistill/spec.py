@@ -187,8 +187,8 @@ class TrainingConfig(_Model):
     save_steps: int = Field(50, ge=1, description="Checkpoint every N steps so a killed run resumes.")
     group_by_length: bool = Field(
         True,
-        description="Batch examples of similar length together (transformers' length-grouped sampler): less padding, "
-        "and the shared system turn computed once per batch covers more of each row.",
+        description="Batch examples of similar length together (sorted within mega-batches of 50 batches, the batches "
+        "then shuffled): less padding, and the system turn computed once per batch is more of each row's work.",
     )
     precision: Literal["auto", "float32", "bf16"] = Field(
         "auto",
