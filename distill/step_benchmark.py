@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
     from edgedistill.distill.encode import Collator, encode_example
+    from edgedistill.distill.precision import fast_bf16
     from edgedistill.distill.shared_prefix import common_prefix_len
-    from edgedistill.distill.train import DistillTrainer, fast_bf16
+    from edgedistill.distill.train import DistillTrainer
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
     from edgedistill.spec import load_spec

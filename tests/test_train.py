@@ -267,7 +267,7 @@ def test_bf16_teacher_still_distills(tiny_model_dir, teacher_dir, tok, tmp_path)
     ],
 )
 def test_native_bf16_reads_cpu_flags(tmp_path, monkeypatch, cpuinfo, native):
-    from edgedistill.distill.train import native_bf16, teacher_dtype
+    from edgedistill.distill.precision import native_bf16, teacher_dtype
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     (tmp_path / "cpuinfo").write_text(cpuinfo)
@@ -278,7 +278,7 @@ def test_native_bf16_reads_cpu_flags(tmp_path, monkeypatch, cpuinfo, native):
 
 @pytest.mark.parametrize(("native", "speedup", "chosen"), [(False, 3.0, False), (True, 0.6, False), (True, 1.1, False), (True, 1.9, True)])
 def test_auto_precision_is_bf16_only_where_the_probe_finds_it_faster(monkeypatch, native, speedup, chosen):
-    import edgedistill.distill.train as T
+    import edgedistill.distill.precision as T
 
     probes = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -291,7 +291,7 @@ def test_auto_precision_is_bf16_only_where_the_probe_finds_it_faster(monkeypatch
 
 
 def test_bf16_probe_times_both_precisions():
-    from edgedistill.distill.train import bf16_speedup
+    from edgedistill.distill.precision import bf16_speedup
 
     ratio = bf16_speedup(hidden=64, inner=128, rows=16, reps=1)
     assert math.isfinite(ratio) and ratio > 0
