@@ -147,8 +147,9 @@ class LocalHFTeacher(Teacher):
         # a base model without a chat template: a plain transcript ending in the assistant's turn
         return render_chat(self.tokenizer, messages, no_template="transcript")
 
-    def _generate_batch(self, batch: list[tuple[str, ChatRequest]]) -> list[dict[str, Any]]:
-        """Blocking: generate one batch (all with the same decoding settings and constraint)."""
+    def _generate_batch(self, batch: list[tuple[str, ChatRequest]], prompts: list[str]) -> list[dict[str, Any]]:
+        """Blocking: generate one batch (all with the same decoding settings and constraint) from its
+        requests' prompt texts."""
         from edgedistill.runtimes.hf_generate import generate_batch, model_vocab
 
         req = batch[0][1]
@@ -159,7 +160,7 @@ class LocalHFTeacher(Teacher):
         rows = generate_batch(
             self.model,
             self.tokenizer,
-            [self.prompt_text(r.messages) for _, r in batch],
+            prompts,
             max_length=self.max_length,
             max_new_tokens=req.max_tokens,
             temperature=req.temperature,
@@ -180,10 +181,11 @@ class LocalHFTeacher(Teacher):
             groups.setdefault(json.dumps(d, sort_keys=True), []).append((key, req))
         for items in groups.values():
             # Batches of similar prompt length: left padding to a batch's longest prompt is computed too.
-            items.sort(key=lambda item: len(self.prompt_text(item[1].messages)))
+            texts = {key: self.prompt_text(req.messages) for key, req in items}
+            items.sort(key=lambda item: len(texts[item[0]]))
             for s in range(0, len(items), self.batch_size):
                 batch = items[s : s + self.batch_size]
-                answers = await asyncio.to_thread(self._generate_batch, batch)
+                answers = await asyncio.to_thread(self._generate_batch, batch, [texts[key] for key, _ in batch])
                 for (key, _), answer in zip(batch, answers):
                     emit(key, answer)
 
