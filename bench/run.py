@@ -166,7 +166,8 @@ async def _load_endpoint(cfg: BenchConfig, http, ep: Endpoint, inputs: list[str]
 async def _test_passes(cfg, http, ep: Endpoint, rows: list[Any], cal_rows: list[Any], pool: int, prog: Progress, m: Measured):
     """Every test row once as served (an edgedistill server with a task: /v1/predict at its own
     threshold, the route and confidence the sweep measures; else chat); for an edgedistill endpoint
-    also the student's own answers (student-only mode: the teacher is never called); with
+    also the student's own answers (student-only mode: the teacher is never called; a server without a
+    teacher is asked once, its answers as served being the student's own); with
     --calibration, the teacher's and the students' answers to those rows too."""
     teacher = ep.name == cfg.teacher
     if ep.predict and not teacher:
@@ -181,7 +182,9 @@ async def _test_passes(cfg, http, ep: Endpoint, rows: list[Any], cal_rows: list[
     if teacher or not ep.edgedistill:
         return
     if ep.predict:
-        if ep.student_only:
+        if ep.has_teacher is False:  # no teacher: the answers as served are the student's own, asked once
+            m.student_via[ep.name] = "/v1/predict as served (the server has no teacher; label-normalised confidence)"
+        elif ep.student_only:
             m.student_via[ep.name] = "/v1/predict with fallback: false (the teacher never called; label-normalised confidence)"
         else:
             m.student_via[ep.name] = (
@@ -189,7 +192,10 @@ async def _test_passes(cfg, http, ep: Endpoint, rows: list[Any], cal_rows: list[
                 "teacher and counts as wrong; label-normalised confidence)"
             )
         m.student_predict.add(ep.name)
-        m.student[ep.name] = await _predict_pass(http, ep, [r.input for r in rows], pool, prog, "test set")
+        if ep.has_teacher is False:
+            m.student[ep.name] = m.served[ep.name]
+        else:
+            m.student[ep.name] = await _predict_pass(http, ep, [r.input for r in rows], pool, prog, "test set")
         if cal_rows:
             m.cal_student[ep.name] = await _predict_pass(http, ep, [r.input for r in cal_rows], pool, prog, "calibration set")
         return

@@ -681,3 +681,28 @@ def test_pareto_plot_has_one_point_per_endpoint():
             {"name": "b", "concurrency": 1, "cost_per_1k_usd": None, "accuracy": 0.8},
             {"name": "c", "concurrency": 1, "cost_per_1k_usd": 0.5, "accuracy": None}]  # fmt: skip
     assert endpoint_points(rows, lambda r: r.get("cost_per_1k_usd")) == {"a": (0.01, 0.9)}
+
+
+def test_a_server_without_a_teacher_is_asked_each_test_row_once(tmp_path):
+    """An artifact served alone (a task, no teacher): its answers as served are the student's own, so
+    the test set is sent once, and the sweep's student answers and confidences are those answers."""
+    spec = write_task(tmp_path)
+    with (
+        live(make_app("teacher", script=teacher_script)) as teacher,
+        live(make_app("student", script=student_script, task=task_view())) as ours,
+    ):
+        cfg = build_config(
+            [f"teacher={teacher}", f"ours={ours}"], out=tmp_path / "o", task=spec, concurrency="2", requests=4,
+            warmup=0, teacher="teacher", progress=False,
+        )  # fmt: skip
+        rep = run_bench(cfg)
+        predicted = metric(ours, "edgedistill_requests_total", route="/v1/predict", status="200")
+    ep = {e["name"]: e for e in rep["endpoints"]}["ours"]
+    assert ep["has_teacher"] is False and ep["predict"]
+    assert predicted == N_TEST  # the as-served pass only (the load goes to chat)
+    sw = rep["cascade"]["ours"]
+    assert "as served (the server has no teacher" in sw["student_source"]
+    _, rep_idx = split_halves(N_TEST, 0)
+    assert sw["student_accuracy_test"] == pytest.approx(sum(i % 4 != 0 for i in rep_idx) / len(rep_idx), abs=1e-4)
+    q = rep["quality"]["ours"]
+    assert q["fallback_rate"] == 0.0 and q["calibration"]["n"] == N_TEST and q["calibration"]["accuracy"] == pytest.approx(0.75)
