@@ -167,14 +167,15 @@ async def _test_passes(cfg, http, ep: Endpoint, rows: list[Any], cal_rows: list[
     """Every test row once as served (an edgedistill server with a task: /v1/predict at its own
     threshold, the route and confidence the sweep measures; else chat); for an edgedistill endpoint
     also the student's own answers (student-only mode: the teacher is never called; a server without a
-    teacher is asked once, its answers as served being the student's own); with
+    teacher is asked once, its answers as served being the student's own: the sweep reads those); with
     --calibration, the teacher's and the students' answers to those rows too."""
     teacher = ep.name == cfg.teacher
+    inputs = [r.input for r in rows]
     if ep.predict and not teacher:
         m.served_predict.add(ep.name)
-        m.served[ep.name] = await _predict_pass(http, ep, [r.input for r in rows], pool, prog, "test set", served=True)
+        m.served[ep.name] = await _predict_pass(http, ep, inputs, pool, prog, "test set", served=True)
     else:
-        m.served[ep.name] = await _chat_pass(cfg, http, ep, [r.input for r in rows], pool, prog, "test set")
+        m.served[ep.name] = await _chat_pass(cfg, http, ep, inputs, pool, prog, "test set")
     if any(s.answered_by for s in m.served[ep.name]):
         ep.edgedistill = True
     if teacher and cal_rows:
@@ -182,31 +183,27 @@ async def _test_passes(cfg, http, ep: Endpoint, rows: list[Any], cal_rows: list[
     if teacher or not ep.edgedistill:
         return
     if ep.predict:
-        if ep.has_teacher is False:  # no teacher: the answers as served are the student's own, asked once
-            m.student_via[ep.name] = "/v1/predict as served (the server has no teacher; label-normalised confidence)"
-        elif ep.student_only:
+        m.student_predict.add(ep.name)
+    if ep.has_teacher is False:  # no teacher: the answers as served are the student's own (asked once)
+        m.student_via[ep.name] = f"{'/v1/predict' if ep.predict else 'chat'} answers as served (the server has no teacher)"
+    elif ep.predict:
+        if ep.student_only:
             m.student_via[ep.name] = "/v1/predict with fallback: false (the teacher never called; label-normalised confidence)"
         else:
             m.student_via[ep.name] = (
                 "/v1/predict with threshold 0 (a server without the student-only mode: an invalid answer still went to the "
                 "teacher and counts as wrong; label-normalised confidence)"
             )
-        m.student_predict.add(ep.name)
-        if ep.has_teacher is False:
-            m.student[ep.name] = m.served[ep.name]
-        else:
-            m.student[ep.name] = await _predict_pass(http, ep, [r.input for r in rows], pool, prog, "test set")
-        if cal_rows:
-            m.cal_student[ep.name] = await _predict_pass(http, ep, [r.input for r in cal_rows], pool, prog, "calibration set")
-        return
-    if ep.has_teacher is False:  # no teacher: the answers as served are the student's own
-        m.student_via[ep.name] = "chat answers as served (the server has no teacher)"
+        m.student[ep.name] = await _predict_pass(http, ep, inputs, pool, prog, "test set")
     else:
         m.student_via[ep.name] = "chat with X-Edgedistill-Fallback: off (the teacher never called; the server has no /v1/predict)"
-        m.student[ep.name] = await _chat_pass(cfg, http, ep, [r.input for r in rows], pool, prog, "test set", student_only=True)
+        m.student[ep.name] = await _chat_pass(cfg, http, ep, inputs, pool, prog, "test set", student_only=True)
     if cal_rows:
-        inputs = [r.input for r in cal_rows]
-        m.cal_student[ep.name] = await _chat_pass(cfg, http, ep, inputs, pool, prog, "calibration set", student_only=True)
+        cal = [r.input for r in cal_rows]
+        if ep.predict:
+            m.cal_student[ep.name] = await _predict_pass(http, ep, cal, pool, prog, "calibration set")
+        else:
+            m.cal_student[ep.name] = await _chat_pass(cfg, http, ep, cal, pool, prog, "calibration set", student_only=True)
 
 
 async def _chat_pass(
